@@ -1,0 +1,74 @@
+"""`load_model(spec)`: one entry point for every checkpoint source.
+
+spec is, in order of precedence:
+- a built-in name (`smollm2-135m-instruct`, `qwen2.5-coder-0.5b-instruct`);
+- a local path: a converted folder, an HF folder (config.json + safetensors), or a .gguf file;
+- a hub id `org/name`, fetched when a hub is reachable.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import re
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+
+from rosa2_jax.checkpoint.builtin import BUILTINS, cache_root, ensure_builtin
+from rosa2_jax.checkpoint.gguf_file import load_gguf
+from rosa2_jax.checkpoint.hf_folder import load_hf_folder, save_hf_folder
+from rosa2_jax.checkpoint.hub import download_from_hub
+from rosa2_jax.checkpoint.store import is_converted_folder, load_converted, save_converted
+from rosa2_jax.config import ModelConfig
+from rosa2_jax.errors import CheckpointNotFoundError
+from rosa2_jax.model import Params
+from rosa2_jax.tokenizer import load_tokenizer
+
+_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+
+__all__ = ["LoadedModel", "load_model", "BUILTINS", "cache_root", "save_hf_folder", "save_converted"]
+
+
+@dataclasses.dataclass(frozen=True)
+class LoadedModel:
+    cfg: ModelConfig
+    params: Params
+    tokenizer: Any  # transformers tokenizer
+    source: str
+
+
+def _cast(params: Params, dtype) -> Params:
+    return jax.tree.map(lambda x: jnp.asarray(x, dtype), params)
+
+
+def load_model(spec: str, *, dtype=jnp.float32, cache_dir: str | os.PathLike | None = None) -> LoadedModel:
+    if spec in BUILTINS:
+        folder = ensure_builtin(spec, cache_dir)
+        cfg, params = load_converted(folder, dtype)
+        return LoadedModel(cfg, params, load_tokenizer(folder / "tokenizer"), f"builtin:{spec}")
+    path = Path(spec).expanduser()
+    if path.exists():
+        if path.is_file() and path.suffix == ".gguf":
+            with tempfile.TemporaryDirectory() as tok_dir:
+                cfg, params, _ = load_gguf(path, tokenizer_dir=tok_dir)
+                tokenizer = load_tokenizer(tok_dir)
+            return LoadedModel(cfg, _cast(params, dtype), tokenizer, f"gguf:{path}")
+        if path.is_dir() and is_converted_folder(path):
+            cfg, params = load_converted(path, dtype)
+            return LoadedModel(cfg, params, load_tokenizer(path / "tokenizer"), f"converted:{path}")
+        if path.is_dir():
+            cfg, params = load_hf_folder(path)
+            return LoadedModel(cfg, _cast(params, dtype), load_tokenizer(path), f"hf:{path}")
+        raise CheckpointNotFoundError(f"{path} is neither a checkpoint folder nor a .gguf file.")
+    if _HUB_ID.match(spec) and not spec.startswith((".", "/", "~")):
+        folder = download_from_hub(spec)
+        cfg, params = load_hf_folder(folder)
+        return LoadedModel(cfg, _cast(params, dtype), load_tokenizer(folder), f"hub:{spec}")
+    raise CheckpointNotFoundError(
+        f"no model {spec!r}: not a built-in ({', '.join(BUILTINS)}), no such local path, and not a hub id "
+        "of the form org/name. Check the spelling or the path."
+    )

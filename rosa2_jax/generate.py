@@ -1,0 +1,173 @@
+"""Batched generation with a KV cache: one prefill, then an on-device decode loop.
+
+Rows are left-padded to a static length bucket so that a multi-turn sweep compiles a handful of
+programs, not one per turn. Every row samples with its own PRNG key (derived from its seed), so a
+row's tokens do not depend on which other rows share the batch or how the batch is sharded.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from typing import Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jaxtyping import Array, Bool, Float, Int
+
+from rosa2_jax.config import ModelConfig
+from rosa2_jax.errors import ContextOverflowError
+from rosa2_jax.lora import LoraAdapters
+from rosa2_jax.model import KVCache, Params, decoder_hidden, lm_logits, positions_from_valid
+
+PROMPT_BUCKETS = (64, 128, 256, 512, 1024, 2048, 4096, 8192, 16384, 32768)
+
+
+@dataclasses.dataclass(frozen=True)
+class SamplingConfig:
+    """temperature 0 is greedy; top_k 0 and top_p 1 disable those filters."""
+
+    max_new_tokens: int = 256
+    temperature: float = 0.0
+    top_p: float = 1.0
+    top_k: int = 0
+
+    def __post_init__(self):
+        if self.max_new_tokens < 1:
+            raise ValueError(f"max_new_tokens must be >= 1, got {self.max_new_tokens}")
+        if self.temperature < 0 or not 0 < self.top_p <= 1 or self.top_k < 0:
+            raise ValueError(f"invalid sampling settings {self}: need temperature >= 0, 0 < top_p <= 1, top_k >= 0")
+
+
+@dataclasses.dataclass(frozen=True)
+class Generation:
+    tokens: list[int]  # generated ids, up to and including the stop token
+    finish_reason: str  # "stop" or "length"
+    prompt_tokens: int
+
+
+def bucket_length(n: int, buckets: Sequence[int] = PROMPT_BUCKETS) -> int:
+    for b in buckets:
+        if n <= b:
+            return b
+    return int(2 ** np.ceil(np.log2(n)))
+
+
+def sample_logits(logits: Float[Array, "B V"], keys: jax.Array, sampling: SamplingConfig) -> Int[Array, "B"]:
+    """Greedy, or temperature / top-k / top-p sampling with one key per row."""
+    if sampling.temperature == 0.0:
+        return jnp.argmax(logits, axis=-1).astype(jnp.int32)
+    logits = logits / sampling.temperature
+    if sampling.top_k > 0:
+        kth = jax.lax.top_k(logits, sampling.top_k)[0][:, -1:]
+        logits = jnp.where(logits < kth, -jnp.inf, logits)
+    if sampling.top_p < 1.0:
+        sorted_logits = jnp.sort(logits, axis=-1)[:, ::-1]
+        cum = jnp.cumsum(jax.nn.softmax(sorted_logits, axis=-1), axis=-1)
+        # keep the smallest prefix whose mass reaches top_p (always at least the top token)
+        keep = (cum - jax.nn.softmax(sorted_logits, axis=-1)) < sampling.top_p
+        cutoff = jnp.min(jnp.where(keep, sorted_logits, jnp.inf), axis=-1, keepdims=True)
+        logits = jnp.where(logits < cutoff, -jnp.inf, logits)
+    return jax.vmap(jax.random.categorical)(keys, logits).astype(jnp.int32)
+
+
+@functools.partial(jax.jit, static_argnames=("cfg", "sampling", "stop_ids", "pad_id"))
+def generate_padded(
+    params: Params,
+    tokens: Int[Array, "B P"],
+    valid: Bool[Array, "B P"],
+    keys: jax.Array,
+    adapters: LoraAdapters | None,
+    *,
+    cfg: ModelConfig,
+    sampling: SamplingConfig,
+    stop_ids: tuple[int, ...],
+    pad_id: int,
+) -> tuple[Int[Array, "B N"], Int[Array, "B"], Bool[Array, "B"]]:
+    """Decode up to N = sampling.max_new_tokens tokens for left-padded prompts.
+
+    Returns (tokens [B, N] padded with pad_id, number generated [B], stopped [B]).
+    """
+    B, P = tokens.shape
+    N = sampling.max_new_tokens
+    dtype = params["embed"].dtype
+    cache = KVCache.empty(cfg, B, P + N, dtype)
+    positions = positions_from_valid(valid)
+    hidden, cache = decoder_hidden(params, tokens, positions, valid, cfg=cfg, cache=cache, cache_index=0, adapters=adapters)
+    logits = lm_logits(params, hidden[:, -1], cfg)
+    next_pos = positions[:, -1] + 1
+    stop = jnp.asarray(stop_ids, jnp.int32)
+    ones = jnp.ones((B, 1), bool)
+
+    def cond(state):
+        step, _, _, _, done, _ = state
+        return (step < N) & ~jnp.all(done)
+
+    def body(state):
+        step, logits, cache, out, done, count = state
+        step_keys = jax.vmap(jax.random.fold_in, in_axes=(0, None))(keys, step)
+        tok = jnp.where(done, pad_id, sample_logits(logits, step_keys, sampling))
+        out = out.at[:, step].set(tok)
+        count = jnp.where(done, count, step + 1)
+        done = done | jnp.isin(tok, stop)
+        hidden, cache = decoder_hidden(
+            params, tok[:, None], (next_pos + step)[:, None], ones,
+            cfg=cfg, cache=cache, cache_index=P + step, adapters=adapters,
+        )
+        return step + 1, lm_logits(params, hidden[:, 0], cfg), cache, out, done, count
+
+    init = (
+        jnp.int32(0), logits, cache, jnp.full((B, N), pad_id, jnp.int32),
+        jnp.zeros((B,), bool), jnp.zeros((B,), jnp.int32),
+    )
+    _, _, _, out, done, count = jax.lax.while_loop(cond, body, init)
+    return out, count, done
+
+
+def left_pad(prompts: Sequence[Sequence[int]], length: int, pad_id: int) -> tuple[np.ndarray, np.ndarray]:
+    tokens = np.full((len(prompts), length), pad_id, np.int32)
+    valid = np.zeros((len(prompts), length), bool)
+    for i, p in enumerate(prompts):
+        if len(p):
+            tokens[i, length - len(p):] = p
+            valid[i, length - len(p):] = True
+    return tokens, valid
+
+
+def generate(
+    params: Params,
+    cfg: ModelConfig,
+    prompts: Sequence[Sequence[int]],
+    sampling: SamplingConfig,
+    *,
+    stop_token_ids: Sequence[int],
+    pad_id: int,
+    seeds: Sequence[int] | None = None,
+    adapters: LoraAdapters | None = None,
+) -> list[Generation]:
+    """Generate a continuation for each prompt (token ids). Row i samples with seed `seeds[i]`."""
+    if not prompts:
+        return []
+    longest = max(len(p) for p in prompts)
+    if min(len(p) for p in prompts) == 0:
+        raise ValueError("every prompt needs at least one token")
+    if longest + sampling.max_new_tokens > cfg.max_position_embeddings:
+        raise ContextOverflowError(
+            f"a prompt of {longest} tokens plus max_new_tokens={sampling.max_new_tokens} exceeds the model's "
+            f"context window of {cfg.max_position_embeddings}; shorten the history or lower max_new_tokens."
+        )
+    length = min(bucket_length(longest), cfg.max_position_embeddings - sampling.max_new_tokens)
+    tokens, valid = left_pad(prompts, length, pad_id)
+    seeds = list(range(len(prompts))) if seeds is None else list(seeds)
+    keys = jax.vmap(jax.random.key)(jnp.asarray(seeds, jnp.uint32))
+    out, count, done = generate_padded(
+        params, jnp.asarray(tokens), jnp.asarray(valid), keys, adapters,
+        cfg=cfg, sampling=sampling, stop_ids=tuple(sorted(set(stop_token_ids))), pad_id=pad_id,
+    )
+    out, count, done = jax.device_get((out, count, done))
+    return [
+        Generation(tokens=out[i, : count[i]].tolist(), finish_reason="stop" if done[i] else "length",
+                   prompt_tokens=len(prompts[i]))
+        for i in range(len(prompts))
+    ]

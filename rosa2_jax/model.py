@@ -1,0 +1,255 @@
+"""The policy as pure functions of (params, tokens, adapters).
+
+`decoder_hidden` runs the trunk (embedding, decoder layers, final norm) and returns hidden states;
+`lm_logits` applies the LM head. Keeping the two apart lets callers project only the positions they
+need (the last one during generation, chunks of the response in the ROSA update).
+
+Shapes: B batch, T new tokens, S cache slots, L layers, d hidden, H query heads, K kv heads, D head_dim.
+Layers are stacked along a leading L axis and run with `lax.scan`, so compile time does not grow
+with depth.
+"""
+
+from __future__ import annotations
+
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import struct
+from jaxtyping import Array, Bool, Float, Int
+
+from rosa2_jax.config import ModelConfig
+from rosa2_jax.lora import LoraAdapters, lora_delta
+
+Params = dict
+_MASKED = -1e30  # large finite negative: a fully masked (padding) query row stays finite.
+
+
+@struct.dataclass
+class KVCache:
+    k: Float[Array, "L B S K D"]
+    v: Float[Array, "L B S K D"]
+    valid: Bool[Array, "B S"]  # slot holds a real token
+
+    @classmethod
+    def empty(cls, cfg: ModelConfig, batch: int, slots: int, dtype) -> "KVCache":
+        shape = (cfg.num_layers, batch, slots, cfg.num_kv_heads, cfg.head_dim)
+        return cls(jnp.zeros(shape, dtype), jnp.zeros(shape, dtype), jnp.zeros((batch, slots), bool))
+
+
+def param_axes(cfg: ModelConfig) -> Params:
+    """Logical axes of every parameter (see sharding.AXIS_RULES)."""
+    layers = {
+        "attn_norm": ("layers", None),
+        "q": ("layers", "embed", "q_heads"),
+        "k": ("layers", "embed", "kv_heads"),
+        "v": ("layers", "embed", "kv_heads"),
+        "o": ("layers", "q_heads", "embed"),
+        "mlp_norm": ("layers", None),
+        "gate": ("layers", "embed", "mlp"),
+        "up": ("layers", "embed", "mlp"),
+        "down": ("layers", "mlp", "embed"),
+    }
+    if cfg.qkv_bias:
+        layers |= {"q_bias": ("layers", "q_heads"), "k_bias": ("layers", "kv_heads"), "v_bias": ("layers", "kv_heads")}
+    if cfg.qk_norm:
+        layers |= {"q_norm": ("layers", None), "k_norm": ("layers", None)}
+    axes = {"embed": ("vocab", "embed"), "final_norm": (None,), "layers": layers}
+    if not cfg.tie_word_embeddings:
+        axes["lm_head"] = ("embed", "vocab")
+    return axes
+
+
+def param_shapes(cfg: ModelConfig) -> Params:
+    """Shape of every parameter; weights are (in, out) so that y = x @ W."""
+    d, L, F = cfg.hidden_size, cfg.num_layers, cfg.intermediate_size
+    layers = {
+        "attn_norm": (L, d),
+        "q": (L, d, cfg.q_dim),
+        "k": (L, d, cfg.kv_dim),
+        "v": (L, d, cfg.kv_dim),
+        "o": (L, cfg.q_dim, d),
+        "mlp_norm": (L, d),
+        "gate": (L, d, F),
+        "up": (L, d, F),
+        "down": (L, F, d),
+    }
+    if cfg.qkv_bias:
+        layers |= {"q_bias": (L, cfg.q_dim), "k_bias": (L, cfg.kv_dim), "v_bias": (L, cfg.kv_dim)}
+    if cfg.qk_norm:
+        layers |= {"q_norm": (L, cfg.head_dim), "k_norm": (L, cfg.head_dim)}
+    shapes = {"embed": (cfg.vocab_size, d), "final_norm": (d,), "layers": layers}
+    if not cfg.tie_word_embeddings:
+        shapes["lm_head"] = (d, cfg.vocab_size)
+    return shapes
+
+
+def init_params(cfg: ModelConfig, key: jax.Array, dtype=jnp.float32) -> Params:
+    """Random params (normal(0, 0.02) weights, unit norms) for tests and benchmarks."""
+    shapes = param_shapes(cfg)
+    leaves, treedef = jax.tree.flatten(shapes, is_leaf=lambda s: isinstance(s, tuple))
+    paths = [jax.tree_util.keystr(p) for p, _ in jax.tree_util.tree_flatten_with_path(
+        shapes, is_leaf=lambda s: isinstance(s, tuple))[0]]
+    keys = jax.random.split(key, len(leaves))
+    out = []
+    for path, shape, k in zip(paths, leaves, keys):
+        if "norm" in path:
+            out.append(jnp.ones(shape, dtype))
+        else:
+            out.append((0.02 * jax.random.normal(k, shape)).astype(dtype))
+    return jax.tree.unflatten(treedef, out)
+
+
+def rms_norm(x: Float[Array, "... d"], weight: Float[Array, "d"], eps: float) -> Float[Array, "... d"]:
+    x32 = x.astype(jnp.float32)
+    x32 = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + eps)
+    return weight * x32.astype(x.dtype)
+
+
+def rope_inv_freq(cfg: ModelConfig) -> np.ndarray:
+    """Inverse frequencies [D/2] (float32), with llama3 scaling when configured."""
+    dim = cfg.head_dim
+    inv = 1.0 / (cfg.rope_theta ** (np.arange(0, dim, 2, dtype=np.int64).astype(np.float32) / dim))
+    inv = inv.astype(np.float32)
+    rs = cfg.rope_scaling
+    if rs is None:
+        return inv
+    low_wavelen = rs.original_max_position_embeddings / rs.low_freq_factor
+    high_wavelen = rs.original_max_position_embeddings / rs.high_freq_factor
+    wavelen = 2 * math.pi / inv
+    scaled = np.where(wavelen > low_wavelen, inv / rs.factor, inv)
+    smooth = (rs.original_max_position_embeddings / wavelen - rs.low_freq_factor) / (
+        rs.high_freq_factor - rs.low_freq_factor
+    )
+    smoothed = (1 - smooth) * scaled / rs.factor + smooth * scaled
+    medium = (wavelen >= high_wavelen) & (wavelen <= low_wavelen)
+    return np.where(medium, smoothed, scaled).astype(np.float32)
+
+
+def apply_rope(
+    x: Float[Array, "B T N D"], positions: Int[Array, "B T"], inv_freq: np.ndarray
+) -> Float[Array, "B T N D"]:
+    freqs = positions[..., None].astype(jnp.float32) * jnp.asarray(inv_freq)  # [B,T,D/2]
+    cos = jnp.cos(jnp.concatenate([freqs, freqs], -1))[:, :, None, :].astype(x.dtype)
+    sin = jnp.sin(jnp.concatenate([freqs, freqs], -1))[:, :, None, :].astype(x.dtype)
+    half = x.shape[-1] // 2
+    rotated = jnp.concatenate([-x[..., half:], x[..., :half]], -1)
+    return x * cos + rotated * sin
+
+
+def attention(
+    q: Float[Array, "B T H D"], k: Float[Array, "B S K D"], v: Float[Array, "B S K D"], mask: Bool[Array, "B T S"]
+) -> Float[Array, "B T H*D"]:
+    """Grouped-query attention; each group of H/K query heads shares one kv head."""
+    B, T, H, D = q.shape
+    K = k.shape[2]
+    qg = q.reshape(B, T, K, H // K, D)
+    scores = jnp.einsum("btkgd,bskd->bkgts", qg, k, preferred_element_type=jnp.float32) / math.sqrt(D)
+    scores = jnp.where(mask[:, None, None], scores, _MASKED)
+    probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
+    out = jnp.einsum("bkgts,bskd->btkgd", probs, v)
+    return out.reshape(B, T, H * D)
+
+
+def _linear(x, lp, la, name, scale):
+    y = x @ lp[name]
+    if f"{name}_bias" in lp:
+        y = y + lp[f"{name}_bias"]
+    if la is not None and name in la:
+        a, b = la[name]
+        y = y + lora_delta(x, a, b, scale)
+    return y
+
+
+def decoder_hidden(
+    params: Params,
+    tokens: Int[Array, "B T"],
+    positions: Int[Array, "B T"],
+    valid: Bool[Array, "B T"],
+    *,
+    cfg: ModelConfig,
+    cache: KVCache | None = None,
+    cache_index: Int[Array, ""] | int = 0,
+    adapters: LoraAdapters | None = None,
+) -> tuple[Float[Array, "B T d"], KVCache | None]:
+    """Hidden states after the final norm.
+
+    Without a cache: causal self-attention over `tokens` (teacher forcing, prefill).
+    With a cache: the new tokens are written at slots [cache_index, cache_index + T). A chunk of
+    T > 1 tokens is a prefill into an empty cache and attends to itself; a single token (decode step)
+    attends to every valid slot up to its own.
+    `valid` marks real tokens; padding is never attended to.
+    """
+    B, T = tokens.shape
+    inv_freq = rope_inv_freq(cfg)
+    x = params["embed"][tokens]
+    causal = jnp.tril(jnp.ones((T, T), bool))
+    self_mask = causal[None] & valid[:, None, :]
+    if cache is not None:
+        cache_valid = jax.lax.dynamic_update_slice(cache.valid, valid, (0, cache_index))
+        slots = jnp.arange(cache_valid.shape[1])
+        cache_mask = cache_valid[:, None, :] & (slots[None, None, :] <= cache_index + jnp.arange(T)[None, :, None])
+    layer_adapters = adapters.per_layer() if adapters is not None else None
+    scale = adapters.scale if adapters is not None else 1.0
+
+    def layer(carry, xs):
+        x, ck, cv = carry
+        lp, la, idx = xs
+        h = rms_norm(x, lp["attn_norm"], cfg.rms_norm_eps)
+        q = _linear(h, lp, la, "q", scale).reshape(B, T, cfg.num_heads, cfg.head_dim)
+        k = _linear(h, lp, la, "k", scale).reshape(B, T, cfg.num_kv_heads, cfg.head_dim)
+        v = _linear(h, lp, la, "v", scale).reshape(B, T, cfg.num_kv_heads, cfg.head_dim)
+        if cfg.qk_norm:
+            q = rms_norm(q, lp["q_norm"], cfg.rms_norm_eps)
+            k = rms_norm(k, lp["k_norm"], cfg.rms_norm_eps)
+        q = apply_rope(q, positions, inv_freq)
+        k = apply_rope(k, positions, inv_freq)
+        if ck is None:
+            o = attention(q, k, v, self_mask)
+        else:
+            start = (idx, 0, cache_index, 0, 0)
+            ck = jax.lax.dynamic_update_slice(ck, k[None].astype(ck.dtype), start)
+            cv = jax.lax.dynamic_update_slice(cv, v[None].astype(cv.dtype), start)
+            if T == 1:
+                o = attention(q, ck[idx], cv[idx], cache_mask)
+            else:
+                o = attention(q, k, v, self_mask)
+        x = x + _linear(o, lp, la, "o", scale)
+        h = rms_norm(x, lp["mlp_norm"], cfg.rms_norm_eps)
+        gated = jax.nn.silu(_linear(h, lp, la, "gate", scale)) * _linear(h, lp, la, "up", scale)
+        x = x + _linear(gated, lp, la, "down", scale)
+        return (x, ck, cv), None
+
+    init = (x, None, None) if cache is None else (x, cache.k, cache.v)
+    xs = (params["layers"], layer_adapters, jnp.arange(cfg.num_layers))
+    (x, ck, cv), _ = jax.lax.scan(layer, init, xs)
+    x = rms_norm(x, params["final_norm"], cfg.rms_norm_eps)
+    new_cache = None if cache is None else KVCache(ck, cv, cache_valid)
+    return x, new_cache
+
+
+def lm_logits(params: Params, hidden: Float[Array, "... d"], cfg: ModelConfig) -> Float[Array, "... V"]:
+    """LM head in float32 (tied to the embedding when the config says so)."""
+    w = params["embed"].T if cfg.tie_word_embeddings else params["lm_head"]
+    return jnp.einsum("...d,dv->...v", hidden, w, preferred_element_type=jnp.float32)
+
+
+def positions_from_valid(valid: Bool[Array, "B T"]) -> Int[Array, "B T"]:
+    """RoPE positions for left-padded rows: 0 at each row's first real token."""
+    return jnp.maximum(jnp.cumsum(valid, axis=1) - 1, 0).astype(jnp.int32)
+
+
+def forward(
+    params: Params,
+    tokens: Int[Array, "B T"],
+    valid: Bool[Array, "B T"],
+    *,
+    cfg: ModelConfig,
+    adapters: LoraAdapters | None = None,
+) -> Float[Array, "B T V"]:
+    """pi(x, theta): next-token logits at every position of left-padded rows."""
+    hidden, _ = decoder_hidden(
+        params, tokens, positions_from_valid(valid), valid, cfg=cfg, adapters=adapters
+    )
+    return lm_logits(params, hidden, cfg)

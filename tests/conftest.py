@@ -1,0 +1,65 @@
+"""Shared fixtures: tiny random HF models (the parity reference) saved to temp folders."""
+
+from __future__ import annotations
+
+import os
+
+import jax
+import numpy as np
+import pytest
+
+# Tests are reference checks: keep matmuls in full float32 on every backend.
+jax.config.update("jax_default_matmul_precision", "highest")
+
+TINY = dict(vocab_size=101, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+            num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256)
+
+TINY_CONFIGS = {
+    "llama": ("LlamaConfig", "LlamaForCausalLM", dict(tie_word_embeddings=False)),
+    "llama3-rope-tied": ("LlamaConfig", "LlamaForCausalLM", dict(
+        tie_word_embeddings=True,
+        rope_scaling={"rope_type": "llama3", "rope_theta": 10000.0, "factor": 8.0, "low_freq_factor": 1.0,
+                      "high_freq_factor": 4.0, "original_max_position_embeddings": 16})),
+    "qwen2": ("Qwen2Config", "Qwen2ForCausalLM", dict(tie_word_embeddings=False)),
+    "qwen3": ("Qwen3Config", "Qwen3ForCausalLM", dict(head_dim=24, tie_word_embeddings=True)),
+}
+
+
+def make_hf_model(kind: str, seed: int = 0):
+    import torch
+    import transformers
+
+    config_cls, model_cls, extra = TINY_CONFIGS[kind]
+    config = getattr(transformers, config_cls)(**TINY, **extra)
+    torch.manual_seed(seed)
+    model = getattr(transformers, model_cls)(config).eval()
+    with torch.no_grad():  # HF initialises norms to 1 and biases to 0; randomise them so they are tested
+        for name, p in model.named_parameters():
+            if "norm" in name or name.endswith("bias"):
+                p.add_(0.1 * torch.randn_like(p))
+    return model
+
+
+@pytest.fixture(scope="session", params=list(TINY_CONFIGS))
+def tiny_hf(request, tmp_path_factory):
+    """(kind, HF torch model, folder it was saved to)."""
+    model = make_hf_model(request.param)
+    folder = tmp_path_factory.mktemp(request.param)
+    model.save_pretrained(folder)
+    return request.param, model, folder
+
+
+def hf_logits(model, ids: list[int]) -> np.ndarray:
+    import torch
+
+    with torch.no_grad():
+        return model(torch.tensor([ids])).logits[0].float().numpy()
+
+
+@pytest.fixture(scope="session")
+def rng():
+    return np.random.RandomState(1234)
+
+
+def pytest_configure(config):
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
