@@ -25,12 +25,12 @@ TINY_CONFIGS = {
 }
 
 
-def make_hf_model(kind: str, seed: int = 0):
+def make_hf_model(kind: str, seed: int = 0, **overrides):
     import torch
     import transformers
 
     config_cls, model_cls, extra = TINY_CONFIGS[kind]
-    config = getattr(transformers, config_cls)(**TINY, **extra)
+    config = getattr(transformers, config_cls)(**{**TINY, **extra, **overrides})
     torch.manual_seed(seed)
     model = getattr(transformers, model_cls)(config).eval()
     with torch.no_grad():  # HF initialises norms to 1 and biases to 0; randomise them so they are tested
