@@ -28,14 +28,15 @@ _MASKED = -1e30  # large finite negative: a fully masked (padding) query row sta
 
 @struct.dataclass
 class KVCache:
-    k: Float[Array, "L B S K D"]
-    v: Float[Array, "L B S K D"]
+    k: Float[Array, "L B K D S"]  # keys slot-minor: q @ k is a plain matmul per (row, kv head)
+    v: Float[Array, "L B K S D"]
     valid: Bool[Array, "B S"]  # slot holds a real token
 
     @classmethod
     def empty(cls, cfg: ModelConfig, batch: int, slots: int, dtype) -> "KVCache":
-        shape = (cfg.num_layers, batch, slots, cfg.num_kv_heads, cfg.head_dim)
-        return cls(jnp.zeros(shape, dtype), jnp.zeros(shape, dtype), jnp.zeros((batch, slots), bool))
+        k_shape = (cfg.num_layers, batch, cfg.num_kv_heads, cfg.head_dim, slots)
+        v_shape = (cfg.num_layers, batch, cfg.num_kv_heads, slots, cfg.head_dim)
+        return cls(jnp.zeros(k_shape, dtype), jnp.zeros(v_shape, dtype), jnp.zeros((batch, slots), bool))
 
 
 def param_axes(cfg: ModelConfig) -> Params:
@@ -162,6 +163,22 @@ def _linear(x, lp, la, name, scale):
     return y
 
 
+def decode_attention(
+    q: Float[Array, "B 1 H D"], k: Float[Array, "B 1 K D"], v: Float[Array, "B 1 K D"],
+    cache_k: Float[Array, "B K D S"], cache_v: Float[Array, "B K S D"], cache_mask: Bool[Array, "B S"],
+) -> Float[Array, "B 1 H*D"]:
+    """One new token attending to the cached slots plus itself (the cache is read, never copied)."""
+    B, _, H, D = q.shape
+    K = k.shape[2]
+    qg = q.reshape(B, K, H // K, D)
+    s_cache = jnp.einsum("bkgd,bkds->bkgs", qg, cache_k, preferred_element_type=jnp.float32) / math.sqrt(D)
+    s_cache = jnp.where(cache_mask[:, None, None, :], s_cache, _MASKED)
+    s_self = jnp.einsum("bkgd,bkd->bkg", qg, k[:, 0], preferred_element_type=jnp.float32)[..., None] / math.sqrt(D)
+    probs = jax.nn.softmax(jnp.concatenate([s_cache, s_self], -1), axis=-1).astype(v.dtype)
+    out = jnp.einsum("bkgs,bksd->bkgd", probs[..., :-1], cache_v) + probs[..., -1:] * v[:, 0, :, None, :]
+    return out.reshape(B, 1, H * D)
+
+
 def decoder_hidden(
     params: Params,
     tokens: Int[Array, "B T"],
@@ -175,27 +192,26 @@ def decoder_hidden(
 ) -> tuple[Float[Array, "B T d"], KVCache | None]:
     """Hidden states after the final norm.
 
-    Without a cache: causal self-attention over `tokens` (teacher forcing, prefill).
-    With a cache: the new tokens are written at slots [cache_index, cache_index + T). A chunk of
-    T > 1 tokens is a prefill into an empty cache and attends to itself; a single token (decode step)
-    attends to every valid slot up to its own.
+    Without a cache: causal self-attention over `tokens` (teacher forcing).
+    With a cache: the new tokens go to slots [cache_index, cache_index + T). A chunk of T > 1 tokens
+    is a prefill into an empty cache and attends to itself; a single token (a decode step) attends
+    to every valid slot before it and to itself. Layers only emit their new k/v; the cache is
+    written once after the layer scan, so a decode step never copies the cache.
     `valid` marks real tokens; padding is never attended to.
     """
     B, T = tokens.shape
     inv_freq = rope_inv_freq(cfg)
     x = params["embed"][tokens]
-    causal = jnp.tril(jnp.ones((T, T), bool))
-    self_mask = causal[None] & valid[:, None, :]
-    if cache is not None:
-        cache_valid = jax.lax.dynamic_update_slice(cache.valid, valid, (0, cache_index))
-        slots = jnp.arange(cache_valid.shape[1])
-        cache_mask = cache_valid[:, None, :] & (slots[None, None, :] <= cache_index + jnp.arange(T)[None, :, None])
+    self_mask = jnp.tril(jnp.ones((T, T), bool))[None] & valid[:, None, :]
+    decoding = cache is not None and T == 1
+    if decoding:
+        slots = jnp.arange(cache.valid.shape[1])
+        old_mask = cache.valid & (slots[None, :] < cache_index)
     layer_adapters = adapters.per_layer() if adapters is not None else None
     scale = adapters.scale if adapters is not None else 1.0
 
-    def layer(carry, xs):
-        x, ck, cv = carry
-        lp, la, idx = xs
+    def layer(x, xs):
+        lp, la, layer_cache = xs
         h = rms_norm(x, lp["attn_norm"], cfg.rms_norm_eps)
         q = _linear(h, lp, la, "q", scale).reshape(B, T, cfg.num_heads, cfg.head_dim)
         k = _linear(h, lp, la, "k", scale).reshape(B, T, cfg.num_kv_heads, cfg.head_dim)
@@ -205,27 +221,28 @@ def decoder_hidden(
             k = rms_norm(k, lp["k_norm"], cfg.rms_norm_eps)
         q = apply_rope(q, positions, inv_freq)
         k = apply_rope(k, positions, inv_freq)
-        if ck is None:
-            o = attention(q, k, v, self_mask)
+        if decoding:
+            o = decode_attention(q, k, v, *layer_cache, old_mask)
         else:
-            start = (idx, 0, cache_index, 0, 0)
-            ck = jax.lax.dynamic_update_slice(ck, k[None].astype(ck.dtype), start)
-            cv = jax.lax.dynamic_update_slice(cv, v[None].astype(cv.dtype), start)
-            if T == 1:
-                o = attention(q, ck[idx], cv[idx], cache_mask)
-            else:
-                o = attention(q, k, v, self_mask)
+            o = attention(q, k, v, self_mask)
         x = x + _linear(o, lp, la, "o", scale)
         h = rms_norm(x, lp["mlp_norm"], cfg.rms_norm_eps)
         gated = jax.nn.silu(_linear(h, lp, la, "gate", scale)) * _linear(h, lp, la, "up", scale)
         x = x + _linear(gated, lp, la, "down", scale)
-        return (x, ck, cv), None
+        return x, ((k, v) if cache is not None else None)
 
-    init = (x, None, None) if cache is None else (x, cache.k, cache.v)
-    xs = (params["layers"], layer_adapters, jnp.arange(cfg.num_layers))
-    (x, ck, cv), _ = jax.lax.scan(layer, init, xs)
+    layer_caches = (cache.k, cache.v) if decoding else None
+    x, new_kv = jax.lax.scan(layer, x, (params["layers"], layer_adapters, layer_caches))
     x = rms_norm(x, params["final_norm"], cfg.rms_norm_eps)
-    new_cache = None if cache is None else KVCache(ck, cv, cache_valid)
+    if cache is None:
+        return x, None
+    new_k = jnp.transpose(new_kv[0], (0, 1, 3, 4, 2)).astype(cache.k.dtype)  # [L,B,T,K,D] -> [L,B,K,D,T]
+    new_v = jnp.transpose(new_kv[1], (0, 1, 3, 2, 4)).astype(cache.v.dtype)  # -> [L,B,K,T,D]
+    new_cache = KVCache(
+        k=jax.lax.dynamic_update_slice(cache.k, new_k, (0, 0, 0, 0, cache_index)),
+        v=jax.lax.dynamic_update_slice(cache.v, new_v, (0, 0, 0, cache_index, 0)),
+        valid=jax.lax.dynamic_update_slice(cache.valid, valid, (0, cache_index)),
+    )
     return x, new_cache
 
 
