@@ -16,6 +16,7 @@ import jax.numpy as jnp
 import numpy as np
 from jaxtyping import Array, Bool, Float, Int
 
+from kernels.lora_matmul import kernel_supported
 from rosa2_jax.config import ModelConfig
 from rosa2_jax.errors import ContextOverflowError
 from rosa2_jax.lora import LoraAdapters
@@ -72,7 +73,7 @@ def sample_logits(logits: Float[Array, "B V"], keys: jax.Array, sampling: Sampli
     return jax.vmap(jax.random.categorical)(keys, logits).astype(jnp.int32)
 
 
-@functools.partial(jax.jit, static_argnames=("cfg", "sampling", "stop_ids", "pad_id"))
+@functools.partial(jax.jit, static_argnames=("cfg", "sampling", "stop_ids", "pad_id", "lora_kernel"))
 def generate_padded(
     params: Params,
     tokens: Int[Array, "B P"],
@@ -84,6 +85,7 @@ def generate_padded(
     sampling: SamplingConfig,
     stop_ids: tuple[int, ...],
     pad_id: int,
+    lora_kernel: bool = False,
 ) -> tuple[Int[Array, "B N"], Int[Array, "B"], Bool[Array, "B"]]:
     """Decode up to N = sampling.max_new_tokens tokens for left-padded prompts.
 
@@ -94,7 +96,8 @@ def generate_padded(
     dtype = params["embed"].dtype
     cache = KVCache.empty(cfg, B, P + N, dtype)
     positions = positions_from_valid(valid)
-    hidden, cache = decoder_hidden(params, tokens, positions, valid, cfg=cfg, cache=cache, cache_index=0, adapters=adapters)
+    hidden, cache = decoder_hidden(params, tokens, positions, valid, cfg=cfg, cache=cache, cache_index=0,
+                                   adapters=adapters, lora_kernel=lora_kernel)
     logits = lm_logits(params, hidden[:, -1], cfg)
     next_pos = positions[:, -1] + 1
     stop = jnp.asarray(stop_ids, jnp.int32)
@@ -113,7 +116,7 @@ def generate_padded(
         done = done | jnp.isin(tok, stop)
         hidden, cache = decoder_hidden(
             params, tok[:, None], (next_pos + step)[:, None], ones,
-            cfg=cfg, cache=cache, cache_index=P + step, adapters=adapters,
+            cfg=cfg, cache=cache, cache_index=P + step, adapters=adapters, lora_kernel=lora_kernel,
         )
         return step + 1, lm_logits(params, hidden[:, 0], cfg), cache, out, done, count
 
@@ -164,6 +167,7 @@ def generate(
     out, count, done = generate_padded(
         params, jnp.asarray(tokens), jnp.asarray(valid), keys, adapters,
         cfg=cfg, sampling=sampling, stop_ids=tuple(sorted(set(stop_token_ids))), pad_id=pad_id,
+        lora_kernel=adapters is not None and kernel_supported(),
     )
     out, count, done = jax.device_get((out, count, done))
     return [

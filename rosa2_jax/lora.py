@@ -1,33 +1,102 @@
-"""Per-row LoRA adapters: the slot through which `pi(x, theta)` depends on theta.
+"""Per-session LoRA adapters: the theta in pi(x, theta).
 
-Row b of a batch uses its own factors: y_b = x_b W + scale * (x_b A_b) B_b, with the base W shared
-(never copied per row).
+Row (session) s of a batch uses its own factors: y_s = x_s W + scale * (x_s A_s) B_s, with the base W
+shared and never copied per session. Factors carry a leading session axis [S, L, ...] over all L layers;
+layers outside the configured subset hold zeros in both factors, so their Jacobian is zero and the ROSA
+update leaves them at zero.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import os
+from pathlib import Path
+
 import jax
 import jax.numpy as jnp
 from flax import struct
-from jaxtyping import Array, Float
+from jaxtyping import Array, Bool
+
+from rosa2_jax.config import ModelConfig
 
 LORA_TARGETS = ("q", "k", "v", "o", "gate", "up", "down")
 
 
+@dataclasses.dataclass(frozen=True)
+class LoraConfig:
+    """Spec 1.3 defaults: rank 8, alpha 16, q and v of every layer."""
+
+    rank: int = 8
+    alpha: float = 16.0
+    targets: tuple[str, ...] = ("q", "v")
+    layers: tuple[int, ...] | None = None  # None = every layer
+
+    def __post_init__(self):
+        unknown = set(self.targets) - set(LORA_TARGETS)
+        if unknown or not self.targets:
+            raise ValueError(f"LoRA targets {sorted(unknown) or '()'} invalid; choose from {LORA_TARGETS}")
+        if self.rank < 1:
+            raise ValueError(f"LoRA rank must be >= 1, got {self.rank}")
+
+    @property
+    def scale(self) -> float:
+        return self.alpha / self.rank
+
+
 @struct.dataclass
 class LoraAdapters:
-    """factors[target] = (A [B, L, d_in, r], B [B, L, r, d_out]); scale = alpha / rank."""
+    """factors[target] = (A [S, L, d_in, r], B [S, L, r, d_out]); scale = alpha / rank."""
 
     factors: dict[str, tuple[Array, Array]]
     scale: float = struct.field(pytree_node=False, default=1.0)
 
     def per_layer(self) -> dict[str, tuple[Array, Array]]:
-        """Layer-major view [L, B, ...] for scanning over layers."""
+        """Layer-major view [L, S, ...] for scanning over layers."""
         return {t: (jnp.swapaxes(a, 0, 1), jnp.swapaxes(b, 0, 1)) for t, (a, b) in self.factors.items()}
 
+    @property
+    def num_sessions(self) -> int:
+        return next(iter(self.factors.values()))[0].shape[0]
 
-def lora_delta(
-    x: Float[Array, "B T d_in"], a: Float[Array, "B d_in r"], b: Float[Array, "B r d_out"], scale: float
-) -> Float[Array, "B T d_out"]:
-    xa = jnp.einsum("bti,bir->btr", x, a.astype(x.dtype))
-    return scale * jnp.einsum("btr,bro->bto", xa, b.astype(x.dtype))
+
+def target_dims(cfg: ModelConfig, target: str) -> tuple[int, int]:
+    d, F = cfg.hidden_size, cfg.intermediate_size
+    return {"q": (d, cfg.q_dim), "k": (d, cfg.kv_dim), "v": (d, cfg.kv_dim), "o": (cfg.q_dim, d),
+            "gate": (d, F), "up": (d, F), "down": (F, d)}[target]
+
+
+def init_adapters(cfg: ModelConfig, lora: LoraConfig, num_sessions: int, key: jax.Array) -> LoraAdapters:
+    """A ~ N(0, 1/d_in), B = 0: BA = 0 yet the Jacobian is non-zero (a literal theta = 0 would have none)."""
+    layer_on = jnp.zeros((cfg.num_layers,), bool)
+    layer_on = layer_on.at[jnp.asarray(lora.layers if lora.layers is not None else range(cfg.num_layers))].set(True)
+    factors = {}
+    for target, k in zip(lora.targets, jax.random.split(key, len(lora.targets))):
+        d_in, d_out = target_dims(cfg, target)
+        a = jax.random.normal(k, (num_sessions, cfg.num_layers, d_in, lora.rank), jnp.float32) / jnp.sqrt(d_in)
+        a = a * layer_on[None, :, None, None]
+        factors[target] = (a, jnp.zeros((num_sessions, cfg.num_layers, lora.rank, d_out), jnp.float32))
+    return LoraAdapters(factors, lora.scale)
+
+
+def reset_sessions(adapters: LoraAdapters, fresh: LoraAdapters, sessions: Bool[Array, "S"]) -> LoraAdapters:
+    """Sessions marked True take the factors of `fresh` (a new init); others keep theirs."""
+    def pick(new, old):
+        return jnp.where(sessions.reshape((-1,) + (1,) * (old.ndim - 1)), new, old)
+
+    return LoraAdapters(jax.tree.map(pick, fresh.factors, adapters.factors), adapters.scale)
+
+
+def save_adapters(path: str | os.PathLike, adapters: LoraAdapters) -> None:
+    import orbax.checkpoint as ocp
+
+    with ocp.StandardCheckpointer() as ckptr:
+        ckptr.save(Path(path).absolute(), {"factors": adapters.factors, "scale": jnp.float32(adapters.scale)})
+
+
+def load_adapters(path: str | os.PathLike) -> LoraAdapters:
+    import orbax.checkpoint as ocp
+
+    with ocp.StandardCheckpointer() as ckptr:
+        tree = ckptr.restore(Path(path).absolute())
+    factors = {t: (jnp.asarray(ab[0]), jnp.asarray(ab[1])) for t, ab in tree["factors"].items()}
+    return LoraAdapters(factors, float(tree["scale"]))

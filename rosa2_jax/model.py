@@ -20,7 +20,8 @@ from flax import struct
 from jaxtyping import Array, Bool, Float, Int
 
 from rosa2_jax.config import ModelConfig
-from rosa2_jax.lora import LoraAdapters, lora_delta
+from kernels.lora_matmul import lora_matmul, lora_matmul_reference
+from rosa2_jax.lora import LoraAdapters
 
 Params = dict
 _MASKED = -1e30  # large finite negative: a fully masked (padding) query row stays finite.
@@ -102,10 +103,15 @@ def init_params(cfg: ModelConfig, key: jax.Array, dtype=jnp.float32) -> Params:
     return jax.tree.unflatten(treedef, out)
 
 
+def accumulation_dtype(dtype) -> jnp.dtype:
+    """At least float32: bfloat16 accumulates in float32, float64 (x64 checks) stays float64."""
+    return jnp.promote_types(dtype, jnp.float32)
+
+
 def rms_norm(x: Float[Array, "... d"], weight: Float[Array, "d"], eps: float) -> Float[Array, "... d"]:
-    x32 = x.astype(jnp.float32)
-    x32 = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + eps)
-    return weight * x32.astype(x.dtype)
+    xf = x.astype(accumulation_dtype(x.dtype))
+    xf = xf * jax.lax.rsqrt(jnp.mean(xf * xf, axis=-1, keepdims=True) + eps)
+    return weight * xf.astype(x.dtype)
 
 
 def rope_inv_freq(cfg: ModelConfig) -> np.ndarray:
@@ -131,7 +137,7 @@ def rope_inv_freq(cfg: ModelConfig) -> np.ndarray:
 def apply_rope(
     x: Float[Array, "B T N D"], positions: Int[Array, "B T"], inv_freq: np.ndarray
 ) -> Float[Array, "B T N D"]:
-    freqs = positions[..., None].astype(jnp.float32) * jnp.asarray(inv_freq)  # [B,T,D/2]
+    freqs = positions[..., None].astype(accumulation_dtype(x.dtype)) * jnp.asarray(inv_freq)  # [B,T,D/2]
     cos = jnp.cos(jnp.concatenate([freqs, freqs], -1))[:, :, None, :].astype(x.dtype)
     sin = jnp.sin(jnp.concatenate([freqs, freqs], -1))[:, :, None, :].astype(x.dtype)
     half = x.shape[-1] // 2
@@ -146,20 +152,22 @@ def attention(
     B, T, H, D = q.shape
     K = k.shape[2]
     qg = q.reshape(B, T, K, H // K, D)
-    scores = jnp.einsum("btkgd,bskd->bkgts", qg, k, preferred_element_type=jnp.float32) / math.sqrt(D)
+    acc = accumulation_dtype(q.dtype)
+    scores = jnp.einsum("btkgd,bskd->bkgts", qg, k, preferred_element_type=acc) / math.sqrt(D)
     scores = jnp.where(mask[:, None, None], scores, _MASKED)
     probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
     out = jnp.einsum("bkgts,bskd->btkgd", probs, v)
     return out.reshape(B, T, H * D)
 
 
-def _linear(x, lp, la, name, scale):
-    y = x @ lp[name]
+def _linear(x, lp, la, name, scale, lora_kernel):
+    if la is not None and name in la:
+        matmul = lora_matmul if lora_kernel else lora_matmul_reference
+        y = matmul(x, lp[name], *la[name], scale)
+    else:
+        y = x @ lp[name]
     if f"{name}_bias" in lp:
         y = y + lp[f"{name}_bias"]
-    if la is not None and name in la:
-        a, b = la[name]
-        y = y + lora_delta(x, a, b, scale)
     return y
 
 
@@ -171,9 +179,10 @@ def decode_attention(
     B, _, H, D = q.shape
     K = k.shape[2]
     qg = q.reshape(B, K, H // K, D)
-    s_cache = jnp.einsum("bkgd,bkds->bkgs", qg, cache_k, preferred_element_type=jnp.float32) / math.sqrt(D)
+    acc = accumulation_dtype(q.dtype)
+    s_cache = jnp.einsum("bkgd,bkds->bkgs", qg, cache_k, preferred_element_type=acc) / math.sqrt(D)
     s_cache = jnp.where(cache_mask[:, None, None, :], s_cache, _MASKED)
-    s_self = jnp.einsum("bkgd,bkd->bkg", qg, k[:, 0], preferred_element_type=jnp.float32)[..., None] / math.sqrt(D)
+    s_self = jnp.einsum("bkgd,bkd->bkg", qg, k[:, 0], preferred_element_type=acc)[..., None] / math.sqrt(D)
     probs = jax.nn.softmax(jnp.concatenate([s_cache, s_self], -1), axis=-1).astype(v.dtype)
     out = jnp.einsum("bkgs,bksd->bkgd", probs[..., :-1], cache_v) + probs[..., -1:] * v[:, 0, :, None, :]
     return out.reshape(B, 1, H * D)
@@ -189,6 +198,8 @@ def decoder_hidden(
     cache: KVCache | None = None,
     cache_index: Int[Array, ""] | int = 0,
     adapters: LoraAdapters | None = None,
+    remat: bool = False,
+    lora_kernel: bool = False,
 ) -> tuple[Float[Array, "B T d"], KVCache | None]:
     """Hidden states after the final norm.
 
@@ -197,7 +208,9 @@ def decoder_hidden(
     is a prefill into an empty cache and attends to itself; a single token (a decode step) attends
     to every valid slot before it and to itself. Layers only emit their new k/v; the cache is
     written once after the layer scan, so a decode step never copies the cache.
-    `valid` marks real tokens; padding is never attended to.
+    `valid` marks real tokens; padding is never attended to. `remat` recomputes each layer's
+    activations when differentiating instead of storing them (used by the ROSA update). `lora_kernel`
+    applies adapters with the Pallas kernel (forward only; GPU/TPU) instead of the jnp reference.
     """
     B, T = tokens.shape
     inv_freq = rope_inv_freq(cfg)
@@ -213,9 +226,9 @@ def decoder_hidden(
     def layer(x, xs):
         lp, la, layer_cache = xs
         h = rms_norm(x, lp["attn_norm"], cfg.rms_norm_eps)
-        q = _linear(h, lp, la, "q", scale).reshape(B, T, cfg.num_heads, cfg.head_dim)
-        k = _linear(h, lp, la, "k", scale).reshape(B, T, cfg.num_kv_heads, cfg.head_dim)
-        v = _linear(h, lp, la, "v", scale).reshape(B, T, cfg.num_kv_heads, cfg.head_dim)
+        q = _linear(h, lp, la, "q", scale, lora_kernel).reshape(B, T, cfg.num_heads, cfg.head_dim)
+        k = _linear(h, lp, la, "k", scale, lora_kernel).reshape(B, T, cfg.num_kv_heads, cfg.head_dim)
+        v = _linear(h, lp, la, "v", scale, lora_kernel).reshape(B, T, cfg.num_kv_heads, cfg.head_dim)
         if cfg.qk_norm:
             q = rms_norm(q, lp["q_norm"], cfg.rms_norm_eps)
             k = rms_norm(k, lp["k_norm"], cfg.rms_norm_eps)
@@ -225,14 +238,15 @@ def decoder_hidden(
             o = decode_attention(q, k, v, *layer_cache, old_mask)
         else:
             o = attention(q, k, v, self_mask)
-        x = x + _linear(o, lp, la, "o", scale)
+        x = x + _linear(o, lp, la, "o", scale, lora_kernel)
         h = rms_norm(x, lp["mlp_norm"], cfg.rms_norm_eps)
-        gated = jax.nn.silu(_linear(h, lp, la, "gate", scale)) * _linear(h, lp, la, "up", scale)
-        x = x + _linear(gated, lp, la, "down", scale)
+        gated = jax.nn.silu(_linear(h, lp, la, "gate", scale, lora_kernel)) * _linear(h, lp, la, "up", scale, lora_kernel)
+        x = x + _linear(gated, lp, la, "down", scale, lora_kernel)
         return x, ((k, v) if cache is not None else None)
 
     layer_caches = (cache.k, cache.v) if decoding else None
-    x, new_kv = jax.lax.scan(layer, x, (params["layers"], layer_adapters, layer_caches))
+    x, new_kv = jax.lax.scan(jax.checkpoint(layer) if remat else layer, x,
+                             (params["layers"], layer_adapters, layer_caches))
     x = rms_norm(x, params["final_norm"], cfg.rms_norm_eps)
     if cache is None:
         return x, None
@@ -246,10 +260,15 @@ def decoder_hidden(
     return x, new_cache
 
 
+def head_weight(params: Params, cfg: ModelConfig) -> Float[Array, "d V"]:
+    """The LM head as a (d, V) matrix (the transposed embedding when tied)."""
+    return params["embed"].T if cfg.tie_word_embeddings else params["lm_head"]
+
+
 def lm_logits(params: Params, hidden: Float[Array, "... d"], cfg: ModelConfig) -> Float[Array, "... V"]:
-    """LM head in float32 (tied to the embedding when the config says so)."""
-    w = params["embed"].T if cfg.tie_word_embeddings else params["lm_head"]
-    return jnp.einsum("...d,dv->...v", hidden, w, preferred_element_type=jnp.float32)
+    """LM head, accumulated in (at least) float32."""
+    w = head_weight(params, cfg)
+    return jnp.einsum("...d,dv->...v", hidden, w, preferred_element_type=accumulation_dtype(w.dtype))
 
 
 def positions_from_valid(valid: Bool[Array, "B T"]) -> Int[Array, "B T"]:

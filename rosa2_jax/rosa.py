@@ -1,0 +1,301 @@
+"""The ROSA weights update (spec 1.2, 1.6): one damped Gauss-Newton step toward pi* ∝ pi · exp(r/β).
+
+Rows of the Jacobian are the next-token distributions p_i = softmax(W_U h_i) at the response positions,
+teacher-forced on the full history; columns are the session's adapter parameters. With J_h = ∂h/∂θ and
+A_i = diag(p_i) - p_i p_iᵀ:
+
+    J v  = [A_i W_U (J_h v)_i]_i          Jᵀ u = J_hᵀ [W_Uᵀ A_i u_i]_i
+
+so the solve only ever needs J_h through `jax.linearize` / `jax.linear_transpose` and a d x d "head
+metric" W_Uᵀ A_i² W_U applied in hidden space. The vocabulary is streamed through the head in chunks of
+positions: no [T, V] tensor of a whole response is ever held.
+
+`rosa_update` is jit-compiled and vmapped over sessions; sessions that are inactive (r = +1, finished)
+or whose step is not finite keep their adapter bit for bit.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from typing import Any, Callable, NamedTuple
+
+import jax
+import jax.numpy as jnp
+from flax import struct
+from jaxtyping import Array, Bool, Float, Int
+
+from rosa2_jax.config import ModelConfig
+from rosa2_jax.lora import LoraAdapters
+from rosa2_jax.model import Params, accumulation_dtype, decoder_hidden, head_weight, positions_from_valid
+
+TILTS = ("token", "suffix")  # spec Option B (default), Option A
+RESIDUALS = ("prob", "logit")
+
+
+@dataclasses.dataclass(frozen=True)
+class RosaConfig:
+    beta: float = 1.0  # KL temperature; r = -1 tilts the sampled token by exp(-1/β)
+    tilt: str = "token"  # "token": every sampled token tilted by exp(r/β); "suffix": exact sequence marginal
+    residual: str = "prob"  # "prob": R = p* - p (ROSA2 Eq. 11); "logit": centred log-prob residual
+    damping: float = 1e-4  # λ = damping · mean diag(JᵀJ) ("relative") or λ = damping ("fixed")
+    damping_mode: str = "relative"
+    cg_iters: int = 10
+    cg_tol: float = 1e-3  # stop when ||b - A x|| <= cg_tol · ||b||
+    step_scale: float = 1.0  # η
+    max_step_norm: float = 1.0  # trust region on ||Δθ||
+    position_chunk: int = 64  # positions per pass through the LM head
+    remat: bool = True  # recompute layer activations in the JVP/VJP instead of storing them
+
+    def __post_init__(self):
+        if self.tilt not in TILTS or self.residual not in RESIDUALS:
+            raise ValueError(f"tilt must be one of {TILTS} and residual one of {RESIDUALS}; got {self}")
+        if self.damping_mode not in ("relative", "fixed") or self.beta <= 0:
+            raise ValueError(f"damping_mode must be relative|fixed and beta > 0; got {self}")
+
+
+@struct.dataclass
+class UpdateBatch:
+    """One row per session: left-padded [history ; response] tokens.
+
+    The response is the last `response_len[s]` tokens of row s; `window` (static, >= every
+    response_len, a multiple of RosaConfig.position_chunk) is how many trailing tokens are rows of J.
+    """
+
+    tokens: Int[Array, "S T"]
+    valid: Bool[Array, "S T"]
+    response_len: Int[Array, "S"]
+    reward: Float[Array, "S"]
+    active: Bool[Array, "S"]
+    window: int = struct.field(pytree_node=False)
+
+
+@struct.dataclass
+class UpdateStats:
+    step_norm_sq: Float[Array, "S"]  # ||Δθ||² of the applied step (0 where not updated)
+    residual_norm: Float[Array, "S"]  # ||R|| over response positions
+    cg_iters: Int[Array, "S"]
+    cg_rel_residual: Float[Array, "S"]  # ||JᵀR - (JᵀJ + λ)Δθ|| / ||JᵀR|| at exit
+    kl_before: Float[Array, "S"]  # mean over response positions of KL(p*_i || p_i(θ))
+    kl_after: Float[Array, "S"]  # ... of KL(p*_i || p_i(θ + ηΔθ))
+    damping: Float[Array, "S"]
+    nonfinite: Bool[Array, "S"]  # the step was not finite; the adapter was kept
+    updated: Bool[Array, "S"]
+
+
+# ---------------------------------------------------------------- pytree vector helpers
+def _vdot(a, b) -> Array:
+    return sum(jnp.vdot(x, y) for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)))
+
+
+def _axpy(alpha, x, y):
+    return jax.tree.map(lambda xi, yi: alpha * xi + yi, x, y)
+
+
+def conjugate_gradient(matvec, b, maxiter: int, tol: float):
+    """CG from x0 = 0 (iterates stay in range(Jᵀ)). Returns (x, iterations, relative residual)."""
+    b_norm = jnp.sqrt(_vdot(b, b))
+    x0 = jax.tree.map(jnp.zeros_like, b)
+    rs0 = _vdot(b, b)
+
+    def cond(state):
+        i, _, _, _, rs = state
+        return (i < maxiter) & (jnp.sqrt(rs) > tol * b_norm)
+
+    def body(state):
+        i, x, r, p, rs = state
+        ap = matvec(p)
+        alpha = rs / _vdot(p, ap)
+        x = _axpy(alpha, p, x)
+        r = _axpy(-alpha, ap, r)
+        rs_new = _vdot(r, r)
+        p = _axpy(rs_new / rs, p, r)
+        return i + 1, x, r, p, rs_new
+
+    i, x, _, _, rs = jax.lax.while_loop(cond, body, (jnp.int32(0), x0, b, b, rs0))
+    return x, i, jnp.where(b_norm > 0, jnp.sqrt(rs) / jnp.where(b_norm > 0, b_norm, 1.0), 0.0)
+
+
+# ---------------------------------------------------------------- head geometry (vocabulary side)
+def _chunked(fn, chunk: int, *arrays):
+    """Apply fn to consecutive position chunks of [W, ...] arrays and concatenate the results."""
+    split = [a.reshape((-1, chunk) + a.shape[1:]) for a in arrays]
+    out = jax.lax.map(lambda xs: fn(*xs), tuple(split))
+    return jax.tree.map(lambda o: o.reshape((-1,) + o.shape[2:]), out)
+
+
+def _softmax_chunk(h, w):
+    return jax.nn.softmax(jnp.dot(h, w, preferred_element_type=w.dtype), axis=-1)
+
+
+def _target_prob(p, y):
+    return jnp.take_along_axis(p, y[:, None], axis=-1)[:, 0]
+
+
+def tilt_log_weights(logp_y: Float[Array, "W"], row_mask: Bool[Array, "W"], reward, rosa: RosaConfig):
+    """log w_i, the factor multiplying p_i[y_i] in the target p*_i."""
+    if rosa.tilt == "token":
+        return jnp.full(logp_y.shape, reward / rosa.beta, logp_y.dtype)
+    lp = jnp.where(row_mask, logp_y, 0.0)
+    suffix = jnp.cumsum(lp[::-1])[::-1] - lp  # Σ_{j>i} log p_j[y_j]
+    return jnp.log1p(-jnp.exp(suffix) * (1.0 - jnp.exp(reward / rosa.beta)))
+
+
+def _tilted_residual(p, y, log_w):
+    """(R = p* - p, log Z, p_y) for one chunk; p*_i ∝ p_i with p_i[y_i] multiplied by w_i."""
+    w = jnp.exp(log_w)
+    p_y = _target_prob(p, y)
+    z = 1.0 + p_y * (w - 1.0)
+    onehot = jax.nn.one_hot(y, p.shape[-1], dtype=p.dtype)
+    resid = p * (1.0 / z - 1.0)[:, None] + onehot * (p_y * (w - 1.0) / z)[:, None]
+    return resid, jnp.log(z), p_y
+
+
+def _softmax_jacobian(p, u):
+    """A u with A = diag(p) - p pᵀ, without forming A."""
+    return p * (u - jnp.sum(p * u, axis=-1, keepdims=True))
+
+
+# ---------------------------------------------------------------- one session
+class GaussNewtonSystem(NamedTuple):
+    """The damped normal equations of one session, matrix-free.
+
+    rhs = JᵀR; gram(v) = JᵀJ v; (gram + damping·I) Δθ = rhs. Per-row quantities are over the window.
+    """
+
+    rhs: Any  # pytree like theta
+    gram: Callable[[Any], Any]
+    damping: Array
+    trunk: Callable[[Any], Array]  # theta -> hidden rows [W, d] (accumulation dtype)
+    hidden: Float[Array, "W d"]
+    targets: Int[Array, "W"]
+    log_w: Float[Array, "W"]  # log of the tilt factor of each row's sampled token
+    row_mask: Float[Array, "W"]
+    residual_sq: Float[Array, "W"]  # ||R_i||²
+    kl: Float[Array, "W"]  # KL(p*_i || p_i)
+
+
+def gauss_newton_system(params, theta, tokens, valid, response_len, reward, *, cfg: ModelConfig,
+                        rosa: RosaConfig, scale: float, window: int) -> GaussNewtonSystem:
+    T = tokens.shape[0]
+    W, C = window, rosa.position_chunk
+    positions = positions_from_valid(valid[None])
+    targets = tokens[T - W:]
+    acc = accumulation_dtype(params["embed"].dtype)  # float32 (float64 in x64 checks)
+    maskf = (jnp.arange(W) >= W - response_len).astype(acc)
+    w_head = head_weight(params, cfg).astype(acc)  # [d, V]
+
+    def trunk(th):
+        adapters = LoraAdapters(jax.tree.map(lambda x: x[None], th), scale)
+        h, _ = decoder_hidden(params, tokens[None], positions, valid[None], cfg=cfg, adapters=adapters,
+                              remat=rosa.remat)
+        return h[0, T - W - 1: T - 1].astype(acc)  # row i predicts tokens[T - W + i]
+
+    h, jvp = jax.linearize(trunk, theta)
+    vjp = jax.linear_transpose(jvp, theta)
+
+    # Pass 1: log p_i[y_i] (the suffix tilt needs all of them before any residual).
+    logp_y = _chunked(lambda hc, yc: jnp.log(_target_prob(_softmax_chunk(hc, w_head), yc)), C, h, targets)
+    log_w = tilt_log_weights(logp_y, maskf > 0, reward, rosa)
+
+    # Pass 2: the right-hand side in hidden space, ||R_i||² and KL(p*_i || p_i).
+    def rhs_chunk(hc, yc, lwc, mc):
+        p = _softmax_chunk(hc, w_head)
+        resid, log_z, p_y = _tilted_residual(p, yc, lwc)
+        kl = -log_z + p_y * jnp.exp(lwc - log_z) * lwc
+        if rosa.residual == "prob":
+            rhs = jnp.dot(_softmax_jacobian(p, resid), w_head.T) * mc[:, None]
+            r2 = jnp.sum(resid * resid, -1)
+        else:  # centred log-prob residual log w_i (e_y - 1/V): Jᵀ R = log w_i (W_U[y] - mean_v W_U[v])
+            rhs = lwc[:, None] * (w_head.T[yc] - jnp.mean(w_head, axis=1)) * mc[:, None]
+            r2 = lwc**2 * (1.0 - 1.0 / p.shape[-1])
+        return rhs, r2 * mc, kl * mc
+
+    rhs_h, r2, kl = _chunked(rhs_chunk, C, h, targets, log_w, maskf)
+
+    if rosa.residual == "prob":
+        def head_metric(g):  # W_Uᵀ A_i² W_U g_i per row, chunked over positions
+            def chunk(hc, gc, mc):
+                p = _softmax_chunk(hc, w_head)
+                a = _softmax_jacobian(p, _softmax_jacobian(p, jnp.dot(gc, w_head)))
+                return jnp.dot(a, w_head.T) * mc[:, None]
+            return _chunked(chunk, C, h, g, maskf)
+    else:
+        w_mean = jnp.mean(w_head, axis=1)
+        metric = w_head @ w_head.T - w_head.shape[1] * jnp.outer(w_mean, w_mean)  # W_Uᵀ (I - 11ᵀ/V) W_U
+
+        def head_metric(g):
+            return (g @ metric) * maskf[:, None]
+
+    def gram(v):
+        (out,) = vjp(head_metric(jvp(v)))
+        return out
+
+    (rhs,) = vjp(rhs_h)
+    if rosa.damping_mode == "relative":  # Hutchinson: E[zᵀ JᵀJ z] = trace(JᵀJ) for Rademacher z
+        leaves, treedef = jax.tree.flatten(theta)
+        keys = jax.random.split(jax.random.key(0), len(leaves))
+        z = jax.tree.unflatten(treedef, [jax.random.rademacher(k, x.shape, x.dtype) for k, x in zip(keys, leaves)])
+        gz = jvp(z)
+        n_params = sum(x.size for x in leaves)
+        damping = rosa.damping * jnp.sum(gz * head_metric(gz)) / n_params + 1e-12
+    else:
+        damping = jnp.asarray(rosa.damping, acc)
+    return GaussNewtonSystem(rhs, gram, damping, trunk, h, targets, log_w, maskf, r2, kl)
+
+
+def _kl_to_target(system: GaussNewtonSystem, w_head, hidden_new, chunk: int) -> Float[Array, "W"]:
+    """KL(p*_i || p_i(θ')) per row, p* built from the policy the system was linearised at."""
+    def one(hc, hnc, yc, lwc, mc):
+        p = _softmax_chunk(hc, w_head)
+        resid, _, _ = _tilted_residual(p, yc, lwc)
+        p_star = p + resid
+        logp_new = jax.nn.log_softmax(jnp.dot(hnc, w_head, preferred_element_type=w_head.dtype), -1)
+        return jnp.sum(jax.scipy.special.xlogy(p_star, p_star) - p_star * logp_new, -1) * mc
+
+    return _chunked(one, chunk, system.hidden, hidden_new, system.targets, system.log_w, system.row_mask)
+
+
+def _session_update(params, theta, tokens, valid, response_len, reward, active, *, cfg: ModelConfig,
+                    rosa: RosaConfig, scale: float, window: int):
+    system = gauss_newton_system(params, theta, tokens, valid, response_len, reward, cfg=cfg, rosa=rosa,
+                                 scale=scale, window=window)
+    delta, iters, rel = conjugate_gradient(lambda v: _axpy(system.damping, v, system.gram(v)), system.rhs,
+                                           rosa.cg_iters, rosa.cg_tol)
+    norm = jnp.sqrt(_vdot(delta, delta))
+    shrink = jnp.minimum(1.0, rosa.max_step_norm / jnp.maximum(norm, 1e-30))  # trust region
+    step = jax.tree.map(lambda d: rosa.step_scale * shrink * d, delta)
+    new_theta = jax.tree.map(jnp.add, theta, step)
+    step_norm_sq = _vdot(step, step)
+    w_head = head_weight(params, cfg).astype(system.hidden.dtype)
+    kl_new = _kl_to_target(system, w_head, system.trunk(new_theta), rosa.position_chunk)
+
+    n_rows = jnp.maximum(jnp.sum(system.row_mask), 1.0)
+    kl_before = jnp.sum(system.kl) / n_rows
+    finite = jnp.isfinite(step_norm_sq) & jnp.isfinite(jnp.sum(kl_new)) & jnp.isfinite(rel)
+    updated = active & finite
+    stats = UpdateStats(
+        step_norm_sq=jnp.where(updated, step_norm_sq, 0.0),
+        residual_norm=jnp.sqrt(jnp.sum(system.residual_sq)),
+        cg_iters=iters,
+        cg_rel_residual=rel,
+        kl_before=kl_before,
+        kl_after=jnp.where(updated, jnp.sum(kl_new) / n_rows, kl_before),
+        damping=system.damping,
+        nonfinite=active & ~finite,
+        updated=updated,
+    )
+    # where(False, new, old) returns old exactly: inactive and non-finite sessions keep their bits.
+    return jax.tree.map(lambda new, old: jnp.where(updated, new, old), new_theta, theta), stats
+
+
+@functools.partial(jax.jit, static_argnames=("cfg", "rosa"))
+def rosa_update(params: Params, adapters: LoraAdapters, batch: UpdateBatch, *, cfg: ModelConfig,
+                rosa: RosaConfig) -> tuple[LoraAdapters, UpdateStats]:
+    """One ROSA step for every session (vmapped); only active sessions change."""
+    if batch.window % rosa.position_chunk:
+        raise ValueError(f"window {batch.window} must be a multiple of position_chunk {rosa.position_chunk}")
+    fn = functools.partial(_session_update, cfg=cfg, rosa=rosa, scale=adapters.scale, window=batch.window)
+    new_factors, stats = jax.vmap(fn, in_axes=(None, 0, 0, 0, 0, 0, 0))(
+        params, adapters.factors, batch.tokens, batch.valid, batch.response_len, batch.reward, batch.active)
+    return LoraAdapters(new_factors, adapters.scale), stats
