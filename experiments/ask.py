@@ -9,7 +9,7 @@ import jax.numpy as jnp
 from absl import app, flags, logging
 
 from rosa2_jax.checkpoint import load_model
-from rosa2_jax.generate import SamplingConfig, generate
+from rosa2_jax.generation import SamplingConfig, generate
 from rosa2_jax.tokenizer import render_chat, stop_token_ids
 
 FLAGS = flags.FLAGS

@@ -156,6 +156,59 @@ def _softmax_jacobian(p, u):
     return p * (u - jnp.sum(p * u, axis=-1, keepdims=True))
 
 
+class HeadTerms(NamedTuple):
+    """What the vocabulary side contributes, per row, in hidden space."""
+
+    rhs_rows: Float[Array, "W d"]  # W_Uᵀ A_i R_i (prob) or the centred-logit equivalent
+    residual_sq: Float[Array, "W"]
+    kl: Float[Array, "W"]  # KL(p*_i || p_i)
+    log_w: Float[Array, "W"]
+    metric: Callable[[Array], Array]  # g [W, d] -> per-row W_Uᵀ A_i² W_U g_i (masked)
+
+
+def centred_head_gram(w_head: Float[Array, "d V"]) -> Float[Array, "d d"]:
+    """W_Uᵀ (I - 11ᵀ/V) W_U: the metric of centred logits (the same for every row)."""
+    w_mean = jnp.mean(w_head, axis=1)
+    return w_head @ w_head.T - w_head.shape[1] * jnp.outer(w_mean, w_mean)
+
+
+def head_terms(h, targets, maskf, reward, w_head, rosa: RosaConfig) -> HeadTerms:
+    C = rosa.position_chunk
+    # Pass 1: log p_i[y_i] (the suffix tilt needs all of them before any residual).
+    logp_y = _chunked(lambda hc, yc: jnp.log(_target_prob(_softmax_chunk(hc, w_head), yc)), C, h, targets)
+    log_w = tilt_log_weights(logp_y, maskf > 0, reward, rosa)
+
+    # Pass 2: the right-hand side in hidden space, ||R_i||² and KL(p*_i || p_i).
+    def rhs_chunk(hc, yc, lwc, mc):
+        p = _softmax_chunk(hc, w_head)
+        resid, log_z, p_y = _tilted_residual(p, yc, lwc)
+        kl = -log_z + p_y * jnp.exp(lwc - log_z) * lwc
+        if rosa.residual == "prob":
+            rhs = jnp.dot(_softmax_jacobian(p, resid), w_head.T) * mc[:, None]
+            r2 = jnp.sum(resid * resid, -1)
+        else:  # centred log-prob residual log w_i (e_y - 1/V): Jᵀ R = log w_i (W_U[y] - mean_v W_U[v])
+            rhs = lwc[:, None] * (w_head.T[yc] - jnp.mean(w_head, axis=1)) * mc[:, None]
+            r2 = lwc**2 * (1.0 - 1.0 / p.shape[-1])
+        return rhs, r2 * mc, kl * mc
+
+    rhs_rows, r2, kl = _chunked(rhs_chunk, C, h, targets, log_w, maskf)
+
+    if rosa.residual == "prob":
+        def metric(g):  # W_Uᵀ A_i² W_U g_i per row, chunked over positions
+            def chunk(hc, gc, mc):
+                p = _softmax_chunk(hc, w_head)
+                a = _softmax_jacobian(p, _softmax_jacobian(p, jnp.dot(gc, w_head)))
+                return jnp.dot(a, w_head.T) * mc[:, None]
+            return _chunked(chunk, C, h, g, maskf)
+    else:
+        centred = centred_head_gram(w_head)
+
+        def metric(g):
+            return (g @ centred) * maskf[:, None]
+
+    return HeadTerms(rhs_rows, r2, kl, log_w, metric)
+
+
 # ---------------------------------------------------------------- one session
 class GaussNewtonSystem(NamedTuple):
     """The damped normal equations of one session, matrix-free.
@@ -177,8 +230,7 @@ class GaussNewtonSystem(NamedTuple):
 
 def gauss_newton_system(params, theta, tokens, valid, response_len, reward, *, cfg: ModelConfig,
                         rosa: RosaConfig, scale: float, window: int) -> GaussNewtonSystem:
-    T = tokens.shape[0]
-    W, C = window, rosa.position_chunk
+    T, W = tokens.shape[0], window
     positions = positions_from_valid(valid[None])
     targets = tokens[T - W:]
     acc = accumulation_dtype(params["embed"].dtype)  # float32 (float64 in x64 checks)
@@ -194,54 +246,23 @@ def gauss_newton_system(params, theta, tokens, valid, response_len, reward, *, c
     h, jvp = jax.linearize(trunk, theta)
     vjp = jax.linear_transpose(jvp, theta)
 
-    # Pass 1: log p_i[y_i] (the suffix tilt needs all of them before any residual).
-    logp_y = _chunked(lambda hc, yc: jnp.log(_target_prob(_softmax_chunk(hc, w_head), yc)), C, h, targets)
-    log_w = tilt_log_weights(logp_y, maskf > 0, reward, rosa)
-
-    # Pass 2: the right-hand side in hidden space, ||R_i||² and KL(p*_i || p_i).
-    def rhs_chunk(hc, yc, lwc, mc):
-        p = _softmax_chunk(hc, w_head)
-        resid, log_z, p_y = _tilted_residual(p, yc, lwc)
-        kl = -log_z + p_y * jnp.exp(lwc - log_z) * lwc
-        if rosa.residual == "prob":
-            rhs = jnp.dot(_softmax_jacobian(p, resid), w_head.T) * mc[:, None]
-            r2 = jnp.sum(resid * resid, -1)
-        else:  # centred log-prob residual log w_i (e_y - 1/V): Jᵀ R = log w_i (W_U[y] - mean_v W_U[v])
-            rhs = lwc[:, None] * (w_head.T[yc] - jnp.mean(w_head, axis=1)) * mc[:, None]
-            r2 = lwc**2 * (1.0 - 1.0 / p.shape[-1])
-        return rhs, r2 * mc, kl * mc
-
-    rhs_h, r2, kl = _chunked(rhs_chunk, C, h, targets, log_w, maskf)
-
-    if rosa.residual == "prob":
-        def head_metric(g):  # W_Uᵀ A_i² W_U g_i per row, chunked over positions
-            def chunk(hc, gc, mc):
-                p = _softmax_chunk(hc, w_head)
-                a = _softmax_jacobian(p, _softmax_jacobian(p, jnp.dot(gc, w_head)))
-                return jnp.dot(a, w_head.T) * mc[:, None]
-            return _chunked(chunk, C, h, g, maskf)
-    else:
-        w_mean = jnp.mean(w_head, axis=1)
-        metric = w_head @ w_head.T - w_head.shape[1] * jnp.outer(w_mean, w_mean)  # W_Uᵀ (I - 11ᵀ/V) W_U
-
-        def head_metric(g):
-            return (g @ metric) * maskf[:, None]
+    head = head_terms(h, targets, maskf, reward, w_head, rosa)
 
     def gram(v):
-        (out,) = vjp(head_metric(jvp(v)))
+        (out,) = vjp(head.metric(jvp(v)))
         return out
 
-    (rhs,) = vjp(rhs_h)
+    (rhs,) = vjp(head.rhs_rows)
     if rosa.damping_mode == "relative":  # Hutchinson: E[zᵀ JᵀJ z] = trace(JᵀJ) for Rademacher z
         leaves, treedef = jax.tree.flatten(theta)
         keys = jax.random.split(jax.random.key(0), len(leaves))
         z = jax.tree.unflatten(treedef, [jax.random.rademacher(k, x.shape, x.dtype) for k, x in zip(keys, leaves)])
         gz = jvp(z)
         n_params = sum(x.size for x in leaves)
-        damping = rosa.damping * jnp.sum(gz * head_metric(gz)) / n_params + 1e-12
+        damping = rosa.damping * jnp.sum(gz * head.metric(gz)) / n_params + 1e-12
     else:
         damping = jnp.asarray(rosa.damping, acc)
-    return GaussNewtonSystem(rhs, gram, damping, trunk, h, targets, log_w, maskf, r2, kl)
+    return GaussNewtonSystem(rhs, gram, damping, trunk, h, targets, head.log_w, maskf, head.residual_sq, head.kl)
 
 
 def _kl_to_target(system: GaussNewtonSystem, w_head, hidden_new, chunk: int) -> Float[Array, "W"]:
@@ -256,37 +277,43 @@ def _kl_to_target(system: GaussNewtonSystem, w_head, hidden_new, chunk: int) -> 
     return _chunked(one, chunk, system.hidden, hidden_new, system.targets, system.log_w, system.row_mask)
 
 
+def _finish(theta, delta, active, residual_sq, kl, row_mask, kl_after_fn, iters, rel, damping, rosa: RosaConfig):
+    """Trust region, step, KL after, non-finite guard and stats; shared by both adapter kinds."""
+    norm = jnp.sqrt(_vdot(delta, delta))
+    shrink = jnp.minimum(1.0, rosa.max_step_norm / jnp.maximum(norm, 1e-30))  # trust region
+    step = jax.tree.map(lambda d: rosa.step_scale * shrink * d, delta)
+    new_theta = jax.tree.map(jnp.add, theta, step)
+    step_norm_sq = _vdot(step, step)
+    kl_new = kl_after_fn(new_theta)
+    n_rows = jnp.maximum(jnp.sum(row_mask), 1.0)
+    kl_before = jnp.sum(kl) / n_rows
+    finite = jnp.isfinite(step_norm_sq) & jnp.isfinite(jnp.sum(kl_new)) & jnp.isfinite(rel)
+    updated = active & finite
+    stats = UpdateStats(
+        step_norm_sq=jnp.where(updated, step_norm_sq, 0.0),
+        residual_norm=jnp.sqrt(jnp.sum(residual_sq)),
+        cg_iters=jnp.asarray(iters, jnp.int32),
+        cg_rel_residual=rel,
+        kl_before=kl_before,
+        kl_after=jnp.where(updated, jnp.sum(kl_new) / n_rows, kl_before),
+        damping=damping,
+        nonfinite=active & ~finite,
+        updated=updated,
+    )
+    # where(False, new, old) returns old exactly: inactive and non-finite sessions keep their bits.
+    return jax.tree.map(lambda new, old: jnp.where(updated, new, old), new_theta, theta), stats
+
+
 def _session_update(params, theta, tokens, valid, response_len, reward, active, *, cfg: ModelConfig,
                     rosa: RosaConfig, scale: float, window: int):
     system = gauss_newton_system(params, theta, tokens, valid, response_len, reward, cfg=cfg, rosa=rosa,
                                  scale=scale, window=window)
     delta, iters, rel = conjugate_gradient(lambda v: _axpy(system.damping, v, system.gram(v)), system.rhs,
                                            rosa.cg_iters, rosa.cg_tol)
-    norm = jnp.sqrt(_vdot(delta, delta))
-    shrink = jnp.minimum(1.0, rosa.max_step_norm / jnp.maximum(norm, 1e-30))  # trust region
-    step = jax.tree.map(lambda d: rosa.step_scale * shrink * d, delta)
-    new_theta = jax.tree.map(jnp.add, theta, step)
-    step_norm_sq = _vdot(step, step)
     w_head = head_weight(params, cfg).astype(system.hidden.dtype)
-    kl_new = _kl_to_target(system, w_head, system.trunk(new_theta), rosa.position_chunk)
-
-    n_rows = jnp.maximum(jnp.sum(system.row_mask), 1.0)
-    kl_before = jnp.sum(system.kl) / n_rows
-    finite = jnp.isfinite(step_norm_sq) & jnp.isfinite(jnp.sum(kl_new)) & jnp.isfinite(rel)
-    updated = active & finite
-    stats = UpdateStats(
-        step_norm_sq=jnp.where(updated, step_norm_sq, 0.0),
-        residual_norm=jnp.sqrt(jnp.sum(system.residual_sq)),
-        cg_iters=iters,
-        cg_rel_residual=rel,
-        kl_before=kl_before,
-        kl_after=jnp.where(updated, jnp.sum(kl_new) / n_rows, kl_before),
-        damping=system.damping,
-        nonfinite=active & ~finite,
-        updated=updated,
-    )
-    # where(False, new, old) returns old exactly: inactive and non-finite sessions keep their bits.
-    return jax.tree.map(lambda new, old: jnp.where(updated, new, old), new_theta, theta), stats
+    kl_after = lambda th: _kl_to_target(system, w_head, system.trunk(th), rosa.position_chunk)  # noqa: E731
+    return _finish(theta, delta, active, system.residual_sq, system.kl, system.row_mask, kl_after, iters, rel,
+                   system.damping, rosa)
 
 
 @functools.partial(jax.jit, static_argnames=("cfg", "rosa"))
@@ -299,3 +326,71 @@ def rosa_update(params: Params, adapters: LoraAdapters, batch: UpdateBatch, *, c
     new_factors, stats = jax.vmap(fn, in_axes=(None, 0, 0, 0, 0, 0, 0))(
         params, adapters.factors, batch.tokens, batch.valid, batch.response_len, batch.reward, batch.active)
     return LoraAdapters(new_factors, adapters.scale), stats
+
+
+# ---------------------------------------------------------------- hidden-state offset variant ("HS")
+def support_gram(h, targets, maskf, w_head, top_k: int, chunk: int) -> Float[Array, "d d"]:
+    """Σ_i W_Uᵀ A_i² W_U with A_i restricted to row i's top-k tokens plus its sampled token.
+
+    Exact when top_k >= V; otherwise the truncation the spec allows (k >= 64) to form a d x d matrix.
+    """
+    k = min(top_k, w_head.shape[1])
+
+    def one(hc, yc, mc):
+        p = _softmax_chunk(hc, w_head)
+        boosted = p.at[jnp.arange(p.shape[0]), yc].set(2.0)  # the sampled token is always in the support
+        idx = jax.lax.top_k(boosted, k)[1]
+        pk = jnp.take_along_axis(p, idx, -1)
+        a = jax.vmap(jnp.diag)(pk) - pk[:, :, None] * pk[:, None, :]  # A_i on the support [C, k, k]
+        m = jnp.einsum("cjk,ckd->cjd", a, w_head.T[idx])  # A_i W_Kᵀ [C, k, d]
+        return jnp.einsum("cjd,cje,c->de", m, m, mc)
+
+    split = [x.reshape((-1, chunk) + x.shape[1:]) for x in (h, targets, maskf)]
+    return jnp.sum(jax.lax.map(lambda xs: one(*xs), tuple(split)), axis=0)
+
+
+def _offset_session_update(params, delta, tokens, valid, response_len, reward, active, *, cfg: ModelConfig,
+                           rosa: RosaConfig, window: int, top_k: int):
+    T, W = tokens.shape[0], window
+    h0, _ = decoder_hidden(params, tokens[None], positions_from_valid(valid[None]), valid[None], cfg=cfg)
+    acc = accumulation_dtype(params["embed"].dtype)
+    h0 = h0[0, T - W - 1: T - 1].astype(acc)
+    targets = tokens[T - W:]
+    maskf = (jnp.arange(W) >= W - response_len).astype(acc)
+    w_head = head_weight(params, cfg).astype(acc)
+    head = head_terms(h0 + delta, targets, maskf, reward, w_head, rosa)  # J_h = I: θ is the hidden offset
+    rhs = jnp.sum(head.rhs_rows, axis=0)
+    if rosa.residual == "prob":
+        gram = support_gram(h0 + delta, targets, maskf, w_head, top_k, rosa.position_chunk)
+    else:
+        gram = jnp.sum(maskf) * centred_head_gram(w_head)
+    d = gram.shape[0]
+    damping = rosa.damping * jnp.trace(gram) / d + 1e-12 if rosa.damping_mode == "relative" else jnp.asarray(rosa.damping, acc)
+    system = gram + damping * jnp.eye(d, dtype=acc)
+    step = jax.scipy.linalg.cho_solve(jax.scipy.linalg.cho_factor(system), rhs)
+    rel = jnp.linalg.norm(rhs - system @ step) / jnp.maximum(jnp.linalg.norm(rhs), 1e-30)
+
+    def kl_after(new_delta):
+        def one(hc, hnc, yc, lwc, mc):
+            p = _softmax_chunk(hc, w_head)
+            resid, _, _ = _tilted_residual(p, yc, lwc)
+            p_star = p + resid
+            logp_new = jax.nn.log_softmax(jnp.dot(hnc, w_head, preferred_element_type=w_head.dtype), -1)
+            return jnp.sum(jax.scipy.special.xlogy(p_star, p_star) - p_star * logp_new, -1) * mc
+        return _chunked(one, rosa.position_chunk, h0 + delta, h0 + new_delta, targets, head.log_w, maskf)
+
+    return _finish(delta, step, active, head.residual_sq, head.kl, maskf, kl_after, 0, rel, damping, rosa)
+
+
+@functools.partial(jax.jit, static_argnames=("cfg", "rosa", "top_k"))
+def hidden_offset_update(params: Params, offsets: Float[Array, "S d"], batch: UpdateBatch, *, cfg: ModelConfig,
+                         rosa: RosaConfig, top_k: int = 64) -> tuple[Float[Array, "S d"], UpdateStats]:
+    """ROSA with θ = an offset added to the final hidden state (before the LM head) on response positions.
+
+    J_h = I, so JᵀJ = Σ_i W_Uᵀ A_i² W_U is d x d: formed on a top-k support and solved by Cholesky.
+    """
+    if batch.window % rosa.position_chunk:
+        raise ValueError(f"window {batch.window} must be a multiple of position_chunk {rosa.position_chunk}")
+    fn = functools.partial(_offset_session_update, cfg=cfg, rosa=rosa, window=batch.window, top_k=top_k)
+    return jax.vmap(fn, in_axes=(None, 0, 0, 0, 0, 0, 0))(
+        params, offsets, batch.tokens, batch.valid, batch.response_len, batch.reward, batch.active)

@@ -6,7 +6,7 @@ import numpy as np
 
 from conftest import hf_logits
 from rosa2_jax.checkpoint.hf_folder import load_hf_folder
-from rosa2_jax.generate import left_pad
+from rosa2_jax.generation import left_pad
 from rosa2_jax.model import forward
 
 LENGTHS = (7, 19, 1, 12)

@@ -8,7 +8,7 @@ from jax.flatten_util import ravel_pytree
 
 from conftest import make_hf_model
 from rosa2_jax.checkpoint.hf_folder import load_hf_folder
-from rosa2_jax.generate import left_pad
+from rosa2_jax.generation import left_pad
 from rosa2_jax.lora import LoraAdapters, LoraConfig, init_adapters, load_adapters, reset_sessions, save_adapters
 from rosa2_jax.model import decoder_hidden, forward, lm_logits, positions_from_valid
 from rosa2_jax.rosa import RosaConfig, UpdateBatch, conjugate_gradient, gauss_newton_system, rosa_update
@@ -267,3 +267,60 @@ def test_layer_subset_and_save_load(tiny, tmp_path):
     assert loaded.scale == moved.scale
     for x, y in zip(jax.tree.leaves(loaded.factors), jax.tree.leaves(moved.factors)):
         assert np.array_equal(np.asarray(x), np.asarray(y))
+
+
+@pytest.mark.parametrize("residual", ["prob", "logit"])
+def test_hidden_offset_direct_solve_equals_dense_lstsq(tiny, residual):
+    """HS variant with full support: the Cholesky step equals numpy's solve of the explicit system."""
+    from rosa2_jax.rosa import hidden_offset_update
+
+    cfg, params = tiny
+    batch = make_batch(cfg, 9, [-1.0, 1.0], [True, False])
+    rosa = RosaConfig(position_chunk=CHUNK, residual=residual, damping_mode="fixed", damping=1e-3, max_step_norm=1e9)
+    d = cfg.hidden_size
+    offsets = 0.01 * jax.random.normal(jax.random.key(0), (2, d))
+    new, stats = hidden_offset_update(params, offsets, batch, cfg=cfg, rosa=rosa, top_k=cfg.vocab_size)
+
+    tokens, valid = batch.tokens[0], batch.valid[0]
+    h, _ = decoder_hidden(params, tokens[None], positions_from_valid(valid[None]), valid[None], cfg=cfg)
+    T = tokens.shape[0]
+    h = h[0, T - WINDOW - 1: T - 1]
+    mask = (jnp.arange(WINDOW) >= WINDOW - batch.response_len[0]).astype(jnp.float32)[:, None]
+    y = tokens[-WINDOW:]
+
+    def f(delta):
+        logits = lm_logits(params, h + delta, cfg)
+        if residual == "prob":
+            return (mask * jax.nn.softmax(logits)).ravel()
+        return (mask * (logits - logits.mean(-1, keepdims=True))).ravel()
+
+    J = np.asarray(jax.jacfwd(f)(offsets[0]), np.float64)
+    p = jax.nn.softmax(lm_logits(params, h + offsets[0], cfg))
+    p_y = jnp.take_along_axis(p, y[:, None], -1)[:, 0][:, None]
+    onehot = jax.nn.one_hot(y, cfg.vocab_size)
+    if residual == "prob":
+        w = np.exp(-1.0)
+        z = 1 + p_y * (w - 1)
+        R = mask * (jnp.where(onehot > 0, p * w / z, p / z) - p)
+    else:
+        R = mask * -1.0 * (onehot - 1.0 / cfg.vocab_size)
+    ref = np.linalg.solve(J.T @ J + 1e-3 * np.eye(d), J.T @ np.asarray(R, np.float64).ravel())
+    np.testing.assert_allclose(np.asarray(new[0] - offsets[0]), ref, atol=1e-4 * np.abs(ref).max(), rtol=0)
+    assert float(stats.kl_after[0]) < float(stats.kl_before[0])
+    assert np.array_equal(np.asarray(new[1]), np.asarray(offsets[1]))  # passing session untouched
+
+
+def test_generation_uses_the_hidden_offset(tiny):
+    from rosa2_jax.generation import SamplingConfig, generate
+
+    cfg, params = tiny
+    prompts = [[5, 6, 7, 8], [9, 10]]
+    base = generate(params, cfg, prompts, SamplingConfig(max_new_tokens=4), stop_token_ids=[], pad_id=0)
+    zero = generate(params, cfg, prompts, SamplingConfig(max_new_tokens=4), stop_token_ids=[], pad_id=0,
+                    hidden_offset=jnp.zeros((2, cfg.hidden_size)))
+    assert [g.tokens for g in zero] == [g.tokens for g in base]
+    # an offset along the head's row for token 42 makes row 0 emit 42
+    push = jnp.zeros((2, cfg.hidden_size)).at[0].set(100.0 * params["lm_head"][:, 42])
+    pushed = generate(params, cfg, prompts, SamplingConfig(max_new_tokens=4), stop_token_ids=[], pad_id=0,
+                      hidden_offset=push)
+    assert pushed[0].tokens == [42] * 4 and pushed[1].tokens == base[1].tokens

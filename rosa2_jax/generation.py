@@ -80,6 +80,7 @@ def generate_padded(
     valid: Bool[Array, "B P"],
     keys: jax.Array,
     adapters: LoraAdapters | None,
+    hidden_offset: Float[Array, "B d"] | None,
     *,
     cfg: ModelConfig,
     sampling: SamplingConfig,
@@ -89,7 +90,8 @@ def generate_padded(
 ) -> tuple[Int[Array, "B N"], Int[Array, "B"], Bool[Array, "B"]]:
     """Decode up to N = sampling.max_new_tokens tokens for left-padded prompts.
 
-    Returns (tokens [B, N] padded with pad_id, number generated [B], stopped [B]).
+    `hidden_offset` (the ROSA "HS" adapter) is added to the final hidden state of every position that
+    predicts a response token. Returns (tokens [B, N] padded with pad_id, number generated [B], stopped [B]).
     """
     B, P = tokens.shape
     N = sampling.max_new_tokens
@@ -98,7 +100,8 @@ def generate_padded(
     positions = positions_from_valid(valid)
     hidden, cache = decoder_hidden(params, tokens, positions, valid, cfg=cfg, cache=cache, cache_index=0,
                                    adapters=adapters, lora_kernel=lora_kernel)
-    logits = lm_logits(params, hidden[:, -1], cfg)
+    offset = 0.0 if hidden_offset is None else hidden_offset.astype(hidden.dtype)
+    logits = lm_logits(params, hidden[:, -1] + offset, cfg)
     next_pos = positions[:, -1] + 1
     stop = jnp.asarray(stop_ids, jnp.int32)
     ones = jnp.ones((B, 1), bool)
@@ -118,7 +121,7 @@ def generate_padded(
             params, tok[:, None], (next_pos + step)[:, None], ones,
             cfg=cfg, cache=cache, cache_index=P + step, adapters=adapters, lora_kernel=lora_kernel,
         )
-        return step + 1, lm_logits(params, hidden[:, 0], cfg), cache, out, done, count
+        return step + 1, lm_logits(params, hidden[:, 0] + offset, cfg), cache, out, done, count
 
     init = (
         jnp.int32(0), logits, cache, jnp.full((B, N), pad_id, jnp.int32),
@@ -148,6 +151,7 @@ def generate(
     pad_id: int,
     seeds: Sequence[int] | None = None,
     adapters: LoraAdapters | None = None,
+    hidden_offset: Float[Array, "B d"] | None = None,
 ) -> list[Generation]:
     """Generate a continuation for each prompt (token ids). Row i samples with seed `seeds[i]`."""
     if not prompts:
@@ -165,7 +169,7 @@ def generate(
     seeds = list(range(len(prompts))) if seeds is None else list(seeds)
     keys = jax.vmap(jax.random.key)(jnp.asarray(seeds, jnp.uint32))
     out, count, done = generate_padded(
-        params, jnp.asarray(tokens), jnp.asarray(valid), keys, adapters,
+        params, jnp.asarray(tokens), jnp.asarray(valid), keys, adapters, hidden_offset,
         cfg=cfg, sampling=sampling, stop_ids=tuple(sorted(set(stop_token_ids))), pad_id=pad_id,
         lora_kernel=adapters is not None and kernel_supported(),
     )
