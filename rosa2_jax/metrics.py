@@ -1,0 +1,52 @@
+"""Sweep metrics (spec 4.2): accuracy within K, correction uplift (both definitions), average turns with
+unsolved problems counted as K, accuracy per turn, time per problem.
+
+Records are the per-problem JSONL rows the sweep writes: {"method", "problem_id", "solved_at" (int or
+null), "turns": [...], "seconds": float, ...}.
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from typing import Iterable
+
+
+def summarize_method(records: list[dict], max_turns: int) -> dict:
+    n = len(records)
+    solved_at = [r["solved_at"] for r in records]
+    solved = [t for t in solved_at if t is not None]
+    late = [t for t in solved if t >= 2]
+    failed_first = [t for t in solved_at if t != 1]
+    return {
+        "problems": n,
+        "accuracy": len(solved) / n if n else 0.0,
+        "turn1_accuracy": sum(t == 1 for t in solved) / n if n else 0.0,
+        # Table 2 caption: share of the solved problems that needed more than one turn.
+        "correction_uplift": len(late) / len(solved) if solved else 0.0,
+        # App. C.3 Eq. 19: share of the turn-1 failures solved later.
+        "correction_uplift_appc": len(late) / len(failed_first) if failed_first else 0.0,
+        "avg_turns": sum(t if t is not None else max_turns for t in solved_at) / n if n else 0.0,
+        "accuracy_by_turn": [sum(t is not None and t <= k for t in solved_at) / n if n else 0.0
+                             for k in range(1, max_turns + 1)],
+        "seconds_per_problem": sum(r.get("seconds", 0.0) for r in records) / n if n else 0.0,
+        "mean_step_norm_sq_by_turn": _mean_by_turn(records, max_turns, "step_norm_sq"),
+        "mean_semantic_shift_by_turn": _mean_by_turn(records, max_turns, "semantic_shift"),
+    }
+
+
+def _mean_by_turn(records: list[dict], max_turns: int, key: str) -> list[float | None]:
+    sums, counts = defaultdict(float), defaultdict(int)
+    for r in records:
+        for turn in r.get("turns", []):
+            value = turn.get(key)
+            if value is not None:
+                sums[turn["turn"]] += value
+                counts[turn["turn"]] += 1
+    return [sums[t] / counts[t] if counts[t] else None for t in range(1, max_turns + 1)]
+
+
+def summarize(records: Iterable[dict], max_turns: int) -> dict[str, dict]:
+    by_method: dict[str, list[dict]] = defaultdict(list)
+    for r in records:
+        by_method[r["method"]].append(r)
+    return {m: summarize_method(rs, max_turns) for m, rs in sorted(by_method.items())}

@@ -1,0 +1,129 @@
+"""Metrics on hand-computed cases and the Table 2 consistency; verifiers on known verdicts; the sandbox."""
+
+import time
+
+import pytest
+
+from rosa2_jax.data import Problem
+from rosa2_jax.metrics import summarize, summarize_method
+from rosa2_jax.rewards import math_equal, verify
+from rosa2_jax.sandbox import run_python
+
+
+def rec(solved_at, method="m", seconds=1.0):
+    return {"method": method, "problem_id": "p", "solved_at": solved_at, "seconds": seconds, "turns": []}
+
+
+def test_metrics_on_a_hand_computed_case():
+    records = [rec(1), rec(3), rec(None), rec(2), rec(None)]
+    s = summarize_method(records, max_turns=4)
+    assert s["accuracy"] == 3 / 5
+    assert s["turn1_accuracy"] == 1 / 5
+    assert s["correction_uplift"] == 2 / 3  # caption: solved later / solved
+    assert s["correction_uplift_appc"] == 2 / 4  # App. C: solved later / failed at turn 1
+    assert s["avg_turns"] == (1 + 3 + 4 + 2 + 4) / 5
+    assert s["accuracy_by_turn"] == [1 / 5, 2 / 5, 3 / 5, 3 / 5]
+
+
+def test_table2_consistency_math_baseline():
+    """Qwen3-8B MATH baseline (Table 2): Acc 50.0, CU 70.0, Avg Turn 7.2 with K = 10 and unsolved = K.
+
+    Caption CU implies a turn-1 accuracy of Acc x (1 - CU) = 15%; the late solves then average 5.86 turns.
+    """
+    late_turns = [5] * 50 + [6] * 300  # 350 late solves whose turns sum to 2050 (mean 5.857)
+    records = [rec(1)] * 150 + [rec(t) for t in late_turns] + [rec(None)] * 500
+    s = summarize_method(records, max_turns=10)
+    assert s["accuracy"] == pytest.approx(0.500)
+    assert s["correction_uplift"] == pytest.approx(0.700)
+    assert s["turn1_accuracy"] == pytest.approx(0.500 * (1 - 0.700))
+    assert s["avg_turns"] == pytest.approx(7.2)
+    assert s["correction_uplift_appc"] == pytest.approx(350 / 850)
+    # The App. C definition would need a negative turn-1 accuracy here: (Acc - CU) / (1 - CU) < 0.
+    assert (0.5 - 0.7) / (1 - 0.7) < 0
+
+
+def test_summary_splits_methods():
+    out = summarize([rec(1, "a"), rec(None, "b")], max_turns=2)
+    assert out["a"]["accuracy"] == 1.0 and out["b"]["accuracy"] == 0.0
+
+
+MATH_PAIRS = [  # (model answer, ground truth, equal?)
+    ("\\frac{1}{2}", "\\frac12", True), ("0.5", "\\frac{1}{2}", True), ("\\dfrac{3}{4}", "\\frac{3}{4}", True),
+    ("3/4", "\\frac{3}{4}", True), ("\\tfrac{2}{6}", "\\frac{1}{3}", True), ("2\\sqrt{3}", "\\sqrt{12}", True),
+    ("\\sqrt{2}/2", "\\frac{\\sqrt{2}}{2}", True), ("\\frac{1}{\\sqrt{2}}", "\\frac{\\sqrt{2}}{2}", True),
+    ("10\\%", "10", True), ("5 \\text{ cm}", "5", True), ("x = 7", "7", True), ("\\$12", "12", True),
+    ("(1, 2)", "(1,2)", True), ("\\left( 3, \\frac{\\pi}{2} \\right)", "(3,\\frac{\\pi}{2})", True),
+    ("[0, 1)", "[0,1)", True), ("(-\\infty, 2]", "(-\\infty,2]", True), ("x^2+2x+1", "(x+1)^2", True),
+    ("120^\\circ", "120", True), ("1000", "1{,}000", True), ("\\text{Monday}", "\\text{Monday}", True),
+    ("-3", "-3", True), ("\\pi", "\\pi", True), ("2\\pi", "2 \\pi", True), ("6", "6.0", True),
+    ("\\frac{7}{2}", "3.5", True), ("4", "\\sqrt{16}", True), ("1/3", "0.3333", False),
+    ("\\frac{1}{2}", "\\frac{1}{3}", False), ("2\\sqrt{3}", "3\\sqrt{2}", False), ("(1, 2)", "(2, 1)", False),
+    ("[0, 1)", "[0, 1]", False), ("(-\\infty, 2)", "(-\\infty, 2]", False), ("5", "-5", False),
+    ("\\text{Monday}", "\\text{Tuesday}", False), ("x^2+1", "(x+1)^2", False), ("12", "120", False),
+    ("\\pi", "2\\pi", False), ("7", "x = 8", False), ("0", "", False), ("\\frac{3}{4}", "0.7", False),
+    ("100", "10", False), ("e", "\\pi", False),
+]
+
+
+@pytest.mark.parametrize("answer,truth,equal", MATH_PAIRS)
+def test_math_verifier_known_verdicts(answer, truth, equal):
+    problem = Problem("p", "q", truth, "math")
+    assert verify(problem, f"so the result is \\boxed{{{answer}}}.").reward == (1.0 if equal else -1.0)
+
+
+def test_string_equivalence_is_the_papers_normalisation():
+    assert math_equal("\\dfrac{1}{2}", "0.5", "string")  # both normalise to \frac{1}{2}
+    assert not math_equal("x^2+2x+1", "(x+1)^2", "string")  # needs symbolic equivalence
+    assert math_equal("x^2+2x+1", "(x+1)^2", "math-verify")
+
+
+def test_no_box_is_wrong_and_last_box_counts():
+    p = Problem("p", "q", "4", "math")
+    assert verify(p, "The answer is 4.").reward == -1.0
+    assert verify(p, "\\boxed{3} no wait \\boxed{4}").reward == 1.0
+
+
+def test_gsm8k_and_choice_verifiers():
+    g = Problem("g", "q", "18", "gsm8k")
+    assert verify(g, "She makes $18 per day.").reward == 1.0
+    assert verify(g, "So \\boxed{18.0} dollars").reward == 1.0
+    assert verify(g, "So 1,800 cents, that is \\boxed{17}").reward == -1.0
+    c = Problem("c", "q", "C", "choice")
+    assert verify(c, "The answer is (C).").reward == 1.0
+    assert verify(c, "\\boxed{\\text{(C)}}").reward == 1.0
+    assert verify(c, "I pick (B)").reward == -1.0
+
+
+HUMANEVAL_ADD = Problem(
+    "HumanEval/x", "q",
+    'def add(a, b):\n    """Add two numbers."""\n{completion}\n\ndef check(candidate):\n    assert candidate(2, 3) == 5\n\n'
+    "check(add)\n", "code", {"entry_point": "add", "prompt": 'def add(a, b):\n    """Add two numbers."""\n'})
+
+
+def test_code_verifier_runs_unit_tests():
+    assert verify(HUMANEVAL_ADD, "```python\ndef add(a, b):\n    return a + b\n```").reward == 1.0
+    assert verify(HUMANEVAL_ADD, "```python\n    return a + b\n```").reward == 1.0
+    assert verify(HUMANEVAL_ADD, "```python\ndef add(a, b):\n    return a - b\n```").reward == -1.0
+
+
+@pytest.mark.parametrize("program,status", [
+    ("while True:\n    pass\n", "timeout"),
+    ("x = bytearray(4 * 1024 ** 3)\n", "failed"),
+    ("import socket\nsocket.create_connection(('127.0.0.1', 80))\n", "failed"),
+    ("import urllib.request\nurllib.request.urlopen('http://127.0.0.1:9')\n", "failed"),
+])
+def test_sandbox_stops_bad_programs(program, status):
+    start = time.perf_counter()
+    result = run_python(program, timeout=3.0, memory_mb=256, cpu_seconds=2)
+    assert not result.passed and result.status == status, result
+    assert time.perf_counter() - start < 10
+
+
+def test_sandbox_runs_in_a_temporary_directory():
+    assert run_python("import os\nassert os.getcwd().split('/')[-1].startswith('rosa2-sandbox-')\n").passed
+
+
+def test_bad_code_scores_minus_one_and_the_next_runs():
+    looping = verify(HUMANEVAL_ADD, "```python\ndef add(a, b):\n    while True: pass\n```", code_timeout=2.0)
+    assert looping.reward == -1.0 and looping.detail.startswith("timeout")
+    assert verify(HUMANEVAL_ADD, "```python\ndef add(a, b):\n    return b + a\n```").reward == 1.0
