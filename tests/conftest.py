@@ -63,3 +63,29 @@ def rng():
 
 def pytest_configure(config):
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+
+CHATML = ("{% for message in messages %}{{'<|im_start|>' + message['role'] + '\n' + message['content'] + "
+          "'<|im_end|>' + '\n'}}{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}")
+SPECIAL = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
+MERGES = ["Ġ t", "h e", "Ġt he"]
+
+
+def byte_vocab() -> list[str]:
+    from transformers.convert_slow_tokenizer import bytes_to_unicode
+
+    return SPECIAL + list(bytes_to_unicode().values()) + ["Ġt", "he", "Ġthe"]
+
+
+def tiny_chat_model(folder, seed: int = 0):
+    """An HF folder with a tiny random Llama and a real byte-level BPE tokenizer with a ChatML template."""
+    from rosa2_jax.tokenizer import write_tokenizer_from_gguf
+
+    vocab = byte_vocab()
+    make_hf_model("llama", seed=seed, vocab_size=len(vocab), max_position_embeddings=2048).save_pretrained(folder)
+    write_tokenizer_from_gguf({
+        "tokenizer.ggml.model": "gpt2", "tokenizer.ggml.pre": "smollm", "tokenizer.ggml.tokens": vocab,
+        "tokenizer.ggml.token_type": [3] * len(SPECIAL) + [1] * (len(vocab) - len(SPECIAL)),
+        "tokenizer.ggml.merges": MERGES, "tokenizer.ggml.bos_token_id": 1, "tokenizer.ggml.eos_token_id": 2,
+        "tokenizer.ggml.padding_token_id": 0, "tokenizer.chat_template": CHATML}, folder)
+    return folder

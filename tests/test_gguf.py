@@ -6,24 +6,12 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from conftest import hf_logits, make_hf_model
+from conftest import CHATML, MERGES, SPECIAL, byte_vocab, hf_logits, make_hf_model
 from rosa2_jax.checkpoint import load_model
 from rosa2_jax.checkpoint.gguf_file import load_gguf
 from rosa2_jax.errors import CheckpointMismatchError
 from rosa2_jax.model import forward
 from rosa2_jax.tokenizer import load_tokenizer, render_chat
-
-CHATML = ("{% for message in messages %}{{'<|im_start|>' + message['role'] + '\n' + message['content'] + "
-          "'<|im_end|>' + '\n'}}{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}")
-SPECIAL = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
-MERGES = ["Ġ t", "h e", "Ġt he"]
-
-
-def byte_vocab() -> list[str]:
-    from transformers.convert_slow_tokenizer import bytes_to_unicode
-
-    return SPECIAL + list(bytes_to_unicode().values()) + ["Ġt", "he", "Ġthe"]
-
 
 def llama_cpp_permute(w: np.ndarray, n_head: int) -> np.ndarray:
     """What llama.cpp's convert_hf_to_gguf.py does to Llama q/k rows (reference for the inverse)."""

@@ -1,0 +1,205 @@
+"""Multi-turn problem solving over a data set, for every method: the main job of rosa2_jax.
+
+    python -m experiments.math_sweep                      # built-in SmolLM2, small GSM8K subset, all methods
+    python -m experiments.math_sweep --model=qwen2.5-coder-0.5b-instruct --dataset=gsm8k --num_problems=100 \
+        --methods=baseline,rosa,rosa2 --run_dir=runs/qwen-gsm8k
+
+Writes into --run_dir: records.jsonl (one line per finished problem and method), summary.json, summary.md,
+accuracy_by_turn.png. Rerunning into the same folder skips finished problems and loses none.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import resource
+import sys
+import time
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+from absl import app, flags, logging
+from tqdm.auto import tqdm
+
+from rosa2_jax.checkpoint import load_model
+from rosa2_jax.data import load_problems
+from rosa2_jax.engine import METHODS, EngineConfig, Session, SessionEngine
+from rosa2_jax.generation import SamplingConfig
+from rosa2_jax.lora import LoraConfig
+from rosa2_jax.metrics import summarize
+from rosa2_jax.rewards import EQUIVALENCES
+from rosa2_jax.rosa import RESIDUALS, TILTS, RosaConfig
+from rosa2_jax.text_model import make_text_model
+
+FLAGS = flags.FLAGS
+flags.DEFINE_string("model", "smollm2-135m-instruct", "built-in name, converted/HF folder, GGUF file or hub id")
+flags.DEFINE_enum("dtype", "float32", ["float32", "bfloat16"], "parameter dtype")
+flags.DEFINE_string("dataset", "gsm8k", "gsm8k, math, math500, aime24, aime25, mmlu-stem, humaneval, champ, a local "
+                    ".jsonl/.json/.parquet file, or hub:org/name[:split]")
+flags.DEFINE_integer("num_problems", 4, "problems drawn with --seed (0 = all)")
+flags.DEFINE_list("methods", list(METHODS), f"methods to run, from {METHODS}")
+flags.DEFINE_integer("max_turns", 10, "K: turns per problem")
+flags.DEFINE_integer("slots", 8, "concurrent sessions (the batch)")
+flags.DEFINE_integer("seed", 0, "problem subsample, adapter init and sampling seed")
+flags.DEFINE_string("run_dir", "runs/default", "output folder (resumable)")
+flags.DEFINE_string("cache_dir", None, "model/data cache (default $ROSA2_CACHE or ~/.cache/rosa2_jax)")
+# decoding
+flags.DEFINE_integer("max_new_tokens", 128, "response budget per turn")
+flags.DEFINE_float("temperature", 0.7, "sampling temperature (0 = greedy)")
+flags.DEFINE_float("top_p", 0.8, "nucleus mass")
+flags.DEFINE_integer("top_k", 0, "top-k filter (0 = off)")
+flags.DEFINE_integer("max_context", 1024, "token budget per prompt + response; older turns are trimmed")
+flags.DEFINE_enum("equivalence", "math-verify", list(EQUIVALENCES), "math answer equivalence")
+# weights stream
+flags.DEFINE_float("beta", 1.0, "KL temperature β")
+flags.DEFINE_enum("tilt", "token", list(TILTS), "sequence-to-token tilt (token = spec Option B, suffix = Option A)")
+flags.DEFINE_enum("residual", "prob", list(RESIDUALS), "probability or centred-logit residual")
+flags.DEFINE_integer("cg_iters", 10, "CG iterations")
+flags.DEFINE_float("damping", 1e-4, "λ relative to mean diag(JᵀJ)")
+flags.DEFINE_float("max_step_norm", 1.0, "trust region on ||Δθ||")
+flags.DEFINE_integer("lora_rank", 8, "LoRA rank")
+flags.DEFINE_float("lora_alpha", 16.0, "LoRA alpha")
+flags.DEFINE_list("lora_targets", ["q", "v"], "LoRA targets (q,k,v,o,gate,up,down)")
+flags.DEFINE_bool("remat", True, "recompute activations in the update (less memory, ~30% slower)")
+# words stream
+flags.DEFINE_enum("text_model", "local", ["local", "openai", "rule"], "critic/rewriter engine")
+flags.DEFINE_string("text_model_url", None, "OpenAI-compatible base URL (--text_model=openai)")
+flags.DEFINE_string("text_model_name", None, "model name on that server")
+flags.DEFINE_integer("critic_tokens", 256, "critique budget")
+flags.DEFINE_integer("rewrite_tokens", 128, "rewrite budget")
+flags.DEFINE_integer("switch_turn", 5, "`switch`: turn from which the second axis is used")
+flags.DEFINE_enum("switch_first", "words", ["words", "weights"], "`switch`: the axis used first")
+
+
+def read_records(path: Path) -> list[dict]:
+    """Finished records; a torn last line (killed mid-write) is dropped and redone."""
+    if not path.exists():
+        return []
+    records = []
+    for line in path.read_text().splitlines():
+        try:
+            records.append(json.loads(line))
+        except json.JSONDecodeError:
+            continue
+    return records
+
+
+def drop_torn_tail(path: Path) -> None:
+    """Cut a partial last line (a kill mid-write) so that appended records start on a line of their own."""
+    if not path.exists():
+        return
+    data = path.read_bytes()
+    if data and not data.endswith(b"\n"):
+        with open(path, "r+b") as f:
+            f.truncate(data.rfind(b"\n") + 1)
+
+
+def session_record(method: str, dataset: str, s: Session) -> dict:
+    return {"method": method, "dataset": dataset, "problem_id": s.problem.id, "answer": s.problem.answer,
+            "solved_at": s.solved_at, "turns": s.turns, "seconds": s.seconds, "error": s.error}
+
+
+def table(summary: dict) -> str:
+    lines = ["| method | problems | accuracy | turn-1 acc | correction uplift (caption / App. C) | avg turns | s/problem |",
+             "|---|---|---|---|---|---|---|"]
+    for m, s in summary.items():
+        lines.append(f"| {m} | {s['problems']} | {100 * s['accuracy']:.1f} | {100 * s['turn1_accuracy']:.1f} | "
+                     f"{100 * s['correction_uplift']:.1f} / {100 * s['correction_uplift_appc']:.1f} | "
+                     f"{s['avg_turns']:.2f} | {s['seconds_per_problem']:.1f} |")
+    return "\n".join(lines)
+
+
+def plot(summary: dict, path: Path, max_turns: int) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for m, s in summary.items():
+        ax.plot(range(1, max_turns + 1), [100 * a for a in s["accuracy_by_turn"]], marker="o", label=m)
+    ax.set_xlabel("turn")
+    ax.set_ylabel("accuracy within turn (%)")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def engine_config(method: str) -> EngineConfig:
+    return EngineConfig(
+        method=method, max_turns=FLAGS.max_turns, slots=FLAGS.slots,
+        sampling=SamplingConfig(FLAGS.max_new_tokens, FLAGS.temperature, FLAGS.top_p, FLAGS.top_k),
+        rosa=RosaConfig(beta=FLAGS.beta, tilt=FLAGS.tilt, residual=FLAGS.residual, damping=FLAGS.damping,
+                        cg_iters=FLAGS.cg_iters, max_step_norm=FLAGS.max_step_norm, remat=FLAGS.remat),
+        lora=LoraConfig(rank=FLAGS.lora_rank, alpha=FLAGS.lora_alpha, targets=tuple(FLAGS.lora_targets)),
+        switch_turn=FLAGS.switch_turn, switch_first=FLAGS.switch_first, seed=FLAGS.seed,
+        equivalence=FLAGS.equivalence, critic_tokens=FLAGS.critic_tokens, rewrite_tokens=FLAGS.rewrite_tokens,
+        max_context=FLAGS.max_context)
+
+
+def run_sweep(run_dir: Path) -> dict:
+    for m in FLAGS.methods:
+        if m not in METHODS:
+            raise app.UsageError(f"unknown method {m!r}; choose from {METHODS}")
+    run_dir.mkdir(parents=True, exist_ok=True)
+    config = {f.name: f.value for f in FLAGS.get_key_flags_for_module(sys.modules[__name__])}
+    (run_dir / "config.json").write_text(json.dumps(config, indent=2))
+    problems, report = load_problems(FLAGS.dataset, limit=FLAGS.num_problems or None, seed=FLAGS.seed,
+                                     cache_dir=FLAGS.cache_dir)
+    if report.skipped:
+        logging.warning("%s: skipped %d malformed rows: %s", FLAGS.dataset, len(report.skipped), report.skipped[:5])
+        print(f"skipped {len(report.skipped)} malformed rows of {FLAGS.dataset} (first: {report.skipped[0]})")
+    records_path = run_dir / "records.jsonl"
+    drop_torn_tail(records_path)
+    done = {(r["method"], r["problem_id"]) for r in read_records(records_path)}
+    todo = {m: [p for p in problems if (m, p.id) not in done] for m in FLAGS.methods}
+    total = sum(len(v) for v in todo.values())
+    if done:
+        print(f"resuming {run_dir}: {len(done)} problem runs already finished, {total} to go")
+    model = load_model(FLAGS.model, dtype=jnp.dtype(FLAGS.dtype), cache_dir=FLAGS.cache_dir)
+    text_model = make_text_model(FLAGS.text_model, model=model, url=FLAGS.text_model_url, name=FLAGS.text_model_name)
+    start = time.time()
+    with open(records_path, "a") as out, tqdm(total=total, desc="problems", unit="problem") as bar:
+        for method in FLAGS.methods:
+            if not todo[method]:
+                continue
+            engine = SessionEngine(model, engine_config(method), text_model)
+
+            def finish(session: Session, method=method):
+                out.write(json.dumps(session_record(method, FLAGS.dataset, session)) + "\n")
+                out.flush()
+                bar.update(1)
+                bar.set_postfix(method=method)
+
+            try:
+                engine.run(todo[method], finish)
+            finally:
+                engine.close()
+    records = [r for r in read_records(records_path) if r["method"] in FLAGS.methods
+               and r["problem_id"] in {p.id for p in problems}]
+    summary = summarize(records, FLAGS.max_turns)
+    meta = {"wall_seconds_this_run": time.time() - start,
+            "problems_per_hour_this_run": 3600 * total / max(time.time() - start, 1e-9),
+            "peak_rss_gib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20,
+            "devices": [str(d) for d in jax.devices()], "model": FLAGS.model, "dataset": FLAGS.dataset,
+            "text_model": text_model.name if text_model else None, "dataset_skipped_rows": len(report.skipped)}
+    (run_dir / "summary.json").write_text(json.dumps({"methods": summary, "run": meta}, indent=2))
+    md = table(summary)
+    (run_dir / "summary.md").write_text(md + "\n")
+    plot(summary, run_dir / "accuracy_by_turn.png", FLAGS.max_turns)
+    print(md)
+    print(f"\nwall {meta['wall_seconds_this_run']:.0f} s this run, peak RSS {meta['peak_rss_gib']:.1f} GiB; "
+          f"records in {records_path}")
+    return summary
+
+
+def main(_):
+    logging.set_verbosity(logging.WARNING)
+    run_sweep(Path(FLAGS.run_dir))
+
+
+if __name__ == "__main__":
+    app.run(main)

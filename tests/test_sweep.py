@@ -1,0 +1,120 @@
+"""End to end: the sweep on a tiny model and a 6-problem file, every method, kill and resume."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from conftest import tiny_chat_model
+from rosa2_jax.metrics import summarize
+
+PROBLEMS = [{"id": f"p{i}", "question": f"Which option is right? (A) {i} (B) {i + 1} (C) {i + 2} (D) {i + 3}",
+             "answer": "ABCD"[i % 4], "kind": "choice"} for i in range(6)]
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    base = tmp_path_factory.mktemp("sweep")
+    model = tiny_chat_model(base / "model")
+    data = base / "problems.jsonl"
+    data.write_text("\n".join(json.dumps(p) for p in PROBLEMS) + "\n")
+    return base, model, data
+
+
+def sweep_cmd(model, data, run_dir):
+    return [sys.executable, "-m", "experiments.math_sweep", f"--model={model}", f"--dataset={data}",
+            f"--run_dir={run_dir}", "--num_problems=0", "--max_turns=3", "--slots=4", "--max_new_tokens=12",
+            "--text_model=rule", "--critic_tokens=16", "--rewrite_tokens=16", "--switch_turn=2", "--cg_iters=3",
+            "--lora_rank=2", "--max_context=512"]
+
+
+def run(cmd, **kw):
+    return subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=900, **kw)
+
+
+def outcomes(run_dir):
+    records = [json.loads(line) for line in (run_dir / "records.jsonl").read_text().splitlines()]
+    return {(r["method"], r["problem_id"]): (r["solved_at"], [t["response"] for t in r["turns"]]) for r in records}
+
+
+@pytest.fixture(scope="module")
+def full_run(setup):
+    base, model, data = setup
+    run_dir = base / "full"
+    proc = run(sweep_cmd(model, data, run_dir))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return run_dir, proc.stdout
+
+
+def test_every_method_runs_and_summary_matches_records(full_run):
+    run_dir, stdout = full_run
+    records = [json.loads(line) for line in (run_dir / "records.jsonl").read_text().splitlines()]
+    assert {r["method"] for r in records} == {"baseline", "words", "textgrad", "rosa", "rosa2", "switch"}
+    assert len(records) == 36 and len({(r["method"], r["problem_id"]) for r in records}) == 36
+    summary = json.loads((run_dir / "summary.json").read_text())["methods"]
+    assert summary == json.loads(json.dumps(summarize(records, 3)))
+    assert (run_dir / "accuracy_by_turn.png").stat().st_size > 0
+    assert "| method |" in stdout
+    for r in records:
+        turns = r["turns"]
+        assert 1 <= len(turns) <= 3
+        assert r["solved_at"] is None or r["solved_at"] == len(turns)
+        for t in turns[:-1]:  # every non-final failed turn adapted along the method's axes
+            if r["method"] in ("rosa", "rosa2"):
+                assert t["update"]["cg_iters"] >= 1 and t["step_norm_sq"] > 0
+            if r["method"] in ("words", "rosa2"):
+                assert t["refine"]["status"] == "refined" and "semantic_shift" in t
+            if r["method"] == "baseline":
+                assert "update" not in t and "refine" not in t
+        if r["method"] == "textgrad" and len(turns) > 1:
+            assert turns[1]["system_prompt"] != turns[0]["system_prompt"]
+        if r["method"] == "switch" and len(turns) == 3:
+            assert "refine" in turns[0] and "update" not in turns[0]
+            assert "update" in turns[1] and "refine" not in turns[1]
+
+
+def test_killed_run_resumes_to_the_same_results(setup, full_run):
+    base, model, data = setup
+    run_dir = base / "killed"
+    proc = subprocess.Popen(sweep_cmd(model, data, run_dir), cwd=ROOT, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL, start_new_session=True)
+    records = run_dir / "records.jsonl"
+    deadline = time.time() + 600
+    while time.time() < deadline and proc.poll() is None:
+        if records.exists() and len(records.read_text().splitlines()) >= 14:
+            break
+        time.sleep(0.2)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    partial = len(records.read_text().splitlines())
+    assert 0 < partial < 36, "the run should have been killed mid-way"
+    with open(records, "a") as f:  # a torn write, as a kill during json.dumps would leave
+        f.write('{"method": "rosa", "problem_')
+    resumed = run(sweep_cmd(model, data, run_dir))
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert "already finished" in resumed.stdout
+    assert outcomes(run_dir) == outcomes(full_run[0])
+
+
+def test_bad_dataset_row_is_reported_and_skipped(setup, tmp_path):
+    _, model, _ = setup
+    data = tmp_path / "bad.jsonl"
+    rows = [json.dumps(PROBLEMS[0]), "{not json", json.dumps({"id": "x", "question": "no answer"})]
+    data.write_text("\n".join(rows) + "\n")
+    cmd = sweep_cmd(model, data, tmp_path / "run") + ["--methods=baseline", "--max_turns=1"]
+    proc = run(cmd)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "skipped 2 malformed rows" in proc.stdout
+    assert len((tmp_path / "run" / "records.jsonl").read_text().splitlines()) == 1
+
+
+def test_unknown_dataset_is_a_clear_error(setup, tmp_path):
+    _, model, _ = setup
+    proc = run(sweep_cmd(model, "no-such-set", tmp_path / "run"))
+    assert proc.returncode != 0 and "unknown data set 'no-such-set'" in proc.stderr
