@@ -37,7 +37,7 @@ flags.DEFINE_string("model", "smollm2-135m-instruct", "built-in name, converted/
 flags.DEFINE_enum("dtype", "float32", ["float32", "bfloat16"], "parameter dtype")
 flags.DEFINE_string("dataset", "gsm8k", "gsm8k, math, math500, aime24, aime25, mmlu-stem, humaneval, champ, a local "
                     ".jsonl/.json/.parquet file, or hub:org/name[:split]")
-flags.DEFINE_integer("num_problems", 4, "problems drawn with --seed (0 = all)")
+flags.DEFINE_integer("num_problems", 2, "problems drawn with --seed (0 = all)")
 flags.DEFINE_list("methods", list(METHODS), f"methods to run, from {METHODS}")
 flags.DEFINE_integer("max_turns", 10, "K: turns per problem")
 flags.DEFINE_integer("slots", 8, "concurrent sessions (the batch)")
@@ -45,11 +45,11 @@ flags.DEFINE_integer("seed", 0, "problem subsample, adapter init and sampling se
 flags.DEFINE_string("run_dir", "runs/default", "output folder (resumable)")
 flags.DEFINE_string("cache_dir", None, "model/data cache (default $ROSA2_CACHE or ~/.cache/rosa2_jax)")
 # decoding
-flags.DEFINE_integer("max_new_tokens", 128, "response budget per turn")
+flags.DEFINE_integer("max_new_tokens", 64, "response budget per turn")
 flags.DEFINE_float("temperature", 0.7, "sampling temperature (0 = greedy)")
 flags.DEFINE_float("top_p", 0.8, "nucleus mass")
 flags.DEFINE_integer("top_k", 0, "top-k filter (0 = off)")
-flags.DEFINE_integer("max_context", 1024, "token budget per prompt + response; older turns are trimmed")
+flags.DEFINE_integer("max_context", 384, "token budget per prompt + response; older turns are trimmed")
 flags.DEFINE_enum("equivalence", "math-verify", list(EQUIVALENCES), "math answer equivalence")
 # weights stream
 flags.DEFINE_float("beta", 1.0, "KL temperature β")
@@ -61,13 +61,14 @@ flags.DEFINE_float("max_step_norm", 1.0, "trust region on ||Δθ||")
 flags.DEFINE_integer("lora_rank", 8, "LoRA rank")
 flags.DEFINE_float("lora_alpha", 16.0, "LoRA alpha")
 flags.DEFINE_list("lora_targets", ["q", "v"], "LoRA targets (q,k,v,o,gate,up,down)")
-flags.DEFINE_bool("remat", True, "recompute activations in the update (less memory, ~30% slower)")
+flags.DEFINE_enum("remat", "auto", ["auto", "on", "off"], "recompute activations in the ROSA update (less memory, "
+                  "~30% slower); auto = on when slots x max_context exceeds 4096 tokens")
 # words stream
 flags.DEFINE_enum("text_model", "local", ["local", "openai", "rule"], "critic/rewriter engine")
 flags.DEFINE_string("text_model_url", None, "OpenAI-compatible base URL (--text_model=openai)")
 flags.DEFINE_string("text_model_name", None, "model name on that server")
-flags.DEFINE_integer("critic_tokens", 256, "critique budget")
-flags.DEFINE_integer("rewrite_tokens", 128, "rewrite budget")
+flags.DEFINE_integer("critic_tokens", 96, "critique budget")
+flags.DEFINE_integer("rewrite_tokens", 64, "rewrite budget")
 flags.DEFINE_integer("switch_turn", 5, "`switch`: turn from which the second axis is used")
 flags.DEFINE_enum("switch_first", "words", ["words", "weights"], "`switch`: the axis used first")
 
@@ -128,12 +129,13 @@ def plot(summary: dict, path: Path, max_turns: int) -> None:
     plt.close(fig)
 
 
-def engine_config(method: str) -> EngineConfig:
+def engine_config(method: str, slots: int) -> EngineConfig:
     return EngineConfig(
-        method=method, max_turns=FLAGS.max_turns, slots=FLAGS.slots,
+        method=method, max_turns=FLAGS.max_turns, slots=slots,
         sampling=SamplingConfig(FLAGS.max_new_tokens, FLAGS.temperature, FLAGS.top_p, FLAGS.top_k),
         rosa=RosaConfig(beta=FLAGS.beta, tilt=FLAGS.tilt, residual=FLAGS.residual, damping=FLAGS.damping,
-                        cg_iters=FLAGS.cg_iters, max_step_norm=FLAGS.max_step_norm, remat=FLAGS.remat),
+                        cg_iters=FLAGS.cg_iters, max_step_norm=FLAGS.max_step_norm,
+                        remat=FLAGS.remat == "on" or (FLAGS.remat == "auto" and slots * FLAGS.max_context > 4096)),
         lora=LoraConfig(rank=FLAGS.lora_rank, alpha=FLAGS.lora_alpha, targets=tuple(FLAGS.lora_targets)),
         switch_turn=FLAGS.switch_turn, switch_first=FLAGS.switch_first, seed=FLAGS.seed,
         equivalence=FLAGS.equivalence, critic_tokens=FLAGS.critic_tokens, rewrite_tokens=FLAGS.rewrite_tokens,
@@ -166,7 +168,8 @@ def run_sweep(run_dir: Path) -> dict:
         for method in FLAGS.methods:
             if not todo[method]:
                 continue
-            engine = SessionEngine(model, engine_config(method), text_model)
+            # A problem's trajectory does not depend on its slot, so small runs use only the slots they fill.
+            engine = SessionEngine(model, engine_config(method, min(FLAGS.slots, len(todo[method]))), text_model)
 
             def finish(session: Session, method=method):
                 out.write(json.dumps(session_record(method, FLAGS.dataset, session)) + "\n")

@@ -140,8 +140,7 @@ class SessionEngine:
             prompt, response = failing.get(i, ([self.pad_id], []))
             rows.append(prompt + response)
             lens.append(len(response))
-        length = bucket_length(max(len(r) for r in rows) + 1)
-        length = max(length, self.window + 1)
+        length = bucket_length(max(max(len(r) for r in rows), self.window + 1))  # row 0 of the window needs a predecessor
         tokens, valid = left_pad(rows, length, self.pad_id)
         batch = UpdateBatch(jnp.asarray(tokens), jnp.asarray(valid), jnp.asarray(np.minimum(lens, self.window)),
                             jnp.full((self.cfg.slots,), -1.0, jnp.float32),

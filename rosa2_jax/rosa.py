@@ -265,8 +265,8 @@ def gauss_newton_system(params, theta, tokens, valid, response_len, reward, *, c
     return GaussNewtonSystem(rhs, gram, damping, trunk, h, targets, head.log_w, maskf, head.residual_sq, head.kl)
 
 
-def _kl_to_target(system: GaussNewtonSystem, w_head, hidden_new, chunk: int) -> Float[Array, "W"]:
-    """KL(p*_i || p_i(θ')) per row, p* built from the policy the system was linearised at."""
+def kl_to_target(hidden_old, hidden_new, targets, log_w, row_mask, w_head, chunk: int) -> Float[Array, "W"]:
+    """KL(p*_i || p_i(θ')) per row, p* built from the policy at `hidden_old` (the one that was tilted)."""
     def one(hc, hnc, yc, lwc, mc):
         p = _softmax_chunk(hc, w_head)
         resid, _, _ = _tilted_residual(p, yc, lwc)
@@ -274,7 +274,7 @@ def _kl_to_target(system: GaussNewtonSystem, w_head, hidden_new, chunk: int) -> 
         logp_new = jax.nn.log_softmax(jnp.dot(hnc, w_head, preferred_element_type=w_head.dtype), -1)
         return jnp.sum(jax.scipy.special.xlogy(p_star, p_star) - p_star * logp_new, -1) * mc
 
-    return _chunked(one, chunk, system.hidden, hidden_new, system.targets, system.log_w, system.row_mask)
+    return _chunked(one, chunk, hidden_old, hidden_new, targets, log_w, row_mask)
 
 
 def _finish(theta, delta, active, residual_sq, kl, row_mask, kl_after_fn, iters, rel, damping, rosa: RosaConfig):
@@ -311,7 +311,11 @@ def _session_update(params, theta, tokens, valid, response_len, reward, active, 
     delta, iters, rel = conjugate_gradient(lambda v: _axpy(system.damping, v, system.gram(v)), system.rhs,
                                            rosa.cg_iters, rosa.cg_tol)
     w_head = head_weight(params, cfg).astype(system.hidden.dtype)
-    kl_after = lambda th: _kl_to_target(system, w_head, system.trunk(th), rosa.position_chunk)  # noqa: E731
+
+    def kl_after(new_theta):
+        return kl_to_target(system.hidden, system.trunk(new_theta), system.targets, system.log_w, system.row_mask,
+                            w_head, rosa.position_chunk)
+
     return _finish(theta, delta, active, system.residual_sq, system.kl, system.row_mask, kl_after, iters, rel,
                    system.damping, rosa)
 
@@ -371,13 +375,7 @@ def _offset_session_update(params, delta, tokens, valid, response_len, reward, a
     rel = jnp.linalg.norm(rhs - system @ step) / jnp.maximum(jnp.linalg.norm(rhs), 1e-30)
 
     def kl_after(new_delta):
-        def one(hc, hnc, yc, lwc, mc):
-            p = _softmax_chunk(hc, w_head)
-            resid, _, _ = _tilted_residual(p, yc, lwc)
-            p_star = p + resid
-            logp_new = jax.nn.log_softmax(jnp.dot(hnc, w_head, preferred_element_type=w_head.dtype), -1)
-            return jnp.sum(jax.scipy.special.xlogy(p_star, p_star) - p_star * logp_new, -1) * mc
-        return _chunked(one, rosa.position_chunk, h0 + delta, h0 + new_delta, targets, head.log_w, maskf)
+        return kl_to_target(h0 + delta, h0 + new_delta, targets, head.log_w, maskf, w_head, rosa.position_chunk)
 
     return _finish(delta, step, active, head.residual_sq, head.kl, maskf, kl_after, 0, rel, damping, rosa)
 

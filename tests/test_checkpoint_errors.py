@@ -30,10 +30,14 @@ def saved_llama(tmp_path_factory):
     return folder
 
 
-def copy_folder(src, dst):
+def copy_folder(src, dst, **config_changes):
+    """A copy of a checkpoint folder, with config.json fields changed."""
     dst.mkdir()
     for f in src.iterdir():
         (dst / f.name).write_bytes(f.read_bytes())
+    if config_changes:
+        config = json.loads((dst / "config.json").read_text())
+        (dst / "config.json").write_text(json.dumps(config | config_changes))
     return dst
 
 
@@ -48,10 +52,7 @@ def test_folder_without_config(tmp_path):
 
 
 def test_unsupported_architecture(saved_llama, tmp_path):
-    folder = copy_folder(saved_llama, tmp_path / "gpt2")
-    config = json.loads((folder / "config.json").read_text())
-    config["model_type"] = "gpt2"
-    (folder / "config.json").write_text(json.dumps(config))
+    folder = copy_folder(saved_llama, tmp_path / "gpt2", model_type="gpt2")
     with pytest.raises(UnsupportedArchitectureError, match="'gpt2' is not supported.*llama"):
         load_hf_folder(folder)
 
@@ -65,19 +66,13 @@ def test_truncated_safetensors(saved_llama, tmp_path):
 
 
 def test_weights_disagree_with_config(saved_llama, tmp_path):
-    folder = copy_folder(saved_llama, tmp_path / "mismatch")
-    config = json.loads((folder / "config.json").read_text())
-    config["intermediate_size"] = 128
-    (folder / "config.json").write_text(json.dumps(config))
+    folder = copy_folder(saved_llama, tmp_path / "mismatch", intermediate_size=128)
     with pytest.raises(CheckpointMismatchError, match=r"mlp.gate_proj.weight.*\(64, 96\).*\(64, 128\).*different models"):
         load_hf_folder(folder)
 
 
 def test_missing_tensor(saved_llama, tmp_path):
-    folder = copy_folder(saved_llama, tmp_path / "fewer")
-    config = json.loads((folder / "config.json").read_text())
-    config["num_hidden_layers"] = 3
-    (folder / "config.json").write_text(json.dumps(config))
+    folder = copy_folder(saved_llama, tmp_path / "fewer", num_hidden_layers=3)
     with pytest.raises(CheckpointMismatchError, match="model.layers.2.*missing"):
         load_hf_folder(folder)
 
