@@ -21,6 +21,9 @@ setup(
         "huggingface-hub>=0.30,<3",
         "jaxtyping>=0.2.36,<0.4",
         "tqdm>=4.66,<5",
+        "math-verify>=0.7,<1",
+        "openai>=1.40,<4",
+        "matplotlib>=3.8,<4",
     ],
     extras_require={
         # torch is the parity reference (HF transformers logits and generate), never a runtime dependency.
