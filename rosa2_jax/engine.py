@@ -79,7 +79,7 @@ def session_seed(seed: int, problem_id: str, turn: int) -> int:
 class Session:
     problem: Problem
     system_prompt: str
-    messages: list[dict]  # user/assistant turns (the system prompt is kept apart)
+    messages: list[dict] = dataclasses.field(default_factory=list)  # user/assistant turns, system prompt apart
     turn: int = 0
     solved_at: int | None = None
     previous_feedback: str | None = None
@@ -233,29 +233,26 @@ class SessionEngine:
         return ended
 
     # ------------------------------------------------------------------ the whole run
-    def run(self, problems: Iterable[Problem], on_finish: Callable[[Session], None],
-            on_step: Callable[[int], None] | None = None) -> None:
+    def run(self, problems: Iterable[Problem], on_finish: Callable[[Session], None]) -> None:
         queue = deque(problems)
         slots: dict[int, Session] = {}
         while queue or slots:
             for i in range(self.cfg.slots):
-                if i not in slots and queue:
-                    problem = queue.popleft()
-                    self._reset_slot(i, problem)
-                    slots[i] = Session(problem, self.cfg.system_prompt, [{"role": "user", "content": problem.question}])
-            too_long = [i for i, s in slots.items() if len(self._prompt_ids(s)) > self.max_prompt]
-            for i in too_long:  # even x_1 alone does not fit: report it, do not stop the sweep
-                s = slots.pop(i)
-                s.error = (f"context overflow: the first turn needs {len(self._prompt_ids(s))} tokens, the budget "
-                           f"is {self.max_prompt} (context minus max_new_tokens); raise --max_context or lower "
-                           "--max_new_tokens")
-                on_finish(s)
-            if not slots:
-                continue
-            for i in self.step(slots):
-                on_finish(slots.pop(i))
-            if on_step is not None:
-                on_step(len(slots))
+                while i not in slots and queue:
+                    s = Session(queue.popleft(), self.cfg.system_prompt)
+                    s.messages.append({"role": "user", "content": s.problem.question})
+                    needed = len(self._prompt_ids(s))
+                    if needed > self.max_prompt:  # later turns trim down to x_1, so only x_1 can overflow
+                        s.error = (f"context overflow: the first turn needs {needed} tokens, the budget is "
+                                   f"{self.max_prompt} (context minus max_new_tokens); raise --max_context or "
+                                   "lower --max_new_tokens")
+                        on_finish(s)
+                        continue
+                    self._reset_slot(i, s.problem)
+                    slots[i] = s
+            if slots:
+                for i in self.step(slots):
+                    on_finish(slots.pop(i))
 
     def close(self):
         self._pool.shutdown(wait=True)

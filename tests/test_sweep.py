@@ -105,13 +105,17 @@ def test_killed_run_resumes_to_the_same_results(setup, full_run):
 def test_bad_dataset_row_is_reported_and_skipped(setup, tmp_path):
     _, model, _ = setup
     data = tmp_path / "bad.jsonl"
-    rows = [json.dumps(PROBLEMS[0]), "{not json", json.dumps({"id": "x", "question": "no answer"})]
+    too_long = {"id": "long", "question": "word " * 600, "answer": "A", "kind": "choice"}
+    rows = [json.dumps(PROBLEMS[0]), "{not json", json.dumps({"id": "x", "question": "no answer"}), json.dumps(too_long)]
     data.write_text("\n".join(rows) + "\n")
     cmd = sweep_cmd(model, data, tmp_path / "run") + ["--methods=baseline", "--max_turns=1"]
     proc = run(cmd)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "skipped 2 malformed rows" in proc.stdout
-    assert len((tmp_path / "run" / "records.jsonl").read_text().splitlines()) == 1
+    records = {r["problem_id"]: r for r in map(json.loads, (tmp_path / "run" / "records.jsonl").read_text().splitlines())}
+    assert set(records) == {"p0", "long"}
+    assert records["long"]["error"].startswith("context overflow") and records["long"]["turns"] == []
+    assert records["p0"]["error"] is None and len(records["p0"]["turns"]) == 1
 
 
 def test_unknown_dataset_is_a_clear_error(setup, tmp_path):
