@@ -66,9 +66,9 @@ def sample_logits(logits: Float[Array, "B V"], keys: jax.Array, sampling: Sampli
         logits = jnp.where(logits < kth, -jnp.inf, logits)
     if sampling.top_p < 1.0:
         sorted_logits = jnp.sort(logits, axis=-1)[:, ::-1]
-        cum = jnp.cumsum(jax.nn.softmax(sorted_logits, axis=-1), axis=-1)
+        sorted_probs = jax.nn.softmax(sorted_logits, axis=-1)
         # keep the smallest prefix whose mass reaches top_p (always at least the top token)
-        keep = (cum - jax.nn.softmax(sorted_logits, axis=-1)) < sampling.top_p
+        keep = (jnp.cumsum(sorted_probs, axis=-1) - sorted_probs) < sampling.top_p
         cutoff = jnp.min(jnp.where(keep, sorted_logits, jnp.inf), axis=-1, keepdims=True)
         logits = jnp.where(logits < cutoff, -jnp.inf, logits)
     return jax.vmap(jax.random.categorical)(keys, logits).astype(jnp.int32)

@@ -228,21 +228,34 @@ class GaussNewtonSystem(NamedTuple):
     kl: Float[Array, "W"]  # KL(p*_i || p_i)
 
 
-def gauss_newton_system(params, theta, tokens, valid, response_len, reward, *, cfg: ModelConfig,
-                        rosa: RosaConfig, scale: float, window: int) -> GaussNewtonSystem:
+class ResponseWindow(NamedTuple):
+    """The rows of J: the last `window` positions of one session's [history ; response] row."""
+
+    hidden: Callable[[Any], Array]  # adapters (or None) -> hidden rows [W, d] in the accumulation dtype
+    targets: Int[Array, "W"]  # row i predicts targets[i]
+    row_mask: Float[Array, "W"]  # 1 on response tokens
+    w_head: Float[Array, "d V"]
+
+
+def response_window(params, tokens, valid, response_len, *, cfg: ModelConfig, scale: float, window: int,
+                    remat: bool) -> ResponseWindow:
     T, W = tokens.shape[0], window
     positions = positions_from_valid(valid[None])
-    targets = tokens[T - W:]
     acc = accumulation_dtype(params["embed"].dtype)  # float32 (float64 in x64 checks)
-    maskf = (jnp.arange(W) >= W - response_len).astype(acc)
-    w_head = head_weight(params, cfg).astype(acc)  # [d, V]
 
-    def trunk(th):
-        adapters = LoraAdapters(jax.tree.map(lambda x: x[None], th), scale)
-        h, _ = decoder_hidden(params, tokens[None], positions, valid[None], cfg=cfg, adapters=adapters,
-                              remat=rosa.remat)
+    def hidden(th):
+        adapters = None if th is None else LoraAdapters(jax.tree.map(lambda x: x[None], th), scale)
+        h, _ = decoder_hidden(params, tokens[None], positions, valid[None], cfg=cfg, adapters=adapters, remat=remat)
         return h[0, T - W - 1: T - 1].astype(acc)  # row i predicts tokens[T - W + i]
 
+    return ResponseWindow(hidden, tokens[T - W:], (jnp.arange(W) >= W - response_len).astype(acc),
+                          head_weight(params, cfg).astype(acc))
+
+
+def gauss_newton_system(params, theta, tokens, valid, response_len, reward, *, cfg: ModelConfig,
+                        rosa: RosaConfig, scale: float, window: int) -> GaussNewtonSystem:
+    win = response_window(params, tokens, valid, response_len, cfg=cfg, scale=scale, window=window, remat=rosa.remat)
+    trunk, targets, maskf, w_head = win
     h, jvp = jax.linearize(trunk, theta)
     vjp = jax.linear_transpose(jvp, theta)
 
@@ -261,7 +274,7 @@ def gauss_newton_system(params, theta, tokens, valid, response_len, reward, *, c
         n_params = sum(x.size for x in leaves)
         damping = rosa.damping * jnp.sum(gz * head.metric(gz)) / n_params + 1e-12
     else:
-        damping = jnp.asarray(rosa.damping, acc)
+        damping = jnp.asarray(rosa.damping, h.dtype)
     return GaussNewtonSystem(rhs, gram, damping, trunk, h, targets, head.log_w, maskf, head.residual_sq, head.kl)
 
 
@@ -355,13 +368,10 @@ def support_gram(h, targets, maskf, w_head, top_k: int, chunk: int) -> Float[Arr
 
 def _offset_session_update(params, delta, tokens, valid, response_len, reward, active, *, cfg: ModelConfig,
                            rosa: RosaConfig, window: int, top_k: int):
-    T, W = tokens.shape[0], window
-    h0, _ = decoder_hidden(params, tokens[None], positions_from_valid(valid[None]), valid[None], cfg=cfg)
-    acc = accumulation_dtype(params["embed"].dtype)
-    h0 = h0[0, T - W - 1: T - 1].astype(acc)
-    targets = tokens[T - W:]
-    maskf = (jnp.arange(W) >= W - response_len).astype(acc)
-    w_head = head_weight(params, cfg).astype(acc)
+    hidden, targets, maskf, w_head = response_window(params, tokens, valid, response_len, cfg=cfg, scale=1.0,
+                                                     window=window, remat=False)
+    h0 = hidden(None)
+    acc = h0.dtype
     head = head_terms(h0 + delta, targets, maskf, reward, w_head, rosa)  # J_h = I: θ is the hidden offset
     rhs = jnp.sum(head.rhs_rows, axis=0)
     if rosa.residual == "prob":
