@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
 import resource
 import sys
 import time
@@ -20,16 +21,19 @@ from pathlib import Path
 import jax
 import jax.numpy as jnp
 from absl import app, flags, logging
+from jax.sharding import Mesh
 from tqdm.auto import tqdm
 
 from rosa2_jax.checkpoint import load_model
 from rosa2_jax.data import load_problems
+from rosa2_jax.distributed import ProcessInfo, barrier, initialize, process_info, share
 from rosa2_jax.engine import METHODS, EngineConfig, Session, SessionEngine
 from rosa2_jax.generation import SamplingConfig
 from rosa2_jax.lora import LoraConfig
 from rosa2_jax.metrics import summarize
 from rosa2_jax.rewards import EQUIVALENCES
 from rosa2_jax.rosa import RESIDUALS, TILTS, RosaConfig
+from rosa2_jax.sharding import make_mesh
 from rosa2_jax.text_model import make_text_model
 
 FLAGS = flags.FLAGS
@@ -44,6 +48,14 @@ flags.DEFINE_integer("slots", 8, "concurrent sessions (the batch)")
 flags.DEFINE_integer("seed", 0, "problem subsample, adapter init and sampling seed")
 flags.DEFINE_string("run_dir", "runs/default", "output folder (resumable)")
 flags.DEFINE_string("cache_dir", None, "model/data cache (default $ROSA2_CACHE or ~/.cache/rosa2_jax)")
+# devices and processes
+flags.DEFINE_list("mesh", None, "DATA,MODEL: this process's device mesh, session slots split over DATA and "
+                  "weights tensor-parallel over MODEL (default: every local device on DATA)")
+flags.DEFINE_bool("distributed", False, "start jax.distributed; the three flags below default to what JAX "
+                  "detects (TPU pod, SLURM, Open MPI, JAX_COORDINATOR_ADDRESS)")
+flags.DEFINE_string("coordinator_address", None, "HOST:PORT of process 0 (implies --distributed)")
+flags.DEFINE_integer("num_processes", None, "number of processes (implies --distributed)")
+flags.DEFINE_integer("process_id", None, "this process's index (implies --distributed)")
 # decoding
 flags.DEFINE_integer("max_new_tokens", 64, "response budget per turn")
 flags.DEFINE_float("temperature", 0.7, "sampling temperature (0 = greedy)")
@@ -73,17 +85,41 @@ flags.DEFINE_integer("switch_turn", 5, "`switch`: turn from which the second axi
 flags.DEFINE_enum("switch_first", "words", ["words", "weights"], "`switch`: the axis used first")
 
 
-def read_records(path: Path) -> list[dict]:
-    """Finished records; a torn last line (killed mid-write) is dropped and redone."""
-    if not path.exists():
-        return []
-    records = []
-    for line in path.read_text().splitlines():
-        try:
-            records.append(json.loads(line))
-        except json.JSONDecodeError:
-            continue
+RECORDS = "records.jsonl"
+
+
+def records_path(run_dir: Path, info: ProcessInfo) -> Path:
+    """records.jsonl, or one file per process in a multi-process run (merged at the end)."""
+    return run_dir / (RECORDS if info.count == 1 else f"records.process-{info.index}.jsonl")
+
+
+def read_records(run_dir: Path) -> list[dict]:
+    """Finished records of every records*.jsonl in run_dir, first copy of each (method, problem) kept; a
+    torn last line (killed mid-write) is dropped and redone."""
+    records, seen = [], set()
+    for path in sorted(run_dir.glob("records*.jsonl")):
+        for line in path.read_text().splitlines():
+            try:
+                r = json.loads(line)
+            except json.JSONDecodeError:
+                continue
+            if (r["method"], r["problem_id"]) not in seen:
+                seen.add((r["method"], r["problem_id"]))
+                records.append(r)
     return records
+
+
+def merge_records(run_dir: Path) -> None:
+    """Fold the per-process files into records.jsonl (written whole, then renamed; the process files go
+    only after that, so a crash here loses nothing)."""
+    parts = sorted(run_dir.glob("records.process-*.jsonl"))
+    if not parts:
+        return
+    merged = run_dir / (RECORDS + ".partial")
+    merged.write_text("".join(json.dumps(r) + "\n" for r in read_records(run_dir)))
+    os.replace(merged, run_dir / RECORDS)
+    for part in parts:
+        part.unlink()
 
 
 def drop_torn_tail(path: Path) -> None:
@@ -142,34 +178,54 @@ def engine_config(method: str, slots: int) -> EngineConfig:
         max_context=FLAGS.max_context)
 
 
-def run_sweep(run_dir: Path) -> dict:
+def build_mesh() -> Mesh:
+    local = jax.local_device_count()
+    data, model = (local, 1) if not FLAGS.mesh else map(int, FLAGS.mesh)
+    try:
+        return make_mesh(data, model)
+    except ValueError as e:
+        raise app.UsageError(f"--mesh: {e}") from None
+
+
+def run_sweep(run_dir: Path, info: ProcessInfo) -> dict | None:
+    """Run this process's share; process 0 merges the records and writes the summary (returned)."""
     for m in FLAGS.methods:
         if m not in METHODS:
             raise app.UsageError(f"unknown method {m!r}; choose from {METHODS}")
+    mesh = build_mesh()
     run_dir.mkdir(parents=True, exist_ok=True)
-    config = {f.name: f.value for f in FLAGS.get_key_flags_for_module(sys.modules[__name__])}
-    (run_dir / "config.json").write_text(json.dumps(config, indent=2))
+    if info.is_main:
+        config = {f.name: f.value for f in FLAGS.get_key_flags_for_module(sys.modules[__name__])}
+        (run_dir / "config.json").write_text(json.dumps(config, indent=2))
     problems, report = load_problems(FLAGS.dataset, limit=FLAGS.num_problems or None, seed=FLAGS.seed,
                                      cache_dir=FLAGS.cache_dir)
-    if report.skipped:
+    if report.skipped and info.is_main:
         logging.warning("%s: skipped %d malformed rows: %s", FLAGS.dataset, len(report.skipped), report.skipped[:5])
         print(f"skipped {len(report.skipped)} malformed rows of {FLAGS.dataset} (first: {report.skipped[0]})")
-    records_path = run_dir / "records.jsonl"
-    drop_torn_tail(records_path)
-    done = {(r["method"], r["problem_id"]) for r in read_records(records_path)}
-    todo = {m: [p for p in problems if (m, p.id) not in done] for m in FLAGS.methods}
+    own_records = records_path(run_dir, info)
+    drop_torn_tail(own_records)
+    # Every process reads the same files here (before anyone appends), so the shares are disjoint.
+    done = {(r["method"], r["problem_id"]) for r in read_records(run_dir)}
+    barrier("records read")
+    todo = {m: share([p for p in problems if (m, p.id) not in done], info) for m in FLAGS.methods}
     total = sum(len(v) for v in todo.values())
     if done:
-        print(f"resuming {run_dir}: {len(done)} problem runs already finished, {total} to go")
-    model = load_model(FLAGS.model, dtype=jnp.dtype(FLAGS.dtype), cache_dir=FLAGS.cache_dir)
+        print(f"resuming {run_dir}: {len(done)} problem runs already finished")
+    if info.count > 1:
+        print(f"process {info.index} of {info.count}: {total} problem runs to do", flush=True)
+    model = load_model(FLAGS.model, dtype=jnp.dtype(FLAGS.dtype), cache_dir=FLAGS.cache_dir, mesh=mesh)
     text_model = make_text_model(FLAGS.text_model, model=model, url=FLAGS.text_model_url, name=FLAGS.text_model_name)
+    data_size = mesh.shape["data"]
     start = time.time()
-    with open(records_path, "a") as out, tqdm(total=total, desc="problems", unit="problem") as bar:
+    with open(own_records, "a") as out, tqdm(total=total, desc="problems", unit="problem",
+                                             position=info.index if info.count > 1 else None) as bar:
         for method in FLAGS.methods:
             if not todo[method]:
                 continue
-            # A problem's trajectory does not depend on its slot, so small runs use only the slots they fill.
-            engine = SessionEngine(model, engine_config(method, min(FLAGS.slots, len(todo[method]))), text_model)
+            # A problem's trajectory does not depend on its slot, so small runs use only the slots they
+            # fill (rounded up to split evenly over the mesh's data axis).
+            slots = -(-min(FLAGS.slots, len(todo[method])) // data_size) * data_size
+            engine = SessionEngine(model, engine_config(method, slots), text_model, mesh=mesh)
 
             def finish(session: Session, method=method):
                 out.write(json.dumps(session_record(method, FLAGS.dataset, session)) + "\n")
@@ -181,27 +237,36 @@ def run_sweep(run_dir: Path) -> dict:
                 engine.run(todo[method], finish)
             finally:
                 engine.close()
-    records = [r for r in read_records(records_path) if r["method"] in FLAGS.methods
+    wall = time.time() - start
+    barrier("sweep finished")
+    if not info.is_main:
+        return None
+    merge_records(run_dir)
+    records = [r for r in read_records(run_dir) if r["method"] in FLAGS.methods
                and r["problem_id"] in {p.id for p in problems}]
     summary = summarize(records, FLAGS.max_turns)
-    meta = {"wall_seconds_this_run": time.time() - start,
-            "problems_per_hour_this_run": 3600 * total / max(time.time() - start, 1e-9),
+    meta = {"wall_seconds_this_run": wall, "problems_per_hour_this_run": 3600 * total * info.count / max(wall, 1e-9),
             "peak_rss_gib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20,
-            "devices": [str(d) for d in jax.devices()], "model": FLAGS.model, "dataset": FLAGS.dataset,
+            "processes": info.count, "mesh": dict(mesh.shape), "devices": [str(d) for d in jax.devices()],
+            "model": FLAGS.model, "dataset": FLAGS.dataset,
             "text_model": text_model.name if text_model else None, "dataset_skipped_rows": len(report.skipped)}
     (run_dir / "summary.json").write_text(json.dumps({"methods": summary, "run": meta}, indent=2))
     md = table(summary)
     (run_dir / "summary.md").write_text(md + "\n")
     plot(summary, run_dir / "accuracy_by_turn.png", FLAGS.max_turns)
     print(md)
-    print(f"\nwall {meta['wall_seconds_this_run']:.0f} s this run, peak RSS {meta['peak_rss_gib']:.1f} GiB; "
-          f"records in {records_path}")
+    print(f"\nwall {wall:.0f} s this run, peak RSS {meta['peak_rss_gib']:.1f} GiB (process 0); "
+          f"records in {run_dir / RECORDS}")
     return summary
 
 
 def main(_):
     logging.set_verbosity(logging.WARNING)
-    run_sweep(Path(FLAGS.run_dir))
+    wants_distributed = FLAGS.distributed or any(
+        v is not None for v in (FLAGS.coordinator_address, FLAGS.num_processes, FLAGS.process_id))
+    info = (initialize(FLAGS.coordinator_address, FLAGS.num_processes, FLAGS.process_id) if wants_distributed
+            else process_info())
+    run_sweep(Path(FLAGS.run_dir), info)
 
 
 if __name__ == "__main__":

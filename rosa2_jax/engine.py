@@ -21,6 +21,7 @@ from typing import Callable, Iterable
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.sharding import Mesh
 
 from rosa2_jax.checkpoint import LoadedModel
 from rosa2_jax.data import Problem
@@ -28,6 +29,7 @@ from rosa2_jax.generation import SamplingConfig, bucket_length, generate, left_p
 from rosa2_jax.lora import LoraAdapters, LoraConfig, init_adapters
 from rosa2_jax.rewards import verify
 from rosa2_jax.rosa import RosaConfig, UpdateBatch, rosa_update
+from rosa2_jax.sharding import shard_batch
 from rosa2_jax.text_model import TextModel
 from rosa2_jax.tokenizer import render_chat, stop_token_ids
 from rosa2_jax.words import FEEDBACK_TEMPLATE, RefineRequest, refine_feedback, refine_system_prompt
@@ -89,18 +91,24 @@ class Session:
 
 
 class SessionEngine:
-    def __init__(self, model: LoadedModel, cfg: EngineConfig, text_model: TextModel | None = None):
+    """Runs `cfg.method` over problems. With `mesh`, the slots are split over its `data` axis (`cfg.slots`
+    must be a multiple of it) and `model.params` should have been loaded onto it (load_model(mesh=))."""
+
+    def __init__(self, model: LoadedModel, cfg: EngineConfig, text_model: TextModel | None = None,
+                 mesh: Mesh | None = None):
+        if mesh is not None and cfg.slots % mesh.shape["data"]:
+            raise ValueError(f"slots={cfg.slots} must be a multiple of the mesh's data axis ({mesh.shape['data']})")
         words, _, system = zip(*(cfg.axes(t) for t in range(1, cfg.max_turns + 1)))
         if (any(words) or any(system)) and text_model is None:
             raise ValueError(f"method {cfg.method!r} needs a text model")
-        self.model, self.cfg, self.text_model = model, cfg, text_model
+        self.model, self.cfg, self.text_model, self.mesh = model, cfg, text_model, mesh
         self.tok = model.tokenizer
         self.stop_ids = stop_token_ids(self.tok)
         self.pad_id = self.tok.pad_token_id if self.tok.pad_token_id is not None else self.stop_ids[0]
         self.uses_weights = any(cfg.axes(t)[1] for t in range(1, cfg.max_turns + 1))
         self.window = -(-cfg.sampling.max_new_tokens // cfg.rosa.position_chunk) * cfg.rosa.position_chunk
         self.max_prompt = (cfg.max_context or model.cfg.max_position_embeddings) - cfg.sampling.max_new_tokens
-        self.adapters = (init_adapters(model.cfg, cfg.lora, cfg.slots, jax.random.key(cfg.seed))
+        self.adapters = (shard_batch(init_adapters(model.cfg, cfg.lora, cfg.slots, jax.random.key(cfg.seed)), mesh)
                          if self.uses_weights else None)
         self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="words")
 
@@ -122,8 +130,9 @@ class SessionEngine:
             return
         key = jax.random.key(session_seed(self.cfg.seed, problem.id, 0))
         fresh = init_adapters(self.model.cfg, self.cfg.lora, 1, key)
-        self.adapters = LoraAdapters(
-            jax.tree.map(lambda a, f: a.at[slot].set(f[0]), self.adapters.factors, fresh.factors), self.adapters.scale)
+        self.adapters = shard_batch(LoraAdapters(
+            jax.tree.map(lambda a, f: a.at[slot].set(f[0]), self.adapters.factors, fresh.factors), self.adapters.scale),
+            self.mesh)
 
     # ------------------------------------------------------------------ one step of all slots
     def _generate(self, slots: dict[int, Session], prompts: dict[int, list[int]]):
@@ -131,7 +140,7 @@ class SessionEngine:
         seeds = [session_seed(self.cfg.seed, s.problem.id, s.turn) if (s := slots.get(i)) else 0
                  for i in range(self.cfg.slots)]
         return generate(self.model.params, self.model.cfg, rows, self.cfg.sampling, stop_token_ids=self.stop_ids,
-                        pad_id=self.pad_id, seeds=seeds, adapters=self.adapters)
+                        pad_id=self.pad_id, seeds=seeds, adapters=self.adapters, mesh=self.mesh)
 
     def _update(self, failing: dict[int, tuple[list[int], list[int]]]):
         """ROSA step for the failing slots (others inactive and untouched). Returns per-slot stats."""
@@ -142,9 +151,10 @@ class SessionEngine:
             lens.append(len(response))
         length = bucket_length(max(max(len(r) for r in rows), self.window + 1))  # row 0 of the window needs a predecessor
         tokens, valid = left_pad(rows, length, self.pad_id)
-        batch = UpdateBatch(jnp.asarray(tokens), jnp.asarray(valid), jnp.asarray(np.minimum(lens, self.window)),
+        batch = shard_batch(UpdateBatch(jnp.asarray(tokens), jnp.asarray(valid), jnp.asarray(np.minimum(lens, self.window)),
                             jnp.full((self.cfg.slots,), -1.0, jnp.float32),
-                            jnp.asarray([i in failing for i in range(self.cfg.slots)]), window=self.window)
+                            jnp.asarray([i in failing for i in range(self.cfg.slots)]), window=self.window),
+                            self.mesh)
         self.adapters, stats = rosa_update(self.model.params, self.adapters, batch, cfg=self.model.cfg,
                                            rosa=self.cfg.rosa)
         return stats

@@ -14,6 +14,7 @@ from typing import Sequence
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.sharding import Mesh
 from jaxtyping import Array, Bool, Float, Int
 
 from kernels.lora_matmul import kernel_supported
@@ -21,6 +22,7 @@ from rosa2_jax.config import ModelConfig
 from rosa2_jax.errors import ContextOverflowError
 from rosa2_jax.lora import LoraAdapters
 from rosa2_jax.model import KVCache, Params, decoder_hidden, lm_logits, positions_from_valid
+from rosa2_jax.sharding import shard_batch
 
 # Powers of two, with a midpoint above 128, so that padding wastes at most a third of a row.
 PROMPT_BUCKETS = (64, 128, 192, 256, 384, 512, 768, 1024, 1536, 2048, 3072, 4096, 6144, 8192, 12288, 16384, 32768)
@@ -153,8 +155,13 @@ def generate(
     seeds: Sequence[int] | None = None,
     adapters: LoraAdapters | None = None,
     hidden_offset: Float[Array, "B d"] | None = None,
+    mesh: Mesh | None = None,
 ) -> list[Generation]:
-    """Generate a continuation for each prompt (token ids). Row i samples with seed `seeds[i]`."""
+    """Generate a continuation for each prompt (token ids). Row i samples with seed `seeds[i]`.
+
+    With `mesh`, rows are split over its `data` axis (params and adapters should already be placed on
+    it); the number of prompts should then be a multiple of the `data` size, or rows are replicated.
+    """
     if not prompts:
         return []
     longest = max(len(p) for p in prompts)
@@ -169,10 +176,12 @@ def generate(
     tokens, valid = left_pad(prompts, length, pad_id)
     seeds = list(range(len(prompts))) if seeds is None else list(seeds)
     keys = jax.vmap(jax.random.key)(jnp.asarray(seeds, jnp.uint32))
+    tokens, valid, keys, hidden_offset = shard_batch((tokens, valid, keys, hidden_offset), mesh)
     out, count, done = generate_padded(
         params, jnp.asarray(tokens), jnp.asarray(valid), keys, adapters, hidden_offset,
         cfg=cfg, sampling=sampling, stop_ids=tuple(sorted(set(stop_token_ids))), pad_id=pad_id,
-        lora_kernel=adapters is not None and kernel_supported(),
+        # a pallas_call is not split by the SPMD partitioner: on a multi-device mesh XLA's einsum is used
+        lora_kernel=adapters is not None and kernel_supported() and (mesh is None or mesh.size == 1),
     )
     out, count, done = jax.device_get((out, count, done))
     return [

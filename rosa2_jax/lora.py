@@ -18,6 +18,7 @@ from flax import struct
 from jaxtyping import Array, Bool
 
 from rosa2_jax.config import ModelConfig
+from rosa2_jax.distributed import local_checkpointer
 
 LORA_TARGETS = ("q", "k", "v", "o", "gate", "up", "down")
 
@@ -87,16 +88,12 @@ def reset_sessions(adapters: LoraAdapters, fresh: LoraAdapters, sessions: Bool[A
 
 
 def save_adapters(path: str | os.PathLike, adapters: LoraAdapters) -> None:
-    import orbax.checkpoint as ocp
-
-    with ocp.StandardCheckpointer() as ckptr:
+    with local_checkpointer() as ckptr:
         ckptr.save(Path(path).absolute(), {"factors": adapters.factors, "scale": jnp.float32(adapters.scale)})
 
 
 def load_adapters(path: str | os.PathLike) -> LoraAdapters:
-    import orbax.checkpoint as ocp
-
-    with ocp.StandardCheckpointer() as ckptr:
+    with local_checkpointer() as ckptr:
         tree = ckptr.restore(Path(path).absolute())
     factors = {t: (jnp.asarray(ab[0]), jnp.asarray(ab[1])) for t, ab in tree["factors"].items()}
     return LoraAdapters(factors, float(tree["scale"]))

@@ -17,11 +17,13 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import struct
+from jax.sharding import Mesh
 from jaxtyping import Array, Bool, Float, Int
 
 from rosa2_jax.config import ModelConfig
 from kernels.lora_matmul import lora_matmul, lora_matmul_reference
 from rosa2_jax.lora import LoraAdapters
+from rosa2_jax.sharding import named_shardings
 
 Params = dict
 _MASKED = -1e30  # large finite negative: a fully masked (padding) query row stays finite.
@@ -61,6 +63,18 @@ def param_axes(cfg: ModelConfig) -> Params:
     if not cfg.tie_word_embeddings:
         axes["lm_head"] = ("embed", "vocab")
     return axes
+
+
+def axis_extents(cfg: ModelConfig) -> dict[str, int]:
+    """Size of each sharded logical axis, in whole units (heads, not head_dim x heads): a mesh axis that
+    does not divide a unit count replicates that axis rather than splitting a head."""
+    return {"vocab": cfg.vocab_size, "q_heads": cfg.num_heads, "kv_heads": cfg.num_kv_heads,
+            "mlp": cfg.intermediate_size}
+
+
+def param_shardings(cfg: ModelConfig, mesh: Mesh) -> Params:
+    """NamedSharding of every parameter on `mesh`, from `param_axes` and the rules table."""
+    return named_shardings(param_axes(cfg), mesh, axis_extents(cfg))
 
 
 def param_shapes(cfg: ModelConfig) -> Params:

@@ -4,9 +4,14 @@ from __future__ import annotations
 
 import os
 
-import jax
-import numpy as np
-import pytest
+# Eight virtual CPU devices, so that the mesh tests place arrays on real (4, 2) and (8, 1) meshes; set
+# before jax starts its backend. Everything else runs on device 0 as before.
+if "xla_force_host_platform_device_count" not in os.environ.get("XLA_FLAGS", ""):
+    os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8").strip()
+
+import jax  # noqa: E402
+import numpy as np  # noqa: E402
+import pytest  # noqa: E402
 
 # Tests are reference checks: keep matmuls in full float32 on every backend.
 jax.config.update("jax_default_matmul_precision", "highest")
@@ -77,12 +82,13 @@ def byte_vocab() -> list[str]:
     return SPECIAL + list(bytes_to_unicode().values()) + ["Ġt", "he", "Ġthe"]
 
 
-def tiny_chat_model(folder, seed: int = 0):
+def tiny_chat_model(folder, seed: int = 0, **config):
     """An HF folder with a tiny random Llama and a real byte-level BPE tokenizer with a ChatML template."""
     from rosa2_jax.tokenizer import write_tokenizer_from_gguf
 
     vocab = byte_vocab()
-    make_hf_model("llama", seed=seed, vocab_size=len(vocab), max_position_embeddings=2048).save_pretrained(folder)
+    make_hf_model("llama", seed=seed, vocab_size=len(vocab), max_position_embeddings=2048,
+                  **config).save_pretrained(folder)
     write_tokenizer_from_gguf({
         "tokenizer.ggml.model": "gpt2", "tokenizer.ggml.pre": "smollm", "tokenizer.ggml.tokens": vocab,
         "tokenizer.ggml.token_type": [3] * len(SPECIAL) + [1] * (len(vocab) - len(SPECIAL)),

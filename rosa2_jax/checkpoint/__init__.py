@@ -17,6 +17,7 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+from jax.sharding import Mesh
 
 from rosa2_jax.checkpoint.builtin import BUILTINS, cache_root, ensure_builtin
 from rosa2_jax.checkpoint.gguf_file import load_gguf
@@ -25,7 +26,7 @@ from rosa2_jax.checkpoint.hub import download_from_hub
 from rosa2_jax.checkpoint.store import is_converted_folder, load_converted, save_converted
 from rosa2_jax.config import ModelConfig
 from rosa2_jax.errors import CheckpointNotFoundError
-from rosa2_jax.model import Params
+from rosa2_jax.model import Params, param_shardings
 from rosa2_jax.tokenizer import load_tokenizer
 
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
@@ -41,14 +42,18 @@ class LoadedModel:
     source: str
 
 
-def _cast(params: Params, dtype) -> Params:
-    return jax.tree.map(lambda x: jnp.asarray(x, dtype), params)
+def _place(params: Params, cfg: ModelConfig, dtype, mesh: Mesh | None) -> Params:
+    params = jax.tree.map(lambda x: jnp.asarray(x, dtype), params)
+    return params if mesh is None else jax.device_put(params, param_shardings(cfg, mesh))
 
 
-def load_model(spec: str, *, dtype=jnp.float32, cache_dir: str | os.PathLike | None = None) -> LoadedModel:
+def load_model(spec: str, *, dtype=jnp.float32, cache_dir: str | os.PathLike | None = None,
+               mesh: Mesh | None = None) -> LoadedModel:
+    """Load `spec`; with `mesh`, params are placed by the logical-axes rules (converted folders and
+    built-ins are restored straight into that sharding)."""
     if spec in BUILTINS:
         folder = ensure_builtin(spec, cache_dir)
-        cfg, params = load_converted(folder, dtype)
+        cfg, params = load_converted(folder, dtype, mesh)
         return LoadedModel(cfg, params, load_tokenizer(folder / "tokenizer"), f"builtin:{spec}")
     path = Path(spec).expanduser()
     if path.exists():
@@ -56,18 +61,18 @@ def load_model(spec: str, *, dtype=jnp.float32, cache_dir: str | os.PathLike | N
             with tempfile.TemporaryDirectory() as tok_dir:
                 cfg, params, _ = load_gguf(path, tokenizer_dir=tok_dir)
                 tokenizer = load_tokenizer(tok_dir)
-            return LoadedModel(cfg, _cast(params, dtype), tokenizer, f"gguf:{path}")
+            return LoadedModel(cfg, _place(params, cfg, dtype, mesh), tokenizer, f"gguf:{path}")
         if path.is_dir() and is_converted_folder(path):
-            cfg, params = load_converted(path, dtype)
+            cfg, params = load_converted(path, dtype, mesh)
             return LoadedModel(cfg, params, load_tokenizer(path / "tokenizer"), f"converted:{path}")
         if path.is_dir():
             cfg, params = load_hf_folder(path)
-            return LoadedModel(cfg, _cast(params, dtype), load_tokenizer(path), f"hf:{path}")
+            return LoadedModel(cfg, _place(params, cfg, dtype, mesh), load_tokenizer(path), f"hf:{path}")
         raise CheckpointNotFoundError(f"{path} is neither a checkpoint folder nor a .gguf file.")
     if _HUB_ID.match(spec) and not spec.startswith((".", "/", "~")):
         folder = download_from_hub(spec)
         cfg, params = load_hf_folder(folder)
-        return LoadedModel(cfg, _cast(params, dtype), load_tokenizer(folder), f"hub:{spec}")
+        return LoadedModel(cfg, _place(params, cfg, dtype, mesh), load_tokenizer(folder), f"hub:{spec}")
     raise CheckpointNotFoundError(
         f"no model {spec!r}: not a built-in ({', '.join(BUILTINS)}), no such local path, and not a hub id "
         "of the form org/name. Check the spelling or the path."

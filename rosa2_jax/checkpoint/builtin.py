@@ -7,6 +7,7 @@ is joined from its parts when split, converted once, and cached under `cache_roo
 from __future__ import annotations
 
 import dataclasses
+import fcntl
 import hashlib
 import os
 import subprocess
@@ -150,9 +151,16 @@ def ensure_builtin(name: str, cache_dir: str | os.PathLike | None = None) -> Pat
     folder = root / name
     if is_converted_folder(folder):
         return folder
-    gguf_path = fetch_gguf(model, root / "downloads")
-    with tempfile.TemporaryDirectory() as tok_dir:
-        _, params, hf_config = load_gguf(gguf_path, tokenizer_dir=tok_dir)
-        hf_config["source"] = {"builtin": name, "gguf_sha256": model.gguf_sha256, "licence": model.licence}
-        save_converted(folder, hf_config, params, tok_dir)
+    root.mkdir(parents=True, exist_ok=True)
+    # Processes sharing the cache (a multi-process run) convert once: the first holds the lock, the
+    # others wait and then find the folder complete.
+    with open(root / f".{name}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if is_converted_folder(folder):
+            return folder
+        gguf_path = fetch_gguf(model, root / "downloads")
+        with tempfile.TemporaryDirectory() as tok_dir:
+            _, params, hf_config = load_gguf(gguf_path, tokenizer_dir=tok_dir)
+            hf_config["source"] = {"builtin": name, "gguf_sha256": model.gguf_sha256, "licence": model.licence}
+            save_converted(folder, hf_config, params, tok_dir)
     return folder

@@ -19,10 +19,12 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.sharding import Mesh
 
 from rosa2_jax.config import ModelConfig
+from rosa2_jax.distributed import local_checkpointer
 from rosa2_jax.errors import CheckpointMismatchError
-from rosa2_jax.model import Params, param_shapes
+from rosa2_jax.model import Params, param_shapes, param_shardings
 
 
 def is_converted_folder(folder: Path) -> bool:
@@ -31,8 +33,6 @@ def is_converted_folder(folder: Path) -> bool:
 
 def save_converted(folder: str | os.PathLike, hf_config: dict[str, Any], params: Params,
                    tokenizer_dir: str | os.PathLike) -> Path:
-    import orbax.checkpoint as ocp
-
     folder = Path(folder)
     partial = folder.with_name(folder.name + f".partial-{os.getpid()}")
     shutil.rmtree(partial, ignore_errors=True)
@@ -41,28 +41,28 @@ def save_converted(folder: str | os.PathLike, hf_config: dict[str, Any], params:
         json.dump(hf_config, f, indent=2)
     shutil.copytree(tokenizer_dir, partial / "tokenizer")
     (partial / "tokenizer").chmod(0o755)
-    with ocp.StandardCheckpointer() as ckptr:
+    with local_checkpointer() as ckptr:
         ckptr.save((partial / "params").absolute(), jax.tree.map(np.asarray, params))
     shutil.rmtree(folder, ignore_errors=True)
     os.replace(partial, folder)
     return folder
 
 
-def load_converted(folder: str | os.PathLike, dtype=jnp.float32, shardings: Any = None) -> tuple[ModelConfig, Params]:
-    """Restore params (optionally straight into `shardings`, a pytree of jax.sharding.Sharding)."""
-    import orbax.checkpoint as ocp
-
+def load_converted(folder: str | os.PathLike, dtype=jnp.float32, mesh: Mesh | None = None) -> tuple[ModelConfig, Params]:
+    """Restore params, on a mesh straight into their shardings (each device reads only its shard)."""
     folder = Path(folder)
     cfg = ModelConfig.from_json_file(folder / "config.json")
     shapes = param_shapes(cfg)
-    if shardings is None:
+    if mesh is None:
         shardings = jax.tree.map(lambda _: None, shapes, is_leaf=lambda s: isinstance(s, tuple))
+    else:
+        shardings = param_shardings(cfg, mesh)
     target = jax.tree.map(
         lambda shape, sh: jax.ShapeDtypeStruct(shape, dtype, sharding=sh),
         shapes, shardings, is_leaf=lambda s: isinstance(s, tuple),
     )
     try:
-        with ocp.StandardCheckpointer() as ckptr:
+        with local_checkpointer() as ckptr:
             params = ckptr.restore((folder / "params").absolute(), target)
     except (ValueError, KeyError, FileNotFoundError) as e:
         raise CheckpointMismatchError(
