@@ -1,4 +1,4 @@
-"""Helpers shared by the benchmarks: wall-clock timing and the machine's measured matmul peak."""
+"""Helpers shared by the commands: model and decoding flags, wall-clock timing, the measured matmul peak."""
 
 from __future__ import annotations
 
@@ -7,6 +7,34 @@ from typing import Callable
 
 import jax
 import jax.numpy as jnp
+from absl import flags
+from jax.sharding import Mesh
+
+from rosa2_jax.checkpoint import LoadedModel, load_model
+from rosa2_jax.generation import SamplingConfig
+
+FLAGS = flags.FLAGS
+
+
+def define_model_flags() -> None:
+    flags.DEFINE_string("model", "smollm2-135m-instruct", "built-in name, converted/HF folder, GGUF file or hub id")
+    flags.DEFINE_enum("dtype", "float32", ["float32", "bfloat16"], "parameter dtype")
+    flags.DEFINE_string("cache_dir", None, "model/data cache (default $ROSA2_CACHE or ~/.cache/rosa2_jax)")
+
+
+def model_from_flags(mesh: Mesh | None = None) -> LoadedModel:
+    return load_model(FLAGS.model, dtype=jnp.dtype(FLAGS.dtype), cache_dir=FLAGS.cache_dir, mesh=mesh)
+
+
+def define_sampling_flags(*, max_new_tokens: int, temperature: float, top_p: float) -> None:
+    flags.DEFINE_integer("max_new_tokens", max_new_tokens, "response budget per answer")
+    flags.DEFINE_float("temperature", temperature, "sampling temperature (0 = greedy)")
+    flags.DEFINE_float("top_p", top_p, "nucleus mass (1 = off)")
+    flags.DEFINE_integer("top_k", 0, "top-k filter (0 = off)")
+
+
+def sampling_from_flags() -> SamplingConfig:
+    return SamplingConfig(FLAGS.max_new_tokens, FLAGS.temperature, FLAGS.top_p, FLAGS.top_k)
 
 
 def best_time(fn: Callable[[], object], repeats: int = 3) -> float:

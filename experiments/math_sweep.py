@@ -10,7 +10,6 @@ accuracy_by_turn.png. Rerunning into the same folder skips finished problems and
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import os
 import resource
@@ -19,16 +18,15 @@ import time
 from pathlib import Path
 
 import jax
-import jax.numpy as jnp
 from absl import app, flags, logging
 from jax.sharding import Mesh
 from tqdm.auto import tqdm
 
-from rosa2_jax.checkpoint import load_model
+from experiments import common
+from experiments.common import define_model_flags, define_sampling_flags, model_from_flags, sampling_from_flags
 from rosa2_jax.data import load_problems
 from rosa2_jax.distributed import ProcessInfo, barrier, initialize, process_info, share
 from rosa2_jax.engine import METHODS, EngineConfig, Session, SessionEngine
-from rosa2_jax.generation import SamplingConfig
 from rosa2_jax.lora import LoraConfig
 from rosa2_jax.metrics import summarize
 from rosa2_jax.rewards import EQUIVALENCES
@@ -37,8 +35,7 @@ from rosa2_jax.sharding import make_mesh
 from rosa2_jax.text_model import make_text_model
 
 FLAGS = flags.FLAGS
-flags.DEFINE_string("model", "smollm2-135m-instruct", "built-in name, converted/HF folder, GGUF file or hub id")
-flags.DEFINE_enum("dtype", "float32", ["float32", "bfloat16"], "parameter dtype")
+define_model_flags()
 flags.DEFINE_string("dataset", "gsm8k", "gsm8k, math, math500, aime24, aime25, mmlu-stem, humaneval, champ, a local "
                     ".jsonl/.json/.parquet file, or hub:org/name[:split]")
 flags.DEFINE_integer("num_problems", 2, "problems drawn with --seed (0 = all)")
@@ -47,7 +44,6 @@ flags.DEFINE_integer("max_turns", 10, "K: turns per problem")
 flags.DEFINE_integer("slots", 8, "concurrent sessions (the batch)")
 flags.DEFINE_integer("seed", 0, "problem subsample, adapter init and sampling seed")
 flags.DEFINE_string("run_dir", "runs/default", "output folder (resumable)")
-flags.DEFINE_string("cache_dir", None, "model/data cache (default $ROSA2_CACHE or ~/.cache/rosa2_jax)")
 # devices and processes
 flags.DEFINE_list("mesh", None, "DATA,MODEL: this process's device mesh, session slots split over DATA and "
                   "weights tensor-parallel over MODEL (default: every local device on DATA)")
@@ -57,10 +53,7 @@ flags.DEFINE_string("coordinator_address", None, "HOST:PORT of process 0 (implie
 flags.DEFINE_integer("num_processes", None, "number of processes (implies --distributed)")
 flags.DEFINE_integer("process_id", None, "this process's index (implies --distributed)")
 # decoding
-flags.DEFINE_integer("max_new_tokens", 64, "response budget per turn")
-flags.DEFINE_float("temperature", 0.7, "sampling temperature (0 = greedy)")
-flags.DEFINE_float("top_p", 0.8, "nucleus mass")
-flags.DEFINE_integer("top_k", 0, "top-k filter (0 = off)")
+define_sampling_flags(max_new_tokens=64, temperature=0.7, top_p=0.8)
 flags.DEFINE_integer("max_context", 384, "token budget per prompt + response; older turns are trimmed")
 flags.DEFINE_enum("equivalence", "math-verify", list(EQUIVALENCES), "math answer equivalence")
 # weights stream
@@ -84,6 +77,7 @@ flags.DEFINE_integer("rewrite_tokens", 64, "rewrite budget")
 flags.DEFINE_integer("switch_turn", 5, "`switch`: turn from which the second axis is used")
 flags.DEFINE_enum("switch_first", "words", ["words", "weights"], "`switch`: the axis used first")
 
+flags.adopt_module_key_flags(common)  # config.json records the shared flags with this module's own
 
 RECORDS = "records.jsonl"
 
@@ -168,7 +162,7 @@ def plot(summary: dict, path: Path, max_turns: int) -> None:
 def engine_config(method: str, slots: int) -> EngineConfig:
     return EngineConfig(
         method=method, max_turns=FLAGS.max_turns, slots=slots,
-        sampling=SamplingConfig(FLAGS.max_new_tokens, FLAGS.temperature, FLAGS.top_p, FLAGS.top_k),
+        sampling=sampling_from_flags(),
         rosa=RosaConfig(beta=FLAGS.beta, tilt=FLAGS.tilt, residual=FLAGS.residual, damping=FLAGS.damping,
                         cg_iters=FLAGS.cg_iters, max_step_norm=FLAGS.max_step_norm,
                         remat=FLAGS.remat == "on" or (FLAGS.remat == "auto" and slots * FLAGS.max_context > 4096)),
@@ -213,7 +207,7 @@ def run_sweep(run_dir: Path, info: ProcessInfo) -> dict | None:
         print(f"resuming {run_dir}: {len(done)} problem runs already finished")
     if info.count > 1:
         print(f"process {info.index} of {info.count}: {total} problem runs to do", flush=True)
-    model = load_model(FLAGS.model, dtype=jnp.dtype(FLAGS.dtype), cache_dir=FLAGS.cache_dir, mesh=mesh)
+    model = model_from_flags(mesh)
     text_model = make_text_model(FLAGS.text_model, model=model, url=FLAGS.text_model_url, name=FLAGS.text_model_name)
     data_size = mesh.shape["data"]
     start = time.time()

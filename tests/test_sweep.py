@@ -61,6 +61,8 @@ def test_every_method_runs_and_summary_matches_records(full_run):
     assert summary == json.loads(json.dumps(summarize(records, 3)))
     assert (run_dir / "accuracy_by_turn.png").stat().st_size > 0
     assert "| method |" in stdout
+    config = json.loads((run_dir / "config.json").read_text())  # every flag of the run, shared ones too
+    assert config["max_new_tokens"] == 12 and config["model"].endswith("model") and config["max_turns"] == 3
     for r in records:
         turns = r["turns"]
         assert 1 <= len(turns) <= 3
