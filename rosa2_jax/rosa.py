@@ -117,11 +117,14 @@ def conjugate_gradient(matvec, b, maxiter: int, tol: float):
 
 
 # ---------------------------------------------------------------- head geometry (vocabulary side)
+def _map_chunks(fn, chunk: int, *arrays):
+    """fn over consecutive position chunks of [W, ...] arrays; outputs stacked on a leading chunk axis."""
+    return jax.lax.map(lambda xs: fn(*xs), tuple(a.reshape((-1, chunk) + a.shape[1:]) for a in arrays))
+
+
 def _chunked(fn, chunk: int, *arrays):
     """Apply fn to consecutive position chunks of [W, ...] arrays and concatenate the results."""
-    split = [a.reshape((-1, chunk) + a.shape[1:]) for a in arrays]
-    out = jax.lax.map(lambda xs: fn(*xs), tuple(split))
-    return jax.tree.map(lambda o: o.reshape((-1,) + o.shape[2:]), out)
+    return jax.tree.map(lambda o: o.reshape((-1,) + o.shape[2:]), _map_chunks(fn, chunk, *arrays))
 
 
 def _softmax_chunk(h, w):
@@ -222,6 +225,7 @@ class GaussNewtonSystem(NamedTuple):
     trunk: Callable[[Any], Array]  # theta -> hidden rows [W, d] (accumulation dtype)
     hidden: Float[Array, "W d"]
     targets: Int[Array, "W"]
+    w_head: Float[Array, "d V"]
     log_w: Float[Array, "W"]  # log of the tilt factor of each row's sampled token
     row_mask: Float[Array, "W"]
     residual_sq: Float[Array, "W"]  # ||R_i||²
@@ -275,7 +279,8 @@ def gauss_newton_system(params, theta, tokens, valid, response_len, reward, *, c
         damping = rosa.damping * jnp.sum(gz * head.metric(gz)) / n_params + 1e-12
     else:
         damping = jnp.asarray(rosa.damping, h.dtype)
-    return GaussNewtonSystem(rhs, gram, damping, trunk, h, targets, head.log_w, maskf, head.residual_sq, head.kl)
+    return GaussNewtonSystem(rhs, gram, damping, trunk, h, targets, w_head, head.log_w, maskf, head.residual_sq,
+                             head.kl)
 
 
 def kl_to_target(hidden_old, hidden_new, targets, log_w, row_mask, w_head, chunk: int) -> Float[Array, "W"]:
@@ -323,25 +328,29 @@ def _session_update(params, theta, tokens, valid, response_len, reward, active, 
                                  scale=scale, window=window)
     delta, iters, rel = conjugate_gradient(lambda v: _axpy(system.damping, v, system.gram(v)), system.rhs,
                                            rosa.cg_iters, rosa.cg_tol)
-    w_head = head_weight(params, cfg).astype(system.hidden.dtype)
 
     def kl_after(new_theta):
         return kl_to_target(system.hidden, system.trunk(new_theta), system.targets, system.log_w, system.row_mask,
-                            w_head, rosa.position_chunk)
+                            system.w_head, rosa.position_chunk)
 
     return _finish(theta, delta, active, system.residual_sq, system.kl, system.row_mask, kl_after, iters, rel,
                    system.damping, rosa)
+
+
+def _over_sessions(session_fn, params, theta, batch: UpdateBatch, rosa: RosaConfig):
+    """vmap a one-session update over the batch's sessions (params shared)."""
+    if batch.window % rosa.position_chunk:
+        raise ValueError(f"window {batch.window} must be a multiple of position_chunk {rosa.position_chunk}")
+    return jax.vmap(session_fn, in_axes=(None, 0, 0, 0, 0, 0, 0))(
+        params, theta, batch.tokens, batch.valid, batch.response_len, batch.reward, batch.active)
 
 
 @functools.partial(jax.jit, static_argnames=("cfg", "rosa"))
 def rosa_update(params: Params, adapters: LoraAdapters, batch: UpdateBatch, *, cfg: ModelConfig,
                 rosa: RosaConfig) -> tuple[LoraAdapters, UpdateStats]:
     """One ROSA step for every session (vmapped); only active sessions change."""
-    if batch.window % rosa.position_chunk:
-        raise ValueError(f"window {batch.window} must be a multiple of position_chunk {rosa.position_chunk}")
     fn = functools.partial(_session_update, cfg=cfg, rosa=rosa, scale=adapters.scale, window=batch.window)
-    new_factors, stats = jax.vmap(fn, in_axes=(None, 0, 0, 0, 0, 0, 0))(
-        params, adapters.factors, batch.tokens, batch.valid, batch.response_len, batch.reward, batch.active)
+    new_factors, stats = _over_sessions(fn, params, adapters.factors, batch, rosa)
     return LoraAdapters(new_factors, adapters.scale), stats
 
 
@@ -362,8 +371,7 @@ def support_gram(h, targets, maskf, w_head, top_k: int, chunk: int) -> Float[Arr
         m = jnp.einsum("cjk,ckd->cjd", a, w_head.T[idx])  # A_i W_Kᵀ [C, k, d]
         return jnp.einsum("cjd,cje,c->de", m, m, mc)
 
-    split = [x.reshape((-1, chunk) + x.shape[1:]) for x in (h, targets, maskf)]
-    return jnp.sum(jax.lax.map(lambda xs: one(*xs), tuple(split)), axis=0)
+    return jnp.sum(_map_chunks(one, chunk, h, targets, maskf), axis=0)
 
 
 def _offset_session_update(params, delta, tokens, valid, response_len, reward, active, *, cfg: ModelConfig,
@@ -397,8 +405,5 @@ def hidden_offset_update(params: Params, offsets: Float[Array, "S d"], batch: Up
 
     J_h = I, so JᵀJ = Σ_i W_Uᵀ A_i² W_U is d x d: formed on a top-k support and solved by Cholesky.
     """
-    if batch.window % rosa.position_chunk:
-        raise ValueError(f"window {batch.window} must be a multiple of position_chunk {rosa.position_chunk}")
     fn = functools.partial(_offset_session_update, cfg=cfg, rosa=rosa, window=batch.window, top_k=top_k)
-    return jax.vmap(fn, in_axes=(None, 0, 0, 0, 0, 0, 0))(
-        params, offsets, batch.tokens, batch.valid, batch.response_len, batch.reward, batch.active)
+    return _over_sessions(fn, params, offsets, batch, rosa)
