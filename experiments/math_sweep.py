@@ -103,17 +103,18 @@ def read_records(run_dir: Path) -> list[dict]:
     return records
 
 
-def merge_records(run_dir: Path) -> None:
-    """Fold the per-process files into records.jsonl (written whole, then renamed; the process files go
-    only after that, so a crash here loses nothing)."""
+def merge_records(run_dir: Path) -> list[dict]:
+    """Every finished record, with the per-process files folded into records.jsonl (written whole, then
+    renamed; the process files go only after that, so a crash here loses nothing)."""
+    records = read_records(run_dir)
     parts = sorted(run_dir.glob("records.process-*.jsonl"))
-    if not parts:
-        return
-    merged = run_dir / (RECORDS + ".partial")
-    merged.write_text("".join(json.dumps(r) + "\n" for r in read_records(run_dir)))
-    os.replace(merged, run_dir / RECORDS)
-    for part in parts:
-        part.unlink()
+    if parts:
+        merged = run_dir / (RECORDS + ".partial")
+        merged.write_text("".join(json.dumps(r) + "\n" for r in records))
+        os.replace(merged, run_dir / RECORDS)
+        for part in parts:
+            part.unlink()
+    return records
 
 
 def drop_torn_tail(path: Path) -> None:
@@ -235,11 +236,12 @@ def run_sweep(run_dir: Path, info: ProcessInfo) -> dict | None:
     barrier("sweep finished")
     if not info.is_main:
         return None
-    merge_records(run_dir)
-    records = [r for r in read_records(run_dir) if r["method"] in FLAGS.methods
-               and r["problem_id"] in {p.id for p in problems}]
+    all_records = merge_records(run_dir)
+    finished_now = len(all_records) - len(done)  # by every process
+    wanted = {p.id for p in problems}
+    records = [r for r in all_records if r["method"] in FLAGS.methods and r["problem_id"] in wanted]
     summary = summarize(records, FLAGS.max_turns)
-    meta = {"wall_seconds_this_run": wall, "problems_per_hour_this_run": 3600 * total * info.count / max(wall, 1e-9),
+    meta = {"wall_seconds_this_run": wall, "problems_per_hour_this_run": 3600 * finished_now / max(wall, 1e-9),
             "peak_rss_gib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20,
             "processes": info.count, "mesh": dict(mesh.shape), "devices": [str(d) for d in jax.devices()],
             "model": FLAGS.model, "dataset": FLAGS.dataset,
