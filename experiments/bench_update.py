@@ -1,106 +1,207 @@
-"""ROSA update cost on a real model: batched (vmapped) against a loop of single sessions.
+"""ROSA update cost and quality on a real model, against the exact paper step on the same sessions.
 
-    python -m experiments.bench_update --sessions=1,8,32 --history_len=128 --response_len=256
+    python -m experiments.bench_update --model=qwen2.5-coder-0.5b-instruct --sessions=8 \
+        --variants=paper,fast,L4,k64,fast-cg2,fast-cg8,hidden
 
-For each S: seconds per session of the vmapped update over S failing sessions, against one session at a
-time; XLA's peak temporary memory of the compiled update; and the update time as a fraction of generating
-the same responses. --memory_response_lens varies T at S=1 to show memory growing with T·d, not T·V.
+Sessions are real turns: GSM8K questions rendered with the model's chat template (left-padded to
+--history_len), answered by the model itself with the sweep's decoding for exactly --response_len tokens
+(stop tokens ignored, so every session has the same number of Jacobian rows), then judged wrong (r = -1).
+For each variant and S: seconds per session of the update (compiled ahead of time, so compilation is
+not counted), update time / the generation time of the same turn, XLA's peak temporary memory, and
+three quality figures against the `paper` variant on the same sessions: KL(pi*||pi) after / before, the
+drop of the failed response's mean token log-prob, and the cosine between the two Δθ (variants that adapt
+the same parameters as `paper`).
+
+A variant is a preset name (`paper`, `fast`) optionally followed by overrides joined with `-`:
+`L<N>` the last N layers (`all` every layer), `k<K>` the head metric's top-k (`k0` exact), `cg<N>`
+CG iterations, `bt<N>` backtracking halvings, `tr<X>` the trust region on ||Δθ||, `hidden` the hidden-state offset. `L4` = paper with LoRA
+on the last 4 layers only.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
-import time
 from pathlib import Path
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 from absl import app, flags, logging
+from jax.flatten_util import ravel_pytree
 
-from experiments.common import best_time
-from rosa2_jax.checkpoint import load_model
-from rosa2_jax.generation import SamplingConfig, generate
-from rosa2_jax.lora import LoraConfig, init_adapters
-from rosa2_jax.rosa import RosaConfig, UpdateBatch, rosa_update
+from experiments.common import best_time, define_model_flags, model_from_flags
+from rosa2_jax.data import load_problems
+from rosa2_jax.engine import HIDDEN_OFFSET_TOP_K, MATH_SYSTEM_PROMPT, PRESETS, WeightsPreset
+from rosa2_jax.generation import SamplingConfig, generate_padded, left_pad
+from rosa2_jax.lora import LoraConfig, init_adapters, parse_layers
+from rosa2_jax.rosa import RosaConfig, UpdateBatch, hidden_offset_update, rosa_update
+from rosa2_jax.tokenizer import render_chat
 
 FLAGS = flags.FLAGS
-flags.DEFINE_string("model", "smollm2-135m-instruct", "built-in name, folder, GGUF file or hub id")
-flags.DEFINE_list("sessions", ["1", "8", "32"], "session counts S")
-flags.DEFINE_integer("history_len", 128, "history tokens before the response")
-flags.DEFINE_integer("response_len", 256, "response tokens (rows of the Jacobian)")
-flags.DEFINE_list("memory_response_lens", ["64", "128", "256", "512"], "T values for the memory sweep (S=1)")
-flags.DEFINE_integer("loop_sessions", 2, "single-session updates timed for the loop baseline")
-flags.DEFINE_integer("cg_iters", 10, "CG iterations")
+define_model_flags()
+flags.DEFINE_list("sessions", ["1", "8"], "session counts S")
+flags.DEFINE_list("variants", ["paper", "fast"], "update variants (module doc); `paper` is the reference")
+flags.DEFINE_integer("history_len", 128, "history tokens before the response (prompts are left-padded to it)")
+flags.DEFINE_integer("response_len", 512, "response tokens (rows of the Jacobian)")
+flags.DEFINE_float("temperature", 0.7, "decoding temperature of the generated responses")
+flags.DEFINE_float("top_p", 0.8, "decoding nucleus mass")
 flags.DEFINE_bool("remat", True, "recompute layer activations in the JVP/VJP (False stores them: faster, more memory)")
+flags.DEFINE_list("memory_response_lens", [], "T values for a memory sweep of the last variant at S=1")
 flags.DEFINE_string("out", "runs/bench_update.json", "where to write the measurements")
 
 
-def make_batch(rng, cfg, sessions: int, history: int, response: int) -> UpdateBatch:
-    tokens = rng.randint(100, cfg.vocab_size, (sessions, history + response)).astype(np.int32)
-    return UpdateBatch(jnp.asarray(tokens), jnp.ones(tokens.shape, bool), jnp.full((sessions,), response, jnp.int32),
-                       jnp.full((sessions,), -1.0, jnp.float32), jnp.ones((sessions,), bool), window=response)
+def parse_variant(name: str) -> WeightsPreset:
+    base, *overrides = name.split("-")
+    if base not in PRESETS:
+        base, overrides = "paper", [base] + overrides
+    preset = PRESETS[base]
+    for o in overrides:
+        if o == "hidden":
+            preset = dataclasses.replace(preset, adapter="hidden")
+        elif o == "all":
+            preset = dataclasses.replace(preset, lora_layers="all")
+        elif o[:1] == "L" and o[1:].isdigit():
+            preset = dataclasses.replace(preset, lora_layers=f"last:{o[1:]}")
+        elif o[:1] == "k" and o[1:].isdigit():
+            preset = dataclasses.replace(preset, head_top_k=int(o[1:]))
+        elif o[:2] == "cg" and o[2:].isdigit():
+            preset = dataclasses.replace(preset, cg_iters=int(o[2:]))
+        elif o[:2] == "bt" and o[2:].isdigit():
+            preset = dataclasses.replace(preset, backtrack=int(o[2:]))
+        elif o[:2] == "tr" and o[2:].replace(".", "", 1).isdigit():
+            preset = dataclasses.replace(preset, max_step_norm=float(o[2:]))
+        else:
+            raise app.UsageError(f"variant {name!r}: unknown part {o!r} (see the module doc)")
+    return preset
 
 
-def peak_temp_bytes(params, adapters, batch, cfg, rosa) -> int:
-    compiled = rosa_update.lower(params, adapters, batch, cfg=cfg, rosa=rosa).compile()
-    return int(compiled.memory_analysis().temp_size_in_bytes)
+def real_sessions(model, count: int, history: int):
+    """Chat-template prompts of GSM8K questions that fit in `history` tokens."""
+    problems, _ = load_problems("gsm8k", seed=0, cache_dir=FLAGS.cache_dir)
+    prompts = []
+    for p in problems:
+        ids = render_chat(model.tokenizer, [{"role": "system", "content": MATH_SYSTEM_PROMPT},
+                                            {"role": "user", "content": p.question}])
+        if len(ids) <= history:
+            prompts.append(ids)
+        if len(prompts) == count:
+            return prompts
+    raise app.UsageError(f"fewer than {count} GSM8K prompts fit in --history_len={history}")
+
+
+def timed_compiled(jitted, *args, **static):
+    """(compiled call, seconds of one call): compiled ahead of time so that the time is the run's alone."""
+    compiled = jitted.lower(*args, **static).compile()
+    out = None
+
+    def call():
+        nonlocal out
+        out = jax.block_until_ready(compiled(*args))
+
+    return compiled, best_time(call, repeats=1), out
+
+
+def rosa_config(preset: WeightsPreset) -> RosaConfig:
+    return RosaConfig(cg_iters=preset.cg_iters, head_top_k=preset.head_top_k, backtrack=preset.backtrack,
+                      max_step_norm=preset.max_step_norm, remat=FLAGS.remat)
+
+
+def run_variant(model, preset: WeightsPreset, batch: UpdateBatch, S: int):
+    cfg, params = model.cfg, model.params
+    rosa = rosa_config(preset)
+    if preset.adapter == "hidden":
+        theta = jnp.zeros((S, cfg.hidden_size), jnp.float32)
+        compiled, seconds, (new, stats) = timed_compiled(
+            hidden_offset_update, params, theta, batch, cfg=cfg, rosa=rosa,
+            top_k=preset.head_top_k or HIDDEN_OFFSET_TOP_K)
+        deltas = None
+    else:
+        lora = LoraConfig(layers=parse_layers(preset.lora_layers, cfg.num_layers))
+        theta = init_adapters(cfg, lora, S, jax.random.key(0))  # same A on shared layers as `paper`
+        compiled, seconds, (new, stats) = timed_compiled(rosa_update, params, theta, batch, cfg=cfg, rosa=rosa)
+        deltas = [np.asarray(ravel_pytree(jax.tree.map(lambda a, b: a[s] - b[s], new.factors, theta.factors))[0])
+                  for s in range(S)]
+    return seconds, int(compiled.memory_analysis().temp_size_in_bytes), jax.device_get(stats), deltas
+
+
+def quality(stats, deltas, ref_stats, ref_deltas, same_parameters: bool) -> dict:
+    kl_drop = stats.kl_before - stats.kl_after
+    ref_kl_drop = ref_stats.kl_before - ref_stats.kl_after
+    lp_drop = stats.logp_before - stats.logp_after
+    ref_lp_drop = ref_stats.logp_before - ref_stats.logp_after
+    out = {"kl_after_over_before": float(np.mean(stats.kl_after / stats.kl_before)),
+           "kl_reduction_vs_paper": float(np.sum(kl_drop) / np.sum(ref_kl_drop)),
+           "logp_drop": float(np.mean(lp_drop)),
+           "logp_drop_vs_paper": float(np.sum(lp_drop) / np.sum(ref_lp_drop)),
+           "step_norm_sq": float(np.mean(stats.step_norm_sq)),
+           "backtracked": int(np.sum(stats.backtracks > 0)), "rejected": int(np.sum(stats.rejected)),
+           "cg_iters": float(np.mean(stats.cg_iters))}
+    if same_parameters:
+        out["cosine_vs_paper"] = float(np.mean([d @ r / max(np.linalg.norm(d) * np.linalg.norm(r), 1e-30)
+                                                for d, r in zip(deltas, ref_deltas)]))
+    return out
 
 
 def main(_):
     logging.set_verbosity(logging.WARNING)
-    model = load_model(FLAGS.model)
+    model = model_from_flags()
     cfg, params = model.cfg, model.params
-    rosa = RosaConfig(cg_iters=FLAGS.cg_iters, remat=FLAGS.remat)
-    lora = LoraConfig()
-    rng = np.random.RandomState(0)
     H, T = FLAGS.history_len, FLAGS.response_len
-
-    def run(adapters, batch):
-        new, stats = rosa_update(params, adapters, batch, cfg=cfg, rosa=rosa)
-        jax.block_until_ready(new.factors)
-        return stats
-
-    one = init_adapters(cfg, lora, 1, jax.random.key(0))
-    one_batch = make_batch(rng, cfg, 1, H, T)
-    stats = run(one, one_batch)  # compile
-    loop_s = best_time(lambda: [run(one, one_batch) for _ in range(FLAGS.loop_sessions)], repeats=1)
-    loop_per_session = loop_s / FLAGS.loop_sessions
-    print(f"model {FLAGS.model}; history {H}, response {T}; LoRA r={lora.rank} {lora.targets}; "
-          f"CG {rosa.cg_iters} iters (ran {int(stats.cg_iters[0])}); remat {rosa.remat}; devices {jax.devices()}")
-    print(f"loop: {loop_per_session:.2f} s per session")
-    print("| S | batched s/session | loop s/session | speed-up | peak temp memory | generation s (same turn) | update / generation |")
-    print("|---|---|---|---|---|---|---|")
+    variants = {"paper": parse_variant("paper")} | {v: parse_variant(v) for v in FLAGS.variants}
+    sessions = sorted(map(int, FLAGS.sessions))
+    prompts = real_sessions(model, max(sessions), H)
+    pad = model.tokenizer.pad_token_id if model.tokenizer.pad_token_id is not None else 0
+    sampling = SamplingConfig(max_new_tokens=T, temperature=FLAGS.temperature, top_p=FLAGS.top_p)
+    print(f"model {FLAGS.model}; history {H} (real GSM8K prompts, mean {np.mean([len(p) for p in prompts]):.0f} "
+          f"tokens), response {T}; remat {FLAGS.remat}; devices {jax.devices()}")
+    print("| S | variant | s/session | update / generation | peak temp | KL after/before | KL drop vs paper | "
+          "log-prob drop | vs paper | cosine Δθ vs paper | ||Δθ||² | backtracked / rejected |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|")
     rows = []
-    for S in map(int, FLAGS.sessions):
-        adapters = init_adapters(cfg, lora, S, jax.random.key(1))
-        batch = make_batch(rng, cfg, S, H, T)
-        run(adapters, batch)
-        t = best_time(lambda: run(adapters, batch), repeats=1)
-        mem = peak_temp_bytes(params, adapters, batch, cfg, rosa)
-        prompts = np.asarray(batch.tokens[:, :H]).tolist()
-        sampling = SamplingConfig(max_new_tokens=T)
-        generate(params, cfg, prompts, sampling, stop_token_ids=[], pad_id=0)
-        start = time.perf_counter()
-        generate(params, cfg, prompts, sampling, stop_token_ids=[], pad_id=0)
-        gen_s = time.perf_counter() - start
-        row = {"sessions": S, "batched_s_per_session": t / S, "loop_s_per_session": loop_per_session,
-               "speedup": loop_per_session / (t / S), "peak_temp_bytes": mem, "generation_s": gen_s,
-               "update_over_generation": t / gen_s}
-        rows.append(row)
-        print(f"| {S} | {t / S:.2f} | {loop_per_session:.2f} | {row['speedup']:.2f}x | {mem / 2**30:.2f} GiB | "
-              f"{gen_s:.1f} | {t / gen_s:.2f} |", flush=True)
-    print("\nmemory against response length (S=1): | T | peak temp | T x V x 4 bytes |")
+    for S in sessions:
+        tokens, valid = left_pad(prompts[:S], H, pad)
+        keys = jax.vmap(jax.random.key)(jnp.arange(S, dtype=jnp.uint32))
+        _, gen_s, (out, _, _) = timed_compiled(generate_padded, params, jnp.asarray(tokens), jnp.asarray(valid), keys,
+                                               None, None, cfg=cfg, sampling=sampling, stop_ids=(), pad_id=pad)
+        batch = UpdateBatch(jnp.concatenate([jnp.asarray(tokens), out], 1),
+                            jnp.concatenate([jnp.asarray(valid), jnp.ones(out.shape, bool)], 1),
+                            jnp.full((S,), T, jnp.int32), jnp.full((S,), -1.0, jnp.float32), jnp.ones((S,), bool),
+                            window=T)
+        ref_stats = ref_deltas = None
+        for name, preset in variants.items():
+            seconds, mem, stats, deltas = run_variant(model, preset, batch, S)
+            if name == "paper":
+                ref_stats, ref_deltas = stats, deltas
+            same = (preset.adapter, preset.lora_layers) == (variants["paper"].adapter, variants["paper"].lora_layers)
+            q = quality(stats, deltas, ref_stats, ref_deltas, same)
+            row = {"sessions": S, "variant": name, "preset": dataclasses.asdict(preset), "s_per_session": seconds / S,
+                   "generation_s": gen_s, "update_over_generation": seconds / gen_s, "peak_temp_bytes": mem} | q
+            rows.append(row)
+            cos = f"{q['cosine_vs_paper']:.3f}" if "cosine_vs_paper" in q else "n/a"
+            print(f"| {S} | {name} | {seconds / S:.2f} | {seconds / gen_s:.2f} | {mem / 2**30:.2f} GiB | "
+                  f"{q['kl_after_over_before']:.3f} | {q['kl_reduction_vs_paper']:.2f} | {q['logp_drop']:.4f} | "
+                  f"{q['logp_drop_vs_paper']:.2f} | {cos} | {q['step_norm_sq']:.3g} | {q['backtracked']} / {q['rejected']} |",
+                  flush=True)
+        print(f"(S={S}: generating the turn took {gen_s:.1f} s)", flush=True)
     mem_rows = []
-    for t_len in map(int, FLAGS.memory_response_lens):
-        b = make_batch(rng, cfg, 1, H, t_len)
-        mem = peak_temp_bytes(params, one, b, cfg, rosa)
-        mem_rows.append({"response_len": t_len, "peak_temp_bytes": mem, "full_probs_bytes": t_len * cfg.vocab_size * 4})
-        print(f"| {t_len} | {mem / 2**20:.0f} MiB | {t_len * cfg.vocab_size * 4 / 2**20:.0f} MiB |", flush=True)
-    out = Path(FLAGS.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps({"model": FLAGS.model, "history_len": H, "response_len": T, "rows": rows,
-                               "memory": mem_rows}, indent=2))
+    if FLAGS.memory_response_lens:
+        name, preset = list(variants.items())[-1]
+        print(f"\nmemory against response length, {name}, S=1: | T | peak temp | T x V x 4 bytes |")
+        for t_len in map(int, FLAGS.memory_response_lens):
+            toks = jnp.asarray(np.random.RandomState(0).randint(100, cfg.vocab_size, (1, H + t_len)), jnp.int32)
+            b = UpdateBatch(toks, jnp.ones(toks.shape, bool), jnp.full((1,), t_len, jnp.int32),
+                            jnp.full((1,), -1.0, jnp.float32), jnp.ones((1,), bool), window=t_len)
+            rosa = rosa_config(preset)
+            lora = LoraConfig(layers=parse_layers(preset.lora_layers, cfg.num_layers))
+            ad = init_adapters(cfg, lora, 1, jax.random.key(0))
+            mem = int(rosa_update.lower(params, ad, b, cfg=cfg, rosa=rosa).compile().memory_analysis().temp_size_in_bytes)
+            mem_rows.append({"response_len": t_len, "peak_temp_bytes": mem, "full_probs_bytes": t_len * cfg.vocab_size * 4})
+            print(f"| {t_len} | {mem / 2**20:.0f} MiB | {t_len * cfg.vocab_size * 4 / 2**20:.0f} MiB |", flush=True)
+    out_path = Path(FLAGS.out)
+    out_path.parent.mkdir(parents=True, exist_ok=True)
+    out_path.write_text(json.dumps({"model": FLAGS.model, "history_len": H, "response_len": T, "rows": rows,
+                                    "memory": mem_rows}, indent=2))
 
 
 if __name__ == "__main__":

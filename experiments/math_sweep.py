@@ -18,16 +18,18 @@ import time
 from pathlib import Path
 
 import jax
+import jax.numpy as jnp
 from absl import app, flags, logging
 from jax.sharding import Mesh
 from tqdm.auto import tqdm
 
 from experiments import common
 from experiments.common import define_model_flags, define_sampling_flags, model_from_flags, sampling_from_flags
+from rosa2_jax.checkpoint import load_model
 from rosa2_jax.data import load_problems
 from rosa2_jax.distributed import ProcessInfo, barrier, initialize, process_info, share
-from rosa2_jax.engine import METHODS, EngineConfig, Session, SessionEngine
-from rosa2_jax.lora import LoraConfig
+from rosa2_jax.engine import ADAPTERS, METHODS, PRESETS, EngineConfig, Session, SessionEngine
+from rosa2_jax.lora import LoraConfig, parse_layers
 from rosa2_jax.metrics import summarize
 from rosa2_jax.rewards import EQUIVALENCES
 from rosa2_jax.rosa import RESIDUALS, TILTS, RosaConfig
@@ -56,20 +58,34 @@ flags.DEFINE_integer("process_id", None, "this process's index (implies --distri
 define_sampling_flags(max_new_tokens=64, temperature=0.7, top_p=0.8)
 flags.DEFINE_integer("max_context", 384, "token budget per prompt + response; older turns are trimmed")
 flags.DEFINE_enum("equivalence", "math-verify", list(EQUIVALENCES), "math answer equivalence")
+flags.DEFINE_bool("boxed_only", True, "count only an answer in \\boxed{} (the paper's rule-based reward); "
+                  "--noboxed_only also reads GSM8K's last number and a choice letter outside a box")
 # weights stream
 flags.DEFINE_float("beta", 1.0, "KL temperature β")
 flags.DEFINE_enum("tilt", "token", list(TILTS), "sequence-to-token tilt (token = spec Option B, suffix = Option A)")
 flags.DEFINE_enum("residual", "prob", list(RESIDUALS), "probability or centred-logit residual")
-flags.DEFINE_integer("cg_iters", 10, "CG iterations")
+flags.DEFINE_enum("preset", "fast", list(PRESETS), "Weights stream preset: `paper` = the spec's step (q/v LoRA on "
+                  "every layer, exact head metric, 10 CG iterations); `fast` = the measured cost/quality point "
+                  "(BUILD_NOTES.md). --adapter, --lora_layers, --head_top_k, --cg_iters, --backtrack and "
+                  "--max_step_norm override it")
+flags.DEFINE_enum("adapter", None, list(ADAPTERS), "what the Weights stream adapts: LoRA factors or an offset of "
+                  "the final hidden state (default: the preset's)")
+flags.DEFINE_string("lora_layers", None, "adapted layers: all, last:N or I-J (default: the preset's)")
+flags.DEFINE_integer("head_top_k", None, "head metric inside CG on each row's top-k tokens plus its sampled one, "
+                     "0 = exact over the vocabulary (default: the preset's)")
+flags.DEFINE_integer("cg_iters", None, "CG iterations (default: the preset's)")
+flags.DEFINE_integer("backtrack", None, "halve a step that raises KL(pi*||pi) up to this many times, else keep the "
+                     "adapter; 0 = the plain step (default: the preset's)")
 flags.DEFINE_float("damping", 1e-4, "λ relative to mean diag(JᵀJ)")
-flags.DEFINE_float("max_step_norm", 1.0, "trust region on ||Δθ||")
+flags.DEFINE_float("max_step_norm", None, "trust region on ||Δθ|| (default: the preset's)")
 flags.DEFINE_integer("lora_rank", 8, "LoRA rank")
 flags.DEFINE_float("lora_alpha", 16.0, "LoRA alpha")
 flags.DEFINE_list("lora_targets", ["q", "v"], "LoRA targets (q,k,v,o,gate,up,down)")
 flags.DEFINE_enum("remat", "auto", ["auto", "on", "off"], "recompute activations in the ROSA update (less memory, "
                   "~30% slower); auto = on when slots x max_context exceeds 4096 tokens")
 # words stream
-flags.DEFINE_enum("text_model", "local", ["local", "openai", "rule"], "critic/rewriter engine")
+flags.DEFINE_string("text_model", "local", "critic/rewriter engine: local (the policy's own base weights), "
+                    "local:<model spec> (another local model, e.g. local:qwen2.5-coder-0.5b-instruct), openai, rule")
 flags.DEFINE_string("text_model_url", None, "OpenAI-compatible base URL (--text_model=openai)")
 flags.DEFINE_string("text_model_name", None, "model name on that server")
 flags.DEFINE_integer("critic_tokens", 96, "critique budget")
@@ -160,17 +176,38 @@ def plot(summary: dict, path: Path, max_turns: int) -> None:
     plt.close(fig)
 
 
-def engine_config(method: str, slots: int) -> EngineConfig:
+def weights_setting(name: str):
+    """A Weights-stream setting: its flag when given, else the preset's."""
+    value = getattr(FLAGS, name)
+    return getattr(PRESETS[FLAGS.preset], name) if value is None else value
+
+
+def engine_config(method: str, slots: int, num_layers: int) -> EngineConfig:
+    try:
+        layers = parse_layers(weights_setting("lora_layers"), num_layers)
+    except ValueError as e:
+        raise app.UsageError(f"--lora_layers: {e}") from None
     return EngineConfig(
         method=method, max_turns=FLAGS.max_turns, slots=slots,
         sampling=sampling_from_flags(),
         rosa=RosaConfig(beta=FLAGS.beta, tilt=FLAGS.tilt, residual=FLAGS.residual, damping=FLAGS.damping,
-                        cg_iters=FLAGS.cg_iters, max_step_norm=FLAGS.max_step_norm,
+                        cg_iters=weights_setting("cg_iters"), max_step_norm=weights_setting("max_step_norm"),
+                        head_top_k=weights_setting("head_top_k"), backtrack=weights_setting("backtrack"),
                         remat=FLAGS.remat == "on" or (FLAGS.remat == "auto" and slots * FLAGS.max_context > 4096)),
-        lora=LoraConfig(rank=FLAGS.lora_rank, alpha=FLAGS.lora_alpha, targets=tuple(FLAGS.lora_targets)),
+        lora=LoraConfig(rank=FLAGS.lora_rank, alpha=FLAGS.lora_alpha, targets=tuple(FLAGS.lora_targets),
+                        layers=layers),
+        adapter=weights_setting("adapter"),
         switch_turn=FLAGS.switch_turn, switch_first=FLAGS.switch_first, seed=FLAGS.seed,
-        equivalence=FLAGS.equivalence, critic_tokens=FLAGS.critic_tokens, rewrite_tokens=FLAGS.rewrite_tokens,
+        equivalence=FLAGS.equivalence, boxed_only=FLAGS.boxed_only, critic_tokens=FLAGS.critic_tokens, rewrite_tokens=FLAGS.rewrite_tokens,
         max_context=FLAGS.max_context)
+
+
+def text_model_from_flags(policy, mesh: Mesh):
+    kind, _, spec = FLAGS.text_model.partition(":")
+    if kind not in ("local", "openai", "rule") or (spec and kind != "local"):
+        raise app.UsageError(f"--text_model={FLAGS.text_model!r}: use local, local:<model spec>, openai or rule")
+    critic = load_model(spec, dtype=jnp.dtype(FLAGS.dtype), cache_dir=FLAGS.cache_dir, mesh=mesh) if spec else policy
+    return make_text_model(kind, model=critic, url=FLAGS.text_model_url, name=FLAGS.text_model_name)
 
 
 def build_mesh() -> Mesh:
@@ -209,7 +246,7 @@ def run_sweep(run_dir: Path, info: ProcessInfo) -> dict | None:
     if info.count > 1:
         print(f"process {info.index} of {info.count}: {total} problem runs to do", flush=True)
     model = model_from_flags(mesh)
-    text_model = make_text_model(FLAGS.text_model, model=model, url=FLAGS.text_model_url, name=FLAGS.text_model_name)
+    text_model = text_model_from_flags(model, mesh)
     data_size = mesh.shape["data"]
     start = time.time()
     with open(own_records, "a") as out, tqdm(total=total, desc="problems", unit="problem",
@@ -220,7 +257,7 @@ def run_sweep(run_dir: Path, info: ProcessInfo) -> dict | None:
             # A problem's trajectory does not depend on its slot, so small runs use only the slots they
             # fill (rounded up to split evenly over the mesh's data axis).
             slots = -(-min(FLAGS.slots, len(todo[method])) // data_size) * data_size
-            engine = SessionEngine(model, engine_config(method, slots), text_model, mesh=mesh)
+            engine = SessionEngine(model, engine_config(method, slots, model.cfg.num_layers), text_model, mesh=mesh)
 
             def finish(session: Session, method=method):
                 out.write(json.dumps(session_record(method, FLAGS.dataset, session)) + "\n")

@@ -26,16 +26,38 @@ from jax.sharding import Mesh
 from rosa2_jax.checkpoint import LoadedModel
 from rosa2_jax.data import Problem
 from rosa2_jax.generation import SamplingConfig, bucket_length, generate, left_pad
-from rosa2_jax.lora import LoraAdapters, LoraConfig, init_adapters
+from rosa2_jax.lora import LoraConfig, init_adapters
 from rosa2_jax.rewards import verify
-from rosa2_jax.rosa import RosaConfig, UpdateBatch, rosa_update
+from rosa2_jax.rosa import RosaConfig, UpdateBatch, hidden_offset_update, rosa_update
 from rosa2_jax.sharding import shard_batch
 from rosa2_jax.text_model import TextModel
 from rosa2_jax.tokenizer import render_chat, stop_token_ids
 from rosa2_jax.words import FEEDBACK_TEMPLATE, RefineRequest, refine_feedback, refine_system_prompt
 
 METHODS = ("baseline", "words", "textgrad", "rosa", "rosa2", "switch")
+ADAPTERS = ("lora", "hidden")  # what the Weights stream adapts: LoRA factors, or an offset of the final hidden state
+HIDDEN_OFFSET_TOP_K = 64  # support of the d x d head metric the offset step forms when rosa.head_top_k is 0 (exact)
+UPDATE_STATS = ("step_norm_sq", "residual_norm", "cg_rel_residual", "kl_before", "kl_after", "logp_before",
+                "logp_after", "damping")
 MATH_SYSTEM_PROMPT = "Please reason step by step, and put your final answer within \\boxed{}."
+
+
+@dataclasses.dataclass(frozen=True)
+class WeightsPreset:
+    """How the Weights stream is run: what it adapts and how exactly it solves (BUILD_NOTES.md, issue 10)."""
+
+    adapter: str  # one of ADAPTERS
+    lora_layers: str  # all | last:N | I-J (lora.parse_layers)
+    head_top_k: int  # RosaConfig.head_top_k (0 = exact head metric)
+    cg_iters: int
+    backtrack: int  # RosaConfig.backtrack (0 = the plain step)
+    max_step_norm: float  # RosaConfig.max_step_norm, the trust region on ||Δθ||
+
+
+PRESETS = {
+    "paper": WeightsPreset("lora", "all", 0, 10, 0, 1.0),  # spec 1.3-1.4: q/v of every layer, exact head, 10 CG
+    "fast": WeightsPreset("lora", "last:4", 64, 4, 3, 1.0),
+}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -46,12 +68,14 @@ class EngineConfig:
     sampling: SamplingConfig = SamplingConfig(max_new_tokens=512)
     rosa: RosaConfig = RosaConfig()
     lora: LoraConfig = LoraConfig()
+    adapter: str = "lora"
     system_prompt: str = MATH_SYSTEM_PROMPT
     feedback: str = FEEDBACK_TEMPLATE  # the raw x_{t+1}, the same for every method
     switch_turn: int = 5  # `switch`: first axis before this turn, the other from it on
     switch_first: str = "words"
     seed: int = 0
     equivalence: str = "math-verify"
+    boxed_only: bool = True  # count only a \boxed{} answer, as the paper's rule-based reward does
     critic_tokens: int = 512
     rewrite_tokens: int = 256
     max_context: int | None = None  # default: the model's window
@@ -61,6 +85,8 @@ class EngineConfig:
             raise ValueError(f"unknown method {self.method!r}; choose from {METHODS}")
         if self.switch_first not in ("words", "weights"):
             raise ValueError("switch_first must be words or weights")
+        if self.adapter not in ADAPTERS:
+            raise ValueError(f"unknown adapter {self.adapter!r}; choose from {ADAPTERS}")
 
     def axes(self, turn: int) -> tuple[bool, bool, bool]:
         """(words, weights, system prompt) adaptation after a failure at `turn`."""
@@ -108,8 +134,11 @@ class SessionEngine:
         self.uses_weights = any(cfg.axes(t)[1] for t in range(1, cfg.max_turns + 1))
         self.window = -(-cfg.sampling.max_new_tokens // cfg.rosa.position_chunk) * cfg.rosa.position_chunk
         self.max_prompt = (cfg.max_context or model.cfg.max_position_embeddings) - cfg.sampling.max_new_tokens
-        self.adapters = (shard_batch(init_adapters(model.cfg, cfg.lora, cfg.slots, jax.random.key(cfg.seed)), mesh)
-                         if self.uses_weights else None)
+        self.adapters = self.offsets = None
+        if self.uses_weights and cfg.adapter == "lora":
+            self.adapters = shard_batch(init_adapters(model.cfg, cfg.lora, cfg.slots, jax.random.key(cfg.seed)), mesh)
+        elif self.uses_weights:
+            self.offsets = shard_batch(jnp.zeros((cfg.slots, model.cfg.hidden_size), jnp.float32), mesh)
         self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="words")
 
     # ------------------------------------------------------------------ prompts
@@ -126,13 +155,14 @@ class SessionEngine:
             messages = messages[:1] + messages[3:]
 
     def _reset_slot(self, slot: int, problem: Problem):
+        if self.offsets is not None:
+            self.offsets = shard_batch(self.offsets.at[slot].set(0.0), self.mesh)
         if self.adapters is None:
             return
         key = jax.random.key(session_seed(self.cfg.seed, problem.id, 0))
         fresh = init_adapters(self.model.cfg, self.cfg.lora, 1, key)
-        self.adapters = shard_batch(LoraAdapters(
-            jax.tree.map(lambda a, f: a.at[slot].set(f[0]), self.adapters.factors, fresh.factors), self.adapters.scale),
-            self.mesh)
+        self.adapters = shard_batch(self.adapters.replace(
+            factors=jax.tree.map(lambda a, f: a.at[slot].set(f[0]), self.adapters.factors, fresh.factors)), self.mesh)
 
     # ------------------------------------------------------------------ one step of all slots
     def _generate(self, slots: dict[int, Session], prompts: dict[int, list[int]]):
@@ -140,7 +170,8 @@ class SessionEngine:
         seeds = [session_seed(self.cfg.seed, s.problem.id, s.turn) if (s := slots.get(i)) else 0
                  for i in range(self.cfg.slots)]
         return generate(self.model.params, self.model.cfg, rows, self.cfg.sampling, stop_token_ids=self.stop_ids,
-                        pad_id=self.pad_id, seeds=seeds, adapters=self.adapters, mesh=self.mesh)
+                        pad_id=self.pad_id, seeds=seeds, adapters=self.adapters, hidden_offset=self.offsets,
+                        mesh=self.mesh)
 
     def _update(self, failing: dict[int, tuple[list[int], list[int]]]):
         """ROSA step for the failing slots (others inactive and untouched). Returns per-slot stats."""
@@ -149,14 +180,23 @@ class SessionEngine:
             prompt, response = failing.get(i, ([self.pad_id], []))
             rows.append(prompt + response)
             lens.append(len(response))
-        length = bucket_length(max(max(len(r) for r in rows), self.window + 1))  # row 0 of the window needs a predecessor
+        # Rows of J are only the responses: the window covers the longest one (bucketed, so that a sweep
+        # compiles a few programs), not max_new_tokens, when every answer stopped early.
+        chunk = self.cfg.rosa.position_chunk
+        window = min(self.window, -(-bucket_length(max(lens)) // chunk) * chunk)
+        length = bucket_length(max(max(len(r) for r in rows), window + 1))  # row 0 of the window needs a predecessor
         tokens, valid = left_pad(rows, length, self.pad_id)
-        batch = shard_batch(UpdateBatch(jnp.asarray(tokens), jnp.asarray(valid), jnp.asarray(np.minimum(lens, self.window)),
+        batch = shard_batch(UpdateBatch(jnp.asarray(tokens), jnp.asarray(valid), jnp.asarray(np.minimum(lens, window)),
                             jnp.full((self.cfg.slots,), -1.0, jnp.float32),
-                            jnp.asarray([i in failing for i in range(self.cfg.slots)]), window=self.window),
+                            jnp.asarray([i in failing for i in range(self.cfg.slots)]), window=window),
                             self.mesh)
-        self.adapters, stats = rosa_update(self.model.params, self.adapters, batch, cfg=self.model.cfg,
-                                           rosa=self.cfg.rosa)
+        if self.offsets is not None:
+            self.offsets, stats = hidden_offset_update(self.model.params, self.offsets, batch, cfg=self.model.cfg,
+                                                       rosa=self.cfg.rosa,
+                                                       top_k=self.cfg.rosa.head_top_k or HIDDEN_OFFSET_TOP_K)
+        else:
+            self.adapters, stats = rosa_update(self.model.params, self.adapters, batch, cfg=self.model.cfg,
+                                               rosa=self.cfg.rosa)
         return stats
 
     def _refine(self, requests: list[tuple[int, RefineRequest]], system: bool):
@@ -181,7 +221,7 @@ class SessionEngine:
         for i, s in slots.items():
             text = self.tok.decode(gens[i].tokens, skip_special_tokens=True)
             responses[i] = text
-            verdict = verify(s.problem, text, equivalence=cfg.equivalence)
+            verdict = verify(s.problem, text, equivalence=cfg.equivalence, boxed_only=cfg.boxed_only)
             s.turns.append({"turn": s.turn, "user": s.messages[-1]["content"], "system_prompt": s.system_prompt,
                             "response": text, "extracted": verdict.extracted, "reward": verdict.reward,
                             "response_tokens": len(gens[i].tokens), "finish_reason": gens[i].finish_reason,
@@ -221,10 +261,9 @@ class SessionEngine:
                 continue
             _, weights, system = cfg.axes(s.turn)
             if weights:
-                record["update"] = {k: float(np.asarray(getattr(stats, k))[i]) for k in
-                                    ("step_norm_sq", "residual_norm", "cg_rel_residual", "kl_before", "kl_after",
-                                     "damping")} | {"cg_iters": int(stats.cg_iters[i]),
-                                                    "nonfinite": bool(stats.nonfinite[i])}
+                record["update"] = {k: float(np.asarray(getattr(stats, k))[i]) for k in UPDATE_STATS} | {
+                    "cg_iters": int(stats.cg_iters[i]), "backtracks": int(stats.backtracks[i]),
+                    "rejected": bool(stats.rejected[i]), "nonfinite": bool(stats.nonfinite[i])}
                 record["step_norm_sq"] = record["update"]["step_norm_sq"]
             message = cfg.feedback
             if i in refined:

@@ -43,13 +43,39 @@ class LoraConfig:
     def scale(self) -> float:
         return self.alpha / self.rank
 
+    def first_layer(self) -> int:
+        return min(self.layers) if self.layers is not None else 0
+
+
+def parse_layers(spec: str, num_layers: int) -> tuple[int, ...] | None:
+    """`all` (None), `last:N` (the top N layers, every layer when N >= L) or `I-J` (inclusive) as
+    LoraConfig.layers."""
+    try:
+        if spec == "all":
+            return None
+        if spec.startswith("last:"):
+            n = int(spec[5:])
+            lo, hi = (max(num_layers - n, 0) if n >= 1 else -1), num_layers - 1
+        else:
+            lo, hi = map(int, spec.split("-"))
+    except ValueError:
+        lo = hi = -1
+    if not 0 <= lo <= hi < num_layers:
+        raise ValueError(f"LoRA layers {spec!r} invalid for a {num_layers}-layer model; use all, last:N "
+                         f"(N >= 1) or I-J (0 <= I <= J < {num_layers})")
+    return tuple(range(lo, hi + 1))
+
 
 @struct.dataclass
 class LoraAdapters:
-    """factors[target] = (A [S, L, d_in, r], B [S, L, r, d_out]); scale = alpha / rank."""
+    """factors[target] = (A [S, L, d_in, r], B [S, L, r, d_out]); scale = alpha / rank.
+
+    Layers below `first_layer` hold zero factors: the ROSA update runs them once, without tangents.
+    """
 
     factors: dict[str, tuple[Array, Array]]
     scale: float = struct.field(pytree_node=False, default=1.0)
+    first_layer: int = struct.field(pytree_node=False, default=0)
 
     def per_layer(self) -> dict[str, tuple[Array, Array]]:
         """Layer-major view [L, S, ...] for scanning over layers."""
@@ -76,7 +102,7 @@ def init_adapters(cfg: ModelConfig, lora: LoraConfig, num_sessions: int, key: ja
         a = jax.random.normal(k, (num_sessions, cfg.num_layers, d_in, lora.rank), jnp.float32) / jnp.sqrt(d_in)
         a = a * layer_on[None, :, None, None]
         factors[target] = (a, jnp.zeros((num_sessions, cfg.num_layers, lora.rank, d_out), jnp.float32))
-    return LoraAdapters(factors, lora.scale)
+    return LoraAdapters(factors, lora.scale, lora.first_layer())
 
 
 def reset_sessions(adapters: LoraAdapters, fresh: LoraAdapters, sessions: Bool[Array, "S"]) -> LoraAdapters:
@@ -84,16 +110,17 @@ def reset_sessions(adapters: LoraAdapters, fresh: LoraAdapters, sessions: Bool[A
     def pick(new, old):
         return jnp.where(sessions.reshape((-1,) + (1,) * (old.ndim - 1)), new, old)
 
-    return LoraAdapters(jax.tree.map(pick, fresh.factors, adapters.factors), adapters.scale)
+    return adapters.replace(factors=jax.tree.map(pick, fresh.factors, adapters.factors))
 
 
 def save_adapters(path: str | os.PathLike, adapters: LoraAdapters) -> None:
     with local_checkpointer() as ckptr:
-        ckptr.save(Path(path).absolute(), {"factors": adapters.factors, "scale": jnp.float32(adapters.scale)})
+        ckptr.save(Path(path).absolute(), {"factors": adapters.factors, "scale": jnp.float32(adapters.scale),
+                                           "first_layer": jnp.int32(adapters.first_layer)})
 
 
 def load_adapters(path: str | os.PathLike) -> LoraAdapters:
     with local_checkpointer() as ckptr:
         tree = ckptr.restore(Path(path).absolute())
     factors = {t: (jnp.asarray(ab[0]), jnp.asarray(ab[1])) for t, ab in tree["factors"].items()}
-    return LoraAdapters(factors, float(tree["scale"]))
+    return LoraAdapters(factors, float(tree["scale"]), int(tree["first_layer"]))

@@ -214,8 +214,11 @@ def decoder_hidden(
     adapters: LoraAdapters | None = None,
     remat: bool = False,
     lora_kernel: bool = False,
+    layers: tuple[int, int] | None = None,
+    inputs: Float[Array, "B T d"] | None = None,
+    final_norm: bool = True,
 ) -> tuple[Float[Array, "B T d"], KVCache | None]:
-    """Hidden states after the final norm.
+    """Hidden states after the final norm (before it with `final_norm=False`).
 
     Without a cache: causal self-attention over `tokens` (teacher forcing).
     With a cache: the new tokens go to slots [cache_index, cache_index + T). A chunk of T > 1 tokens
@@ -225,10 +228,13 @@ def decoder_hidden(
     `valid` marks real tokens; padding is never attended to. `remat` recomputes each layer's
     activations when differentiating instead of storing them (used by the ROSA update). `lora_kernel`
     applies adapters with the Pallas kernel (forward only; GPU/TPU) instead of the jnp reference.
+    `layers=(a, b)` runs only layers [a, b) (without a cache; `adapters` then cover those layers only),
+    indexing the stacked weights in place rather than copying a slice of them; `inputs` replaces the
+    embedding as the residual stream entering layer a. The ROSA update runs a trunk in two such parts.
     """
     B, T = tokens.shape
     inv_freq = rope_inv_freq(cfg)
-    x = params["embed"][tokens]
+    x = params["embed"][tokens] if inputs is None else inputs
     self_mask = jnp.tril(jnp.ones((T, T), bool))[None] & valid[:, None, :]
     decoding = cache is not None and T == 1
     if decoding:
@@ -239,6 +245,8 @@ def decoder_hidden(
 
     def layer(x, xs):
         lp, la, layer_cache = xs
+        if layers is not None:  # lp is the layer's index into the stack
+            lp = jax.tree.map(lambda w: w[lp], params["layers"])
         h = rms_norm(x, lp["attn_norm"], cfg.rms_norm_eps)
         q = _linear(h, lp, la, "q", scale, lora_kernel).reshape(B, T, cfg.num_heads, cfg.head_dim)
         k = _linear(h, lp, la, "k", scale, lora_kernel).reshape(B, T, cfg.num_kv_heads, cfg.head_dim)
@@ -260,8 +268,10 @@ def decoder_hidden(
 
     layer_caches = (cache.k, cache.v) if decoding else None
     x, new_kv = jax.lax.scan(jax.checkpoint(layer) if remat else layer, x,
-                             (params["layers"], layer_adapters, layer_caches))
-    x = rms_norm(x, params["final_norm"], cfg.rms_norm_eps)
+                             (params["layers"] if layers is None else jnp.arange(*layers), layer_adapters,
+                              layer_caches))
+    if final_norm:
+        x = rms_norm(x, params["final_norm"], cfg.rms_norm_eps)
     if cache is None:
         return x, None
     new_k = jnp.transpose(new_kv[0], (0, 1, 3, 4, 2)).astype(cache.k.dtype)  # [L,B,T,K,D] -> [L,B,K,D,T]

@@ -46,12 +46,16 @@ class RosaConfig:
     max_step_norm: float = 1.0  # trust region on ||Δθ||
     position_chunk: int = 64  # positions per pass through the LM head
     remat: bool = True  # recompute layer activations in the JVP/VJP instead of storing them
+    head_top_k: int = 0  # head metric inside CG on each row's top-k tokens + its sampled one (0 = exact)
+    backtrack: int = 0  # halve a step that raises KL(p*||p) up to this many times, else keep the adapter
 
     def __post_init__(self):
         if self.tilt not in TILTS or self.residual not in RESIDUALS:
             raise ValueError(f"tilt must be one of {TILTS} and residual one of {RESIDUALS}; got {self}")
         if self.damping_mode not in ("relative", "fixed") or self.beta <= 0:
             raise ValueError(f"damping_mode must be relative|fixed and beta > 0; got {self}")
+        if self.head_top_k < 0 or self.backtrack < 0 or self.cg_iters < 1:
+            raise ValueError(f"head_top_k and backtrack must be >= 0 and cg_iters >= 1; got {self}")
 
 
 @struct.dataclass
@@ -78,7 +82,11 @@ class UpdateStats:
     cg_rel_residual: Float[Array, "S"]  # ||JᵀR - (JᵀJ + λ)Δθ|| / ||JᵀR|| at exit
     kl_before: Float[Array, "S"]  # mean over response positions of KL(p*_i || p_i(θ))
     kl_after: Float[Array, "S"]  # ... of KL(p*_i || p_i(θ + ηΔθ))
+    logp_before: Float[Array, "S"]  # mean log p_i(y_i) of the judged response under θ
+    logp_after: Float[Array, "S"]  # ... under the adapter kept
     damping: Float[Array, "S"]
+    backtracks: Int[Array, "S"]  # halvings applied to the step (RosaConfig.backtrack)
+    rejected: Bool[Array, "S"]  # every tried step raised KL; the adapter was kept
     nonfinite: Bool[Array, "S"]  # the step was not finite; the adapter was kept
     updated: Bool[Array, "S"]
 
@@ -159,6 +167,13 @@ def _softmax_jacobian(p, u):
     return p * (u - jnp.sum(p * u, axis=-1, keepdims=True))
 
 
+def vocab_support(p: Float[Array, "C V"], y: Int[Array, "C"], top_k: int) -> Int[Array, "C k"]:
+    """Each row's top-k tokens plus its sampled one (all V tokens when top_k >= V - 1)."""
+    k = min(top_k + 1, p.shape[-1])
+    boosted = p.at[jnp.arange(p.shape[0]), y].set(2.0)  # probabilities are <= 1: the sampled token comes first
+    return jax.lax.top_k(boosted, k)[1]
+
+
 class HeadTerms(NamedTuple):
     """What the vocabulary side contributes, per row, in hidden space."""
 
@@ -166,6 +181,7 @@ class HeadTerms(NamedTuple):
     residual_sq: Float[Array, "W"]
     kl: Float[Array, "W"]  # KL(p*_i || p_i)
     log_w: Float[Array, "W"]
+    logp_y: Float[Array, "W"]  # log p_i[y_i]
     metric: Callable[[Array], Array]  # g [W, d] -> per-row W_Uᵀ A_i² W_U g_i (masked)
 
 
@@ -176,12 +192,14 @@ def centred_head_gram(w_head: Float[Array, "d V"]) -> Float[Array, "d d"]:
 
 
 def head_terms(h, targets, maskf, reward, w_head, rosa: RosaConfig) -> HeadTerms:
+    """Exact full-vocabulary right-hand side, residual and KL; the metric exact or on a top-k support."""
     C = rosa.position_chunk
     # Pass 1: log p_i[y_i] (the suffix tilt needs all of them before any residual).
     logp_y = _chunked(lambda hc, yc: jnp.log(_target_prob(_softmax_chunk(hc, w_head), yc)), C, h, targets)
     log_w = tilt_log_weights(logp_y, maskf > 0, reward, rosa)
+    truncated = rosa.residual == "prob" and rosa.head_top_k > 0
 
-    # Pass 2: the right-hand side in hidden space, ||R_i||² and KL(p*_i || p_i).
+    # Pass 2: the right-hand side in hidden space, ||R_i||², KL(p*_i || p_i) and the metric's support.
     def rhs_chunk(hc, yc, lwc, mc):
         p = _softmax_chunk(hc, w_head)
         resid, log_z, p_y = _tilted_residual(p, yc, lwc)
@@ -192,11 +210,22 @@ def head_terms(h, targets, maskf, reward, w_head, rosa: RosaConfig) -> HeadTerms
         else:  # centred log-prob residual log w_i (e_y - 1/V): Jᵀ R = log w_i (W_U[y] - mean_v W_U[v])
             rhs = lwc[:, None] * (w_head.T[yc] - jnp.mean(w_head, axis=1)) * mc[:, None]
             r2 = lwc**2 * (1.0 - 1.0 / p.shape[-1])
-        return rhs, r2 * mc, kl * mc
+        if not truncated:
+            return rhs, r2 * mc, kl * mc
+        support = vocab_support(p, yc, rosa.head_top_k)
+        return rhs, r2 * mc, kl * mc, support, jnp.take_along_axis(p, support, -1)
 
-    rhs_rows, r2, kl = _chunked(rhs_chunk, C, h, targets, log_w, maskf)
+    rhs_rows, r2, kl, *support_terms = _chunked(rhs_chunk, C, h, targets, log_w, maskf)
 
-    if rosa.residual == "prob":
+    if truncated:  # computed once per update: each CG product is then O(W k d), not O(W V d)
+        support, p_support = support_terms
+        w_support = jnp.take(w_head.T, support, axis=0)  # [W, k, d]
+
+        def metric(g):
+            u = jnp.einsum("wkd,wd->wk", w_support, g)
+            a = _softmax_jacobian(p_support, _softmax_jacobian(p_support, u))
+            return jnp.einsum("wk,wkd->wd", a, w_support) * maskf[:, None]
+    elif rosa.residual == "prob":
         def metric(g):  # W_Uᵀ A_i² W_U g_i per row, chunked over positions
             def chunk(hc, gc, mc):
                 p = _softmax_chunk(hc, w_head)
@@ -209,29 +238,10 @@ def head_terms(h, targets, maskf, reward, w_head, rosa: RosaConfig) -> HeadTerms
         def metric(g):
             return (g @ centred) * maskf[:, None]
 
-    return HeadTerms(rhs_rows, r2, kl, log_w, metric)
+    return HeadTerms(rhs_rows, r2, kl, log_w, logp_y, metric)
 
 
 # ---------------------------------------------------------------- one session
-class GaussNewtonSystem(NamedTuple):
-    """The damped normal equations of one session, matrix-free.
-
-    rhs = JᵀR; gram(v) = JᵀJ v; (gram + damping·I) Δθ = rhs. Per-row quantities are over the window.
-    """
-
-    rhs: Any  # pytree like theta
-    gram: Callable[[Any], Any]
-    damping: Array
-    trunk: Callable[[Any], Array]  # theta -> hidden rows [W, d] (accumulation dtype)
-    hidden: Float[Array, "W d"]
-    targets: Int[Array, "W"]
-    w_head: Float[Array, "d V"]
-    log_w: Float[Array, "W"]  # log of the tilt factor of each row's sampled token
-    row_mask: Float[Array, "W"]
-    residual_sq: Float[Array, "W"]  # ||R_i||²
-    kl: Float[Array, "W"]  # KL(p*_i || p_i)
-
-
 class ResponseWindow(NamedTuple):
     """The rows of J: the last `window` positions of one session's [history ; response] row."""
 
@@ -242,28 +252,48 @@ class ResponseWindow(NamedTuple):
 
 
 def response_window(params, tokens, valid, response_len, *, cfg: ModelConfig, scale: float, window: int,
-                    remat: bool) -> ResponseWindow:
+                    remat: bool, first_layer: int = 0) -> ResponseWindow:
+    """`hidden(θ)` runs layers [first_layer, L) only: the layers below hold no adapter, so they run once
+    here, without tangents or remat, and every JVP/VJP starts from their output."""
     T, W = tokens.shape[0], window
     positions = positions_from_valid(valid[None])
     acc = accumulation_dtype(params["embed"].dtype)  # float32 (float64 in x64 checks)
+    inputs, upper = None, None
+    if first_layer > 0:
+        inputs, _ = decoder_hidden(params, tokens[None], positions, valid[None], cfg=cfg, layers=(0, first_layer),
+                                   final_norm=False)
+        upper = (first_layer, cfg.num_layers)
 
     def hidden(th):
-        adapters = None if th is None else LoraAdapters(jax.tree.map(lambda x: x[None], th), scale)
-        h, _ = decoder_hidden(params, tokens[None], positions, valid[None], cfg=cfg, adapters=adapters, remat=remat)
+        adapters = None if th is None else LoraAdapters(jax.tree.map(lambda x: x[None, first_layer:], th), scale)
+        h, _ = decoder_hidden(params, tokens[None], positions, valid[None], cfg=cfg, adapters=adapters, remat=remat,
+                              layers=upper, inputs=inputs)
         return h[0, T - W - 1: T - 1].astype(acc)  # row i predicts tokens[T - W + i]
 
     return ResponseWindow(hidden, tokens[T - W:], (jnp.arange(W) >= W - response_len).astype(acc),
                           head_weight(params, cfg).astype(acc))
 
 
+class GaussNewtonSystem(NamedTuple):
+    """The damped normal equations of one session, matrix-free: (gram + damping·I) Δθ = rhs, rhs = JᵀR,
+    gram(v) = JᵀJ v, with the response window and head terms they were built from."""
+
+    rhs: Any  # pytree like theta
+    gram: Callable[[Any], Any]
+    damping: Array
+    window: ResponseWindow
+    hidden: Float[Array, "W d"]  # at the current θ
+    head: HeadTerms
+
+
 def gauss_newton_system(params, theta, tokens, valid, response_len, reward, *, cfg: ModelConfig,
-                        rosa: RosaConfig, scale: float, window: int) -> GaussNewtonSystem:
-    win = response_window(params, tokens, valid, response_len, cfg=cfg, scale=scale, window=window, remat=rosa.remat)
-    trunk, targets, maskf, w_head = win
-    h, jvp = jax.linearize(trunk, theta)
+                        rosa: RosaConfig, scale: float, window: int, first_layer: int = 0) -> GaussNewtonSystem:
+    win = response_window(params, tokens, valid, response_len, cfg=cfg, scale=scale, window=window,
+                          remat=rosa.remat, first_layer=first_layer)
+    h, jvp = jax.linearize(win.hidden, theta)
     vjp = jax.linear_transpose(jvp, theta)
 
-    head = head_terms(h, targets, maskf, reward, w_head, rosa)
+    head = head_terms(h, win.targets, win.row_mask, reward, win.w_head, rosa)
 
     def gram(v):
         (out,) = vjp(head.metric(jvp(v)))
@@ -279,62 +309,92 @@ def gauss_newton_system(params, theta, tokens, valid, response_len, reward, *, c
         damping = rosa.damping * jnp.sum(gz * head.metric(gz)) / n_params + 1e-12
     else:
         damping = jnp.asarray(rosa.damping, h.dtype)
-    return GaussNewtonSystem(rhs, gram, damping, trunk, h, targets, w_head, head.log_w, maskf, head.residual_sq,
-                             head.kl)
+    return GaussNewtonSystem(rhs, gram, damping, win, h, head)
 
 
-def kl_to_target(hidden_old, hidden_new, targets, log_w, row_mask, w_head, chunk: int) -> Float[Array, "W"]:
-    """KL(p*_i || p_i(θ')) per row, p* built from the policy at `hidden_old` (the one that was tilted)."""
+def kl_to_target(hidden_old, hidden_new, targets, log_w, row_mask, w_head, chunk: int):
+    """(KL(p*_i || p_i(θ')), log p_i(θ')[y_i]) per row, p* built from the policy at `hidden_old` (the one
+    that was tilted). Exact over the full vocabulary, streamed in chunks of positions."""
     def one(hc, hnc, yc, lwc, mc):
         p = _softmax_chunk(hc, w_head)
         resid, _, _ = _tilted_residual(p, yc, lwc)
         p_star = p + resid
         logp_new = jax.nn.log_softmax(jnp.dot(hnc, w_head, preferred_element_type=w_head.dtype), -1)
-        return jnp.sum(jax.scipy.special.xlogy(p_star, p_star) - p_star * logp_new, -1) * mc
+        kl = jnp.sum(jax.scipy.special.xlogy(p_star, p_star) - p_star * logp_new, -1)
+        return kl * mc, _target_prob(logp_new, yc) * mc
 
     return _chunked(one, chunk, hidden_old, hidden_new, targets, log_w, row_mask)
 
 
-def _finish(theta, delta, active, residual_sq, kl, row_mask, kl_after_fn, iters, rel, damping, rosa: RosaConfig):
-    """Trust region, step, KL after, non-finite guard and stats; shared by both adapter kinds."""
+def _finish(theta, delta, active, head: HeadTerms, row_mask, evaluate, iters, rel, damping, rosa: RosaConfig):
+    """Trust region, step with backtracking, non-finite guard and stats; shared by both adapter kinds.
+
+    `evaluate(θ')` gives per-row (KL(p*||p(θ')), log p(θ')[y]). With rosa.backtrack > 0 a step that
+    does not lower the mean KL is halved up to that many times; if none does, the adapter is kept.
+    """
     norm = jnp.sqrt(_vdot(delta, delta))
     shrink = jnp.minimum(1.0, rosa.max_step_norm / jnp.maximum(norm, 1e-30))  # trust region
     step = jax.tree.map(lambda d: rosa.step_scale * shrink * d, delta)
+    n_rows = jnp.maximum(jnp.sum(row_mask), 1.0)
+    kl_before = jnp.sum(head.kl) / n_rows
+    logp_before = jnp.sum(head.logp_y * row_mask) / n_rows
+
+    def try_step(halvings):
+        kl_rows, logp_rows = evaluate(_axpy(0.5 ** halvings, step, theta))
+        return jnp.sum(kl_rows) / n_rows, jnp.sum(logp_rows) / n_rows
+
+    kl_new, logp_new = try_step(0)
+    halvings = jnp.int32(0)
+    improved = jnp.bool_(True)
+    if rosa.backtrack > 0:
+        def cond(state):
+            j, kl, _ = state
+            return (j < rosa.backtrack) & ~(kl <= kl_before)
+
+        def body(state):
+            j = state[0] + 1
+            return (j, *try_step(j.astype(kl_before.dtype)))
+
+        halvings, kl_new, logp_new = jax.lax.while_loop(cond, body, (halvings, kl_new, logp_new))
+        improved = kl_new <= kl_before
+    factor = 0.5 ** halvings.astype(kl_before.dtype)
+    step = jax.tree.map(lambda d: factor * d, step)
     new_theta = jax.tree.map(jnp.add, theta, step)
     step_norm_sq = _vdot(step, step)
-    kl_new = kl_after_fn(new_theta)
-    n_rows = jnp.maximum(jnp.sum(row_mask), 1.0)
-    kl_before = jnp.sum(kl) / n_rows
-    finite = jnp.isfinite(step_norm_sq) & jnp.isfinite(jnp.sum(kl_new)) & jnp.isfinite(rel)
-    updated = active & finite
+    finite = jnp.isfinite(step_norm_sq) & jnp.isfinite(kl_new) & jnp.isfinite(rel)
+    updated = active & finite & improved
     stats = UpdateStats(
         step_norm_sq=jnp.where(updated, step_norm_sq, 0.0),
-        residual_norm=jnp.sqrt(jnp.sum(residual_sq)),
+        residual_norm=jnp.sqrt(jnp.sum(head.residual_sq)),
         cg_iters=jnp.asarray(iters, jnp.int32),
         cg_rel_residual=rel,
         kl_before=kl_before,
-        kl_after=jnp.where(updated, jnp.sum(kl_new) / n_rows, kl_before),
+        kl_after=jnp.where(updated, kl_new, kl_before),
+        logp_before=logp_before,
+        logp_after=jnp.where(updated, logp_new, logp_before),
         damping=damping,
+        backtracks=jnp.where(active & finite, halvings, 0),
+        rejected=active & finite & ~improved,
         nonfinite=active & ~finite,
         updated=updated,
     )
-    # where(False, new, old) returns old exactly: inactive and non-finite sessions keep their bits.
+    # where(False, new, old) returns old exactly: inactive, rejected and non-finite sessions keep their bits.
     return jax.tree.map(lambda new, old: jnp.where(updated, new, old), new_theta, theta), stats
 
 
 def _session_update(params, theta, tokens, valid, response_len, reward, active, *, cfg: ModelConfig,
-                    rosa: RosaConfig, scale: float, window: int):
+                    rosa: RosaConfig, scale: float, window: int, first_layer: int):
     system = gauss_newton_system(params, theta, tokens, valid, response_len, reward, cfg=cfg, rosa=rosa,
-                                 scale=scale, window=window)
+                                 scale=scale, window=window, first_layer=first_layer)
     delta, iters, rel = conjugate_gradient(lambda v: _axpy(system.damping, v, system.gram(v)), system.rhs,
                                            rosa.cg_iters, rosa.cg_tol)
+    win, head = system.window, system.head
 
-    def kl_after(new_theta):
-        return kl_to_target(system.hidden, system.trunk(new_theta), system.targets, system.log_w, system.row_mask,
-                            system.w_head, rosa.position_chunk)
+    def evaluate(new_theta):
+        return kl_to_target(system.hidden, win.hidden(new_theta), win.targets, head.log_w, win.row_mask,
+                            win.w_head, rosa.position_chunk)
 
-    return _finish(theta, delta, active, system.residual_sq, system.kl, system.row_mask, kl_after, iters, rel,
-                   system.damping, rosa)
+    return _finish(theta, delta, active, head, win.row_mask, evaluate, iters, rel, system.damping, rosa)
 
 
 def _over_sessions(session_fn, params, theta, batch: UpdateBatch, rosa: RosaConfig):
@@ -349,23 +409,21 @@ def _over_sessions(session_fn, params, theta, batch: UpdateBatch, rosa: RosaConf
 def rosa_update(params: Params, adapters: LoraAdapters, batch: UpdateBatch, *, cfg: ModelConfig,
                 rosa: RosaConfig) -> tuple[LoraAdapters, UpdateStats]:
     """One ROSA step for every session (vmapped); only active sessions change."""
-    fn = functools.partial(_session_update, cfg=cfg, rosa=rosa, scale=adapters.scale, window=batch.window)
+    fn = functools.partial(_session_update, cfg=cfg, rosa=rosa, scale=adapters.scale, window=batch.window,
+                           first_layer=adapters.first_layer)
     new_factors, stats = _over_sessions(fn, params, adapters.factors, batch, rosa)
-    return LoraAdapters(new_factors, adapters.scale), stats
+    return adapters.replace(factors=new_factors), stats
 
 
 # ---------------------------------------------------------------- hidden-state offset variant ("HS")
 def support_gram(h, targets, maskf, w_head, top_k: int, chunk: int) -> Float[Array, "d d"]:
     """Σ_i W_Uᵀ A_i² W_U with A_i restricted to row i's top-k tokens plus its sampled token.
 
-    Exact when top_k >= V; otherwise the truncation the spec allows (k >= 64) to form a d x d matrix.
+    Exact when top_k >= V - 1; otherwise the truncation the spec allows (k >= 64) to form a d x d matrix.
     """
-    k = min(top_k, w_head.shape[1])
-
     def one(hc, yc, mc):
         p = _softmax_chunk(hc, w_head)
-        boosted = p.at[jnp.arange(p.shape[0]), yc].set(2.0)  # the sampled token is always in the support
-        idx = jax.lax.top_k(boosted, k)[1]
+        idx = vocab_support(p, yc, top_k)
         pk = jnp.take_along_axis(p, idx, -1)
         a = jax.vmap(jnp.diag)(pk) - pk[:, :, None] * pk[:, None, :]  # A_i on the support [C, k, k]
         m = jnp.einsum("cjk,ckd->cjd", a, w_head.T[idx])  # A_i W_Kᵀ [C, k, d]
@@ -376,26 +434,26 @@ def support_gram(h, targets, maskf, w_head, top_k: int, chunk: int) -> Float[Arr
 
 def _offset_session_update(params, delta, tokens, valid, response_len, reward, active, *, cfg: ModelConfig,
                            rosa: RosaConfig, window: int, top_k: int):
-    hidden, targets, maskf, w_head = response_window(params, tokens, valid, response_len, cfg=cfg, scale=1.0,
-                                                     window=window, remat=False)
-    h0 = hidden(None)
+    win = response_window(params, tokens, valid, response_len, cfg=cfg, scale=1.0, window=window, remat=False)
+    h0 = win.hidden(None)
     acc = h0.dtype
-    head = head_terms(h0 + delta, targets, maskf, reward, w_head, rosa)  # J_h = I: θ is the hidden offset
+    head = head_terms(h0 + delta, win.targets, win.row_mask, reward, win.w_head, rosa)  # J_h = I: θ is the offset
     rhs = jnp.sum(head.rhs_rows, axis=0)
     if rosa.residual == "prob":
-        gram = support_gram(h0 + delta, targets, maskf, w_head, top_k, rosa.position_chunk)
+        gram = support_gram(h0 + delta, win.targets, win.row_mask, win.w_head, top_k, rosa.position_chunk)
     else:
-        gram = jnp.sum(maskf) * centred_head_gram(w_head)
+        gram = jnp.sum(win.row_mask) * centred_head_gram(win.w_head)
     d = gram.shape[0]
     damping = rosa.damping * jnp.trace(gram) / d + 1e-12 if rosa.damping_mode == "relative" else jnp.asarray(rosa.damping, acc)
     system = gram + damping * jnp.eye(d, dtype=acc)
     step = jax.scipy.linalg.cho_solve(jax.scipy.linalg.cho_factor(system), rhs)
     rel = jnp.linalg.norm(rhs - system @ step) / jnp.maximum(jnp.linalg.norm(rhs), 1e-30)
 
-    def kl_after(new_delta):
-        return kl_to_target(h0 + delta, h0 + new_delta, targets, head.log_w, maskf, w_head, rosa.position_chunk)
+    def evaluate(new_delta):
+        return kl_to_target(h0 + delta, h0 + new_delta, win.targets, head.log_w, win.row_mask, win.w_head,
+                            rosa.position_chunk)
 
-    return _finish(delta, step, active, head.residual_sq, head.kl, maskf, kl_after, 0, rel, damping, rosa)
+    return _finish(delta, step, active, head, win.row_mask, evaluate, 0, rel, damping, rosa)
 
 
 @functools.partial(jax.jit, static_argnames=("cfg", "rosa", "top_k"))

@@ -324,3 +324,84 @@ def test_generation_uses_the_hidden_offset(tiny):
     pushed = generate(params, cfg, prompts, SamplingConfig(max_new_tokens=4), stop_token_ids=[], pad_id=0,
                       hidden_offset=push)
     assert pushed[0].tokens == [42] * 4 and pushed[1].tokens == base[1].tokens
+
+
+# ---------------------------------------------------------------- Fast Weights (issue 10)
+def _float64(tree):
+    return jax.tree.map(lambda x: jnp.asarray(x, jnp.float64) if jnp.issubdtype(x.dtype, jnp.floating) else x, tree)
+
+
+def test_layer_subset_path_equals_linearising_the_whole_trunk(tiny):
+    """Running the unadapted lower layers once (first_layer > 0) gives the step of linearising every layer."""
+    cfg, params = tiny
+    with jax.enable_x64(True):
+        ad = perturbed_adapters(cfg, LoraConfig(rank=2, alpha=4.0, targets=("q", "v", "down"), layers=(1,)), 2, seed=4)
+        keep = (jnp.arange(cfg.num_layers) >= 1).reshape(1, -1, 1, 1)  # B is random only inside the subset
+        ad = LoraAdapters(_float64({t: (a, b * keep) for t, (a, b) in ad.factors.items()}), ad.scale, first_layer=1)
+        batch = make_batch(cfg, 2, [-1.0, -1.0], [True, True])
+        batch = batch.replace(reward=batch.reward.astype(jnp.float64))
+        p64 = _float64(params)
+        rosa = RosaConfig(position_chunk=CHUNK)
+        subset, s_stats = rosa_update(p64, ad, batch, cfg=cfg, rosa=rosa)
+        whole, w_stats = rosa_update(p64, ad.replace(first_layer=0), batch, cfg=cfg, rosa=rosa)
+        delta_s = ravel_pytree(jax.tree.map(jnp.subtract, subset.factors, ad.factors))[0]
+        delta_w = ravel_pytree(jax.tree.map(jnp.subtract, whole.factors, ad.factors))[0]
+        assert float(jnp.linalg.norm(delta_w)) > 0
+        assert float(jnp.linalg.norm(delta_s - delta_w)) <= 1e-8 * float(jnp.linalg.norm(delta_w))
+        np.testing.assert_allclose(s_stats.kl_after, w_stats.kl_after, rtol=1e-8)
+
+
+def test_top_k_head_metric_with_the_whole_vocabulary_is_exact(tiny):
+    cfg, params = tiny
+    with jax.enable_x64(True):
+        ad = perturbed_adapters(cfg, LoraConfig(rank=2, alpha=4.0), 1, seed=6)
+        theta = _float64(session(ad, 0))
+        batch = make_batch(cfg, 3, [-1.0], [True])
+        p64 = _float64(params)
+
+        def system(top_k):
+            return gauss_newton_system(p64, theta, batch.tokens[0], batch.valid[0], batch.response_len[0], -1.0,
+                                       cfg=cfg, rosa=RosaConfig(position_chunk=CHUNK, head_top_k=top_k),
+                                       scale=ad.scale, window=WINDOW)
+
+        exact, full_support, truncated = system(0), system(cfg.vocab_size), system(4)
+        flat, unravel = ravel_pytree(theta)
+        v = unravel(jax.random.normal(jax.random.key(0), flat.shape, jnp.float64))
+        ref = ravel_pytree(exact.gram(v))[0]
+        np.testing.assert_allclose(ravel_pytree(full_support.gram(v))[0], ref, rtol=1e-10, atol=1e-12 * jnp.abs(ref).max())
+        # a small support is an approximation, and it is used only inside CG: the rhs and KL stay exact
+        assert not np.allclose(ravel_pytree(truncated.gram(v))[0], ref, rtol=1e-6)
+        np.testing.assert_array_equal(ravel_pytree(truncated.rhs)[0], ravel_pytree(exact.rhs)[0])
+        np.testing.assert_array_equal(truncated.head.kl, exact.head.kl)
+
+
+def peaked(params, factor):
+    """The tiny model with its head scaled: sharp next-token distributions, where one Gauss-Newton step
+    of the linearised softmax overshoots."""
+    return params | {"lm_head": factor * params["lm_head"]}
+
+
+def test_backtracking_keeps_kl_at_or_below_its_value_before_the_step(tiny):
+    cfg, params = tiny
+    params = peaked(params, 12.0)
+    adapters = init_adapters(cfg, LoraConfig(rank=4, alpha=8.0), 4, jax.random.key(2))
+    batch = make_batch(cfg, 11, [-1.0] * 4, [True] * 4)
+    # the sampled tokens: each row's most likely token, as a confident wrong answer would be
+    logits = forward(params, batch.tokens, batch.valid, cfg=cfg)
+    greedy = jnp.argmax(logits[:, -WINDOW - 1:-1], -1)
+    batch = batch.replace(tokens=batch.tokens.at[:, -WINDOW:].set(greedy.astype(batch.tokens.dtype)))
+    converged = dict(position_chunk=CHUNK, cg_iters=200, cg_tol=1e-10, max_step_norm=1e3)
+    _, plain = rosa_update(params, adapters, batch, cfg=cfg, rosa=RosaConfig(**converged))
+    raised = np.asarray(plain.kl_after > plain.kl_before)
+    assert raised.any(), "the plain converged step should raise KL for some session here"
+    new, safe = rosa_update(params, adapters, batch, cfg=cfg, rosa=RosaConfig(**converged, backtrack=4))
+    assert bool(jnp.all(safe.kl_after <= safe.kl_before))
+    np.testing.assert_array_equal(safe.kl_before, plain.kl_before)
+    for s in np.flatnonzero(raised):
+        assert int(safe.backtracks[s]) > 0
+        if bool(safe.rejected[s]):  # no halving helped: the adapter is kept bit for bit
+            assert not bool(safe.updated[s]) and float(safe.step_norm_sq[s]) == 0.0
+            for x, y in zip(jax.tree.leaves(new.factors), jax.tree.leaves(adapters.factors)):
+                assert np.array_equal(np.asarray(x[s]), np.asarray(y[s]))
+    for s in np.flatnonzero(~raised):  # a step that lowered KL is taken whole
+        assert int(safe.backtracks[s]) == 0 and float(safe.kl_after[s]) == pytest.approx(float(plain.kl_after[s]))

@@ -124,3 +124,25 @@ def test_unknown_dataset_is_a_clear_error(setup, tmp_path):
     _, model, _ = setup
     proc = run(sweep_cmd(model, "no-such-set", tmp_path / "run"))
     assert proc.returncode != 0 and "unknown data set 'no-such-set'" in proc.stderr
+
+
+def test_hidden_offset_sweep_applies_the_offset_in_generation(setup, tmp_path):
+    """--adapter=hidden end to end, greedy: turn 1 (zero offset) answers as the base model does, and a
+    turn after an offset step answers differently from `baseline`, whose prompt is the same."""
+    _, model, data = setup
+    cmd = sweep_cmd(model, data, tmp_path / "run") + ["--methods=baseline,rosa", "--adapter=hidden",
+                                                      "--temperature=0", "--max_step_norm=100"]
+    proc = run(cmd)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    records = [json.loads(line) for line in (tmp_path / "run" / "records.jsonl").read_text().splitlines()]
+    turns = {(r["method"], r["problem_id"]): r["turns"] for r in records}
+    changed = 0
+    for (method, pid), rosa_turns in turns.items():
+        if method != "rosa":
+            continue
+        base_turns = turns[("baseline", pid)]
+        assert rosa_turns[0]["response"] == base_turns[0]["response"]
+        stepped = "update" in rosa_turns[0] and rosa_turns[0]["update"]["step_norm_sq"] > 0
+        if stepped and len(rosa_turns) > 1 and len(base_turns) > 1:
+            changed += rosa_turns[1]["response"] != base_turns[1]["response"]
+    assert changed > 0, "no answer changed after a hidden-offset step"
