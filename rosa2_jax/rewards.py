@@ -4,6 +4,8 @@
   Hendrycks string normalisation (`equivalence="string"`, ROSA2 App. C.4);
 - gsm8k: the number in the last \\boxed{} (else the last number in the text) against the integer answer;
 - choice: the option letter (boxed, "answer is (X)", or the last standalone letter);
+- with `boxed_only` (the paper's rule-based reward, App. C.4), gsm8k and choice answers count only inside
+  a \\boxed{}: a cut-off answer whose last number happens to be right is -1;
 - code: HumanEval unit tests in the sandbox.
 Any failure to extract or compare is -1.
 """
@@ -59,7 +61,10 @@ def _choice(response: str) -> str | None:
     return m[-1] if m else None
 
 
-def verify(problem: Problem, response: str, *, equivalence: str = "math-verify", code_timeout: float = 10.0) -> Verdict:
+def verify(problem: Problem, response: str, *, equivalence: str = "math-verify", boxed_only: bool = False,
+           code_timeout: float = 10.0) -> Verdict:
+    if boxed_only and problem.kind in ("gsm8k", "choice") and last_boxed(response) is None:
+        return Verdict(-1.0, None, "no \\boxed{} answer")
     if problem.kind == "math":
         extracted = last_boxed(response)
         ok = extracted is not None and math_equal(extracted, problem.answer, equivalence)

@@ -42,6 +42,28 @@ def test_table2_consistency_math_baseline():
     assert (0.5 - 0.7) / (1 - 0.7) < 0
 
 
+def test_weights_step_counts():
+    def turn(update=None):
+        return {"turn": 1} if update is None else {"turn": 1, "update": update}
+
+    records = [rec(None) | {"turns": [turn({"backtracks": 0, "rejected": False}), turn({"backtracks": 2, "rejected": False}),
+                                      turn()]},
+               rec(None) | {"turns": [turn({"backtracks": 3, "rejected": True}), turn({"step_norm_sq": 0.1})]}]
+    s = summarize_method(records, max_turns=3)
+    assert (s["weights_steps"], s["weights_steps_backtracked"], s["weights_steps_rejected"]) == (4, 2, 1)
+
+
+def test_words_fallback_rates():
+    def turn(status):
+        return {"turn": 1, "refine": {"status": status, "message": "m", "critique": "c"}}
+
+    records = [rec(None) | {"turns": [turn("refined"), turn("fallback:leak"), {"turn": 3}]},
+               rec(None) | {"turns": [turn("fallback:untagged"), turn("refined")]}]
+    s = summarize_method(records, max_turns=3)
+    assert s["words_steps"] == 4 and s["words_fallback_rate"] == 2 / 4 and s["words_leak_fallback_rate"] == 1 / 4
+    assert summarize_method([rec(1)], max_turns=3)["words_fallback_rate"] == 0.0
+
+
 def test_summary_splits_methods():
     out = summarize([rec(1, "a"), rec(None, "b")], max_turns=2)
     assert out["a"]["accuracy"] == 1.0 and out["b"]["accuracy"] == 0.0
@@ -92,6 +114,20 @@ def test_gsm8k_and_choice_verifiers():
     assert verify(c, "The answer is (C).").reward == 1.0
     assert verify(c, "\\boxed{\\text{(C)}}").reward == 1.0
     assert verify(c, "I pick (B)").reward == -1.0
+
+
+def test_boxed_only_counts_no_answer_outside_a_box():
+    """The paper's rule-based reward: no \\boxed{}, -1, even when the last number or letter is right
+    (a cut-off answer whose last number is a correct intermediate result)."""
+    g = Problem("g", "q", "18", "gsm8k")
+    assert verify(g, "16 - 3 - 4 = 9 eggs, and 9 * 2 = 18", boxed_only=True).reward == -1.0
+    assert verify(g, "16 - 3 - 4 = 9 eggs, and 9 * 2 = 18", boxed_only=False).reward == 1.0
+    assert verify(g, "so \\boxed{18}", boxed_only=True).reward == 1.0
+    c = Problem("c", "q", "C", "choice")
+    assert verify(c, "The answer is (C).", boxed_only=True).reward == -1.0
+    assert verify(c, "\\boxed{C}", boxed_only=True).reward == 1.0
+    m = Problem("m", "q", "\\frac{1}{2}", "math")
+    assert verify(m, "it is 1/2", boxed_only=False).reward == -1.0  # math needs a box either way
 
 
 HUMANEVAL_ADD = Problem(

@@ -192,6 +192,41 @@ NOT_LEAKING = [
 ]
 
 
+# Small answers (about a quarter of GSM8K and MATH answers are integers from 0 to 10) coincide with how
+# instructions are written; none of these numbers is in COINCIDENCE_PROBLEM.
+COINCIDENCE_PROBLEM = "A baker makes 36 muffins and sells them in boxes of 9. How many boxes does he fill?"
+COINCIDENCES = [
+    ("Re-check step 4 of your work and put the final answer in \\boxed{}.", "4"),
+    ("1. Re-read the problem. 2. Check each division. 3. Box the result.", "2"),
+    ("1. Re-read the problem.\n2. Check each division.\n3. Box the result.", "3"),
+    ("(1) Count the muffins. (2) Divide by the box size.", "2"),
+    ("Steps 2 and 3 of your solution disagree; redo them.", "3"),
+    ("Your answer in line 5 drops a term.", "5"),
+    ("Consider the two cases separately, then combine them.", "2"),
+    ("There are three quantities to track: muffins, boxes and muffins per box.", "3"),
+    ("Take half of the total first, then divide.", "\\frac{1}{2}"),
+    ("Check both operations; you made 2 separate mistakes in the division.", "2"),
+]
+SMALL_ANSWER_LEAKS = [
+    ("The answer is 4.", "4"),
+    ("You should get 4 boxes in the end.", "4"),
+    ("He fills 4 boxes; show the division.", "4"),
+    ("Step 3: the total is 3.", "3"),
+    ("The fraction comes out as one half.", "\\frac{1}{2}"),
+    ("1. Divide 36 by 9. 2. Box 4.", "4"),
+]
+
+
+@pytest.mark.parametrize("rewrite,truth", COINCIDENCES)
+def test_numbering_references_and_counts_are_not_leaks(rewrite, truth):
+    assert not leaks_answer(rewrite, truth, COINCIDENCE_PROBLEM), rewrite
+
+
+@pytest.mark.parametrize("rewrite,truth", SMALL_ANSWER_LEAKS)
+def test_small_answers_stated_as_values_still_leak(rewrite, truth):
+    assert leaks_answer(rewrite, truth, COINCIDENCE_PROBLEM), rewrite
+
+
 @pytest.mark.parametrize("rewrite,truth", LEAKING)
 def test_leaking_rewrites_are_rejected(rewrite, truth):
     assert leaks_answer(rewrite, truth, PROBLEM), rewrite
