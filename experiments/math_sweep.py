@@ -11,7 +11,6 @@ accuracy_by_turn.png. Rerunning into the same folder skips finished problems and
 from __future__ import annotations
 
 import json
-import os
 import resource
 import sys
 import time
@@ -30,9 +29,10 @@ from rosa2_jax.data import load_problems
 from rosa2_jax.distributed import ProcessInfo, barrier, initialize, process_info, share
 from rosa2_jax.engine import ADAPTERS, METHODS, PRESETS, EngineConfig, Session, SessionEngine
 from rosa2_jax.lora import LoraConfig, parse_layers
-from rosa2_jax.metrics import summarize
+from rosa2_jax.report import write_report
 from rosa2_jax.rewards import EQUIVALENCES
 from rosa2_jax.rosa import RESIDUALS, TILTS, RosaConfig
+from rosa2_jax.runs import RECORDS, drop_torn_tail, merge_records, read_records, records_path
 from rosa2_jax.sharding import make_mesh
 from rosa2_jax.text_model import make_text_model
 
@@ -95,85 +95,9 @@ flags.DEFINE_enum("switch_first", "words", ["words", "weights"], "`switch`: the 
 
 flags.adopt_module_key_flags(common)  # config.json records the shared flags with this module's own
 
-RECORDS = "records.jsonl"
-
-
-def records_path(run_dir: Path, info: ProcessInfo) -> Path:
-    """records.jsonl, or one file per process in a multi-process run (merged at the end)."""
-    return run_dir / (RECORDS if info.count == 1 else f"records.process-{info.index}.jsonl")
-
-
-def read_records(run_dir: Path) -> list[dict]:
-    """Finished records of every records*.jsonl in run_dir, first copy of each (method, problem) kept; a
-    torn last line (killed mid-write) is dropped and redone."""
-    records, seen = [], set()
-    for path in sorted(run_dir.glob("records*.jsonl")):
-        for line in path.read_text().splitlines():
-            try:
-                r = json.loads(line)
-            except json.JSONDecodeError:
-                continue
-            if (r["method"], r["problem_id"]) not in seen:
-                seen.add((r["method"], r["problem_id"]))
-                records.append(r)
-    return records
-
-
-def merge_records(run_dir: Path) -> list[dict]:
-    """Every finished record, with the per-process files folded into records.jsonl (written whole, then
-    renamed; the process files go only after that, so a crash here loses nothing)."""
-    records = read_records(run_dir)
-    parts = sorted(run_dir.glob("records.process-*.jsonl"))
-    if parts:
-        merged = run_dir / (RECORDS + ".partial")
-        merged.write_text("".join(json.dumps(r) + "\n" for r in records))
-        os.replace(merged, run_dir / RECORDS)
-        for part in parts:
-            part.unlink()
-    return records
-
-
-def drop_torn_tail(path: Path) -> None:
-    """Cut a partial last line (a kill mid-write) so that appended records start on a line of their own."""
-    if not path.exists():
-        return
-    data = path.read_bytes()
-    if data and not data.endswith(b"\n"):
-        with open(path, "r+b") as f:
-            f.truncate(data.rfind(b"\n") + 1)
-
-
 def session_record(method: str, dataset: str, s: Session) -> dict:
     return {"method": method, "dataset": dataset, "problem_id": s.problem.id, "answer": s.problem.answer,
             "solved_at": s.solved_at, "turns": s.turns, "seconds": s.seconds, "error": s.error}
-
-
-def table(summary: dict) -> str:
-    lines = ["| method | problems | accuracy | turn-1 acc | correction uplift (caption / App. C) | avg turns | s/problem |",
-             "|---|---|---|---|---|---|---|"]
-    for m, s in summary.items():
-        lines.append(f"| {m} | {s['problems']} | {100 * s['accuracy']:.1f} | {100 * s['turn1_accuracy']:.1f} | "
-                     f"{100 * s['correction_uplift']:.1f} / {100 * s['correction_uplift_appc']:.1f} | "
-                     f"{s['avg_turns']:.2f} | {s['seconds_per_problem']:.1f} |")
-    return "\n".join(lines)
-
-
-def plot(summary: dict, path: Path, max_turns: int) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(6, 4))
-    for m, s in summary.items():
-        ax.plot(range(1, max_turns + 1), [100 * a for a in s["accuracy_by_turn"]], marker="o", label=m)
-    ax.set_xlabel("turn")
-    ax.set_ylabel("accuracy within turn (%)")
-    ax.grid(alpha=0.3)
-    ax.legend()
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
 
 
 def weights_setting(name: str):
@@ -277,16 +201,12 @@ def run_sweep(run_dir: Path, info: ProcessInfo) -> dict | None:
     finished_now = len(all_records) - len(done)  # by every process
     wanted = {p.id for p in problems}
     records = [r for r in all_records if r["method"] in FLAGS.methods and r["problem_id"] in wanted]
-    summary = summarize(records, FLAGS.max_turns)
     meta = {"wall_seconds_this_run": wall, "problems_per_hour_this_run": 3600 * finished_now / max(wall, 1e-9),
             "peak_rss_gib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20,
             "processes": info.count, "mesh": dict(mesh.shape), "devices": [str(d) for d in jax.devices()],
             "model": FLAGS.model, "dataset": FLAGS.dataset,
             "text_model": text_model.name if text_model else None, "dataset_skipped_rows": len(report.skipped)}
-    (run_dir / "summary.json").write_text(json.dumps({"methods": summary, "run": meta}, indent=2))
-    md = table(summary)
-    (run_dir / "summary.md").write_text(md + "\n")
-    plot(summary, run_dir / "accuracy_by_turn.png", FLAGS.max_turns)
+    summary, md = write_report(run_dir, records, FLAGS.max_turns, meta)
     print(md)
     print(f"\nwall {wall:.0f} s this run, peak RSS {meta['peak_rss_gib']:.1f} GiB (process 0); "
           f"records in {run_dir / RECORDS}")

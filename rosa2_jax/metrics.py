@@ -1,5 +1,6 @@
 """Sweep metrics (spec 4.2): accuracy within K, correction uplift (both definitions), average turns with
-unsolved problems counted as K, accuracy per turn, time per problem.
+unsolved problems counted as K, accuracy per turn, time per problem; 95% Wilson intervals, and paired
+comparisons of methods on the problems both ran (`compare_methods`).
 
 Records are the per-problem JSONL rows the sweep writes: {"method", "problem_id", "solved_at" (int or
 null), "turns": [...], "seconds": float, ...}.
@@ -10,6 +11,8 @@ from __future__ import annotations
 from collections import defaultdict
 from typing import Iterable
 
+from rosa2_jax.stats import paired_comparison, wilson_interval
+
 
 def summarize_method(records: list[dict], max_turns: int) -> dict:
     n = len(records)
@@ -17,17 +20,19 @@ def summarize_method(records: list[dict], max_turns: int) -> dict:
     solved = [t for t in solved_at if t is not None]
     late = [t for t in solved if t >= 2]
     failed_first = [t for t in solved_at if t != 1]
+    by_turn = [sum(t is not None and t <= k for t in solved_at) for k in range(1, max_turns + 1)]
     return {
         "problems": n,
         "accuracy": len(solved) / n if n else 0.0,
+        "accuracy_ci95": list(wilson_interval(len(solved), n)),
         "turn1_accuracy": sum(t == 1 for t in solved) / n if n else 0.0,
         # Table 2 caption: share of the solved problems that needed more than one turn.
         "correction_uplift": len(late) / len(solved) if solved else 0.0,
         # App. C.3 Eq. 19: share of the turn-1 failures solved later.
         "correction_uplift_appc": len(late) / len(failed_first) if failed_first else 0.0,
         "avg_turns": sum(t if t is not None else max_turns for t in solved_at) / n if n else 0.0,
-        "accuracy_by_turn": [sum(t is not None and t <= k for t in solved_at) / n if n else 0.0
-                             for k in range(1, max_turns + 1)],
+        "accuracy_by_turn": [k / n if n else 0.0 for k in by_turn],
+        "accuracy_by_turn_ci95": [list(wilson_interval(k, n)) for k in by_turn],
         "seconds_per_problem": sum(r.get("seconds", 0.0) for r in records) / n if n else 0.0,
         "mean_step_norm_sq_by_turn": _mean_by_turn(records, max_turns, "step_norm_sq"),
         **_weights_step_counts(records),
@@ -69,3 +74,19 @@ def summarize(records: Iterable[dict], max_turns: int) -> dict[str, dict]:
     for r in records:
         by_method[r["method"]].append(r)
     return {m: summarize_method(rs, max_turns) for m, rs in sorted(by_method.items())}
+
+
+# (method a, method b): every method against the baseline, and ROSA2 against each single axis.
+def comparison_pairs(methods: Iterable[str]) -> list[tuple[str, str]]:
+    methods = sorted(methods)
+    pairs = [(m, "baseline") for m in methods if m != "baseline" and "baseline" in methods]
+    return pairs + [("rosa2", m) for m in ("words", "rosa") if "rosa2" in methods and m in methods]
+
+
+def compare_methods(records: Iterable[dict]) -> list[dict]:
+    """Paired differences of accuracy within K (a - b) on the problems both methods ran, with a
+    paired-bootstrap 95% interval, the exact McNemar p-value and the problems only one of them solved."""
+    solved: dict[str, dict[str, bool]] = defaultdict(dict)
+    for r in records:
+        solved[r["method"]][r["problem_id"]] = r["solved_at"] is not None
+    return [{"a": a, "b": b, **paired_comparison(solved[a], solved[b])} for a, b in comparison_pairs(solved)]

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from conftest import tiny_chat_model
-from rosa2_jax.metrics import summarize
+from rosa2_jax.metrics import compare_methods, summarize
 
 PROBLEMS = [{"id": f"p{i}", "question": f"Which option is right? (A) {i} (B) {i + 1} (C) {i + 2} (D) {i + 3}",
              "answer": "ABCD"[i % 4], "kind": "choice"} for i in range(6)]
@@ -52,13 +52,19 @@ def full_run(setup):
     return run_dir, proc.stdout
 
 
+def assert_summary_is_recomputed_from_records(run_dir, records):
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert summary["methods"] == json.loads(json.dumps(summarize(records, 3)))
+    assert summary["comparisons"] == json.loads(json.dumps(compare_methods(records)))
+    assert {(c["a"], c["b"]) for c in summary["comparisons"]} >= {("rosa2", "baseline"), ("rosa2", "words")}
+
+
 def test_every_method_runs_and_summary_matches_records(full_run):
     run_dir, stdout = full_run
     records = [json.loads(line) for line in (run_dir / "records.jsonl").read_text().splitlines()]
     assert {r["method"] for r in records} == {"baseline", "words", "textgrad", "rosa", "rosa2", "switch"}
     assert len(records) == 36 and len({(r["method"], r["problem_id"]) for r in records}) == 36
-    summary = json.loads((run_dir / "summary.json").read_text())["methods"]
-    assert summary == json.loads(json.dumps(summarize(records, 3)))
+    assert_summary_is_recomputed_from_records(run_dir, records)
     assert (run_dir / "accuracy_by_turn.png").stat().st_size > 0
     assert "| method |" in stdout
     config = json.loads((run_dir / "config.json").read_text())  # every flag of the run, shared ones too
@@ -102,6 +108,8 @@ def test_killed_run_resumes_to_the_same_results(setup, full_run):
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert "already finished" in resumed.stdout
     assert outcomes(run_dir) == outcomes(full_run[0])
+    assert_summary_is_recomputed_from_records(
+        run_dir, [json.loads(line) for line in (run_dir / "records.jsonl").read_text().splitlines()])
 
 
 def test_bad_dataset_row_is_reported_and_skipped(setup, tmp_path):

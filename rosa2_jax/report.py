@@ -1,0 +1,71 @@
+"""A sweep's report, computed from its records alone: summary.json, summary.md and accuracy_by_turn.png
+(accuracy with 95% Wilson intervals, paired comparisons of methods, the Words fallback and Weights
+safeguard counts)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from rosa2_jax.metrics import compare_methods, summarize
+
+
+def table(summary: dict) -> str:
+    lines = ["| method | problems | accuracy [95% CI] | turn-1 acc | correction uplift (caption / App. C) | avg turns | "
+             "Words fallback | Weights steps kept / refused | s/problem |",
+             "|---|---|---|---|---|---|---|---|---|"]
+    for m, s in summary.items():
+        lo, hi = s["accuracy_ci95"]
+        words = f"{100 * s['words_fallback_rate']:.0f}% of {s['words_steps']}" if s["words_steps"] else "-"
+        weights = (f"{s['weights_steps'] - s['weights_steps_rejected']} / {s['weights_steps_rejected']}"
+                   if s["weights_steps"] else "-")
+        lines.append(f"| {m} | {s['problems']} | {100 * s['accuracy']:.1f} [{100 * lo:.1f}, {100 * hi:.1f}] | "
+                     f"{100 * s['turn1_accuracy']:.1f} | {100 * s['correction_uplift']:.1f} / "
+                     f"{100 * s['correction_uplift_appc']:.1f} | {s['avg_turns']:.2f} | {words} | {weights} | "
+                     f"{s['seconds_per_problem']:.1f} |")
+    return "\n".join(lines)
+
+
+def comparison_table(comparisons: list[dict]) -> str:
+    lines = ["| a vs b | problems | acc a | acc b | a - b [95% paired bootstrap] | only a / only b | McNemar p |",
+             "|---|---|---|---|---|---|---|"]
+    for c in comparisons:
+        lo, hi = c["ci95"]
+        lines.append(f"| {c['a']} vs {c['b']} | {c['problems']} | {100 * c['accuracy_a']:.1f} | "
+                     f"{100 * c['accuracy_b']:.1f} | {100 * c['difference']:+.1f} [{100 * lo:+.1f}, {100 * hi:+.1f}] | "
+                     f"{c['only_a']} / {c['only_b']} | {c['mcnemar_p']:.3g} |")
+    return "\n".join(lines)
+
+
+def plot(summary: dict, path: Path, max_turns: int) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6.5, 4.2))
+    turns = list(range(1, max_turns + 1))
+    for m, s in summary.items():
+        line, = ax.plot(turns, [100 * a for a in s["accuracy_by_turn"]], marker="o", label=f"{m} (n={s['problems']})")
+        lo, hi = zip(*s["accuracy_by_turn_ci95"])
+        ax.fill_between(turns, [100 * x for x in lo], [100 * x for x in hi], color=line.get_color(), alpha=0.12)
+    ax.set_xlabel("turn")
+    ax.set_ylabel("accuracy within turn (%), 95% Wilson band")
+    ax.set_xticks(turns)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def write_report(run_dir: Path, records: list[dict], max_turns: int, run: dict) -> tuple[dict, str]:
+    """Write summary.json / summary.md / accuracy_by_turn.png; return (per-method summary, markdown)."""
+    summary = summarize(records, max_turns)
+    comparisons = compare_methods(records)
+    (run_dir / "summary.json").write_text(json.dumps({"methods": summary, "comparisons": comparisons, "run": run},
+                                                     indent=2))
+    md = table(summary) + "\n\n" + comparison_table(comparisons)
+    (run_dir / "summary.md").write_text(md + "\n")
+    plot(summary, run_dir / "accuracy_by_turn.png", max_turns)
+    return summary, md
