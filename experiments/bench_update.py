@@ -14,7 +14,8 @@ the same parameters as `paper`).
 
 A variant is a preset name (`paper`, `fast`) optionally followed by overrides joined with `-`:
 `L<N>` the last N layers (`all` every layer), `k<K>` the head metric's top-k (`k0` exact), `cg<N>`
-CG iterations, `bt<N>` backtracking halvings, `tr<X>` the trust region on ||Δθ||, `hidden` the hidden-state offset. `L4` = paper with LoRA
+CG iterations, `bt<N>` backtracking halvings, `tr<X>` the trust region on ||Δθ||, `linear` LoRA on every
+linear layer (not only q, v), `nr` activations stored instead of recomputed (--noremat for one variant), `hidden` the hidden-state offset. `L4` = paper with LoRA
 on the last 4 layers only.
 """
 
@@ -34,7 +35,7 @@ from experiments.common import best_time, define_model_flags, model_from_flags
 from rosa2_jax.data import load_problems
 from rosa2_jax.engine import HIDDEN_OFFSET_TOP_K, MATH_SYSTEM_PROMPT, PRESETS, WeightsPreset
 from rosa2_jax.generation import SamplingConfig, generate_padded, left_pad
-from rosa2_jax.lora import LoraConfig, init_adapters, parse_layers
+from rosa2_jax.lora import LORA_TARGETS, LoraConfig, init_adapters, parse_layers
 from rosa2_jax.rosa import RosaConfig, UpdateBatch, hidden_offset_update, rosa_update
 from rosa2_jax.tokenizer import render_chat
 
@@ -49,15 +50,23 @@ flags.DEFINE_float("top_p", 0.8, "decoding nucleus mass")
 flags.DEFINE_bool("remat", True, "recompute layer activations in the JVP/VJP (False stores them: faster, more memory)")
 flags.DEFINE_list("memory_response_lens", [], "T values for a memory sweep of the last variant at S=1")
 flags.DEFINE_string("out", "runs/bench_update.json", "where to write the measurements")
+flags.DEFINE_string("reference", None, "an earlier --out of the same model and sizes: its `paper` rows (per session) "
+                    "are the reference, so the 25-minute paper step is not rerun (the sessions are checked to be "
+                    "the same)")
 
 
-def parse_variant(name: str) -> WeightsPreset:
+def parse_variant(name: str) -> tuple[WeightsPreset, bool]:
+    """(preset, remat) of a variant name."""
     base, *overrides = name.split("-")
     if base not in PRESETS:
         base, overrides = "paper", [base] + overrides
-    preset = PRESETS[base]
+    preset, remat = PRESETS[base], FLAGS.remat
     for o in overrides:
-        if o == "hidden":
+        if o == "nr":
+            remat = False
+        elif o == "linear":
+            preset = dataclasses.replace(preset, lora_targets=LORA_TARGETS)
+        elif o == "hidden":
             preset = dataclasses.replace(preset, adapter="hidden")
         elif o == "all":
             preset = dataclasses.replace(preset, lora_layers="all")
@@ -73,7 +82,7 @@ def parse_variant(name: str) -> WeightsPreset:
             preset = dataclasses.replace(preset, max_step_norm=float(o[2:]))
         else:
             raise app.UsageError(f"variant {name!r}: unknown part {o!r} (see the module doc)")
-    return preset
+    return preset, remat
 
 
 def real_sessions(model, count: int, history: int):
@@ -102,14 +111,18 @@ def timed_compiled(jitted, *args, **static):
     return compiled, best_time(call, repeats=1), out
 
 
-def rosa_config(preset: WeightsPreset) -> RosaConfig:
+def rosa_config(preset: WeightsPreset, remat: bool) -> RosaConfig:
     return RosaConfig(cg_iters=preset.cg_iters, head_top_k=preset.head_top_k, backtrack=preset.backtrack,
-                      max_step_norm=preset.max_step_norm, remat=FLAGS.remat)
+                      max_step_norm=preset.max_step_norm, remat=remat)
 
 
-def run_variant(model, preset: WeightsPreset, batch: UpdateBatch, S: int):
+def lora_config(preset: WeightsPreset, num_layers: int) -> LoraConfig:
+    return LoraConfig(targets=preset.lora_targets, layers=parse_layers(preset.lora_layers, num_layers))
+
+
+def run_variant(model, preset: WeightsPreset, remat: bool, batch: UpdateBatch, S: int):
     cfg, params = model.cfg, model.params
-    rosa = rosa_config(preset)
+    rosa = rosa_config(preset, remat)
     if preset.adapter == "hidden":
         theta = jnp.zeros((S, cfg.hidden_size), jnp.float32)
         compiled, seconds, (new, stats) = timed_compiled(
@@ -117,19 +130,22 @@ def run_variant(model, preset: WeightsPreset, batch: UpdateBatch, S: int):
             top_k=preset.head_top_k or HIDDEN_OFFSET_TOP_K)
         deltas = None
     else:
-        lora = LoraConfig(layers=parse_layers(preset.lora_layers, cfg.num_layers))
-        theta = init_adapters(cfg, lora, S, jax.random.key(0))  # same A on shared layers as `paper`
+        theta = init_adapters(cfg, lora_config(preset, cfg.num_layers), S, jax.random.key(0))  # A as `paper`'s
         compiled, seconds, (new, stats) = timed_compiled(rosa_update, params, theta, batch, cfg=cfg, rosa=rosa)
         deltas = [np.asarray(ravel_pytree(jax.tree.map(lambda a, b: a[s] - b[s], new.factors, theta.factors))[0])
                   for s in range(S)]
     return seconds, int(compiled.memory_analysis().temp_size_in_bytes), jax.device_get(stats), deltas
 
 
-def quality(stats, deltas, ref_stats, ref_deltas, same_parameters: bool) -> dict:
+PER_SESSION = ("kl_before", "kl_after", "logp_before", "logp_after", "step_norm_sq")
+
+
+def quality(stats, deltas, ref: dict, ref_deltas) -> dict:
+    """Figures of one variant; `ref` holds the paper step's PER_SESSION arrays on the same sessions."""
     kl_drop = stats.kl_before - stats.kl_after
-    ref_kl_drop = ref_stats.kl_before - ref_stats.kl_after
+    ref_kl_drop = ref["kl_before"] - ref["kl_after"]
     lp_drop = stats.logp_before - stats.logp_after
-    ref_lp_drop = ref_stats.logp_before - ref_stats.logp_after
+    ref_lp_drop = ref["logp_before"] - ref["logp_after"]
     out = {"kl_after_over_before": float(np.mean(stats.kl_after / stats.kl_before)),
            "kl_reduction_vs_paper": float(np.sum(kl_drop) / np.sum(ref_kl_drop)),
            "logp_drop": float(np.mean(lp_drop)),
@@ -137,7 +153,7 @@ def quality(stats, deltas, ref_stats, ref_deltas, same_parameters: bool) -> dict
            "step_norm_sq": float(np.mean(stats.step_norm_sq)),
            "backtracked": int(np.sum(stats.backtracks > 0)), "rejected": int(np.sum(stats.rejected)),
            "cg_iters": float(np.mean(stats.cg_iters))}
-    if same_parameters:
+    if deltas is not None and ref_deltas is not None:
         out["cosine_vs_paper"] = float(np.mean([d @ r / max(np.linalg.norm(d) * np.linalg.norm(r), 1e-30)
                                                 for d, r in zip(deltas, ref_deltas)]))
     return out
@@ -148,7 +164,12 @@ def main(_):
     model = model_from_flags()
     cfg, params = model.cfg, model.params
     H, T = FLAGS.history_len, FLAGS.response_len
-    variants = {"paper": parse_variant("paper")} | {v: parse_variant(v) for v in FLAGS.variants}
+    references = {}
+    if FLAGS.reference:
+        earlier = json.loads(Path(FLAGS.reference).read_text())
+        references = {r["sessions"]: {k: np.asarray(v) for k, v in r["per_session"].items()}
+                      for r in earlier["rows"] if r["variant"] == "paper"}
+    variants = {v: parse_variant(v) for v in ["paper"] + [v for v in FLAGS.variants if v != "paper"]}
     sessions = sorted(map(int, FLAGS.sessions))
     prompts = real_sessions(model, max(sessions), H)
     pad = model.tokenizer.pad_token_id if model.tokenizer.pad_token_id is not None else 0
@@ -168,15 +189,23 @@ def main(_):
                             jnp.concatenate([jnp.asarray(valid), jnp.ones(out.shape, bool)], 1),
                             jnp.full((S,), T, jnp.int32), jnp.full((S,), -1.0, jnp.float32), jnp.ones((S,), bool),
                             window=T)
-        ref_stats = ref_deltas = None
-        for name, preset in variants.items():
-            seconds, mem, stats, deltas = run_variant(model, preset, batch, S)
+        ref, ref_deltas = references.get(S), None
+        for name, (preset, remat) in variants.items():
+            if name == "paper" and ref is not None:
+                continue
+            seconds, mem, stats, deltas = run_variant(model, preset, remat, batch, S)
+            per_session = {k: np.asarray(getattr(stats, k)).tolist() for k in PER_SESSION}
             if name == "paper":
-                ref_stats, ref_deltas = stats, deltas
-            same = (preset.adapter, preset.lora_layers) == (variants["paper"].adapter, variants["paper"].lora_layers)
-            q = quality(stats, deltas, ref_stats, ref_deltas, same)
-            row = {"sessions": S, "variant": name, "preset": dataclasses.asdict(preset), "s_per_session": seconds / S,
-                   "generation_s": gen_s, "update_over_generation": seconds / gen_s, "peak_temp_bytes": mem} | q
+                ref, ref_deltas = {k: np.asarray(v) for k, v in per_session.items()}, deltas
+            elif not np.allclose(stats.kl_before, ref["kl_before"], rtol=1e-3):
+                raise app.UsageError(f"--reference: its sessions differ from these (KL before {ref['kl_before']} "
+                                     f"against {stats.kl_before}); rerun the paper step")
+            same = preset.adapter == "lora" and (preset.lora_layers, preset.lora_targets) == ("all", ("q", "v"))
+            q = quality(stats, deltas if same else None, ref, ref_deltas)
+            row = {"sessions": S, "variant": name, "preset": dataclasses.asdict(preset), "remat": remat,
+                   "s_per_session": seconds / S,
+                   "generation_s": gen_s, "update_over_generation": seconds / gen_s, "peak_temp_bytes": mem,
+                   "per_session": per_session} | q
             rows.append(row)
             cos = f"{q['cosine_vs_paper']:.3f}" if "cosine_vs_paper" in q else "n/a"
             print(f"| {S} | {name} | {seconds / S:.2f} | {seconds / gen_s:.2f} | {mem / 2**30:.2f} GiB | "
@@ -186,15 +215,14 @@ def main(_):
         print(f"(S={S}: generating the turn took {gen_s:.1f} s)", flush=True)
     mem_rows = []
     if FLAGS.memory_response_lens:
-        name, preset = list(variants.items())[-1]
+        name, (preset, remat) = list(variants.items())[-1]
         print(f"\nmemory against response length, {name}, S=1: | T | peak temp | T x V x 4 bytes |")
         for t_len in map(int, FLAGS.memory_response_lens):
             toks = jnp.asarray(np.random.RandomState(0).randint(100, cfg.vocab_size, (1, H + t_len)), jnp.int32)
             b = UpdateBatch(toks, jnp.ones(toks.shape, bool), jnp.full((1,), t_len, jnp.int32),
                             jnp.full((1,), -1.0, jnp.float32), jnp.ones((1,), bool), window=t_len)
-            rosa = rosa_config(preset)
-            lora = LoraConfig(layers=parse_layers(preset.lora_layers, cfg.num_layers))
-            ad = init_adapters(cfg, lora, 1, jax.random.key(0))
+            rosa = rosa_config(preset, remat)
+            ad = init_adapters(cfg, lora_config(preset, cfg.num_layers), 1, jax.random.key(0))
             mem = int(rosa_update.lower(params, ad, b, cfg=cfg, rosa=rosa).compile().memory_analysis().temp_size_in_bytes)
             mem_rows.append({"response_len": t_len, "peak_temp_bytes": mem, "full_probs_bytes": t_len * cfg.vocab_size * 4})
             print(f"| {t_len} | {mem / 2**20:.0f} MiB | {t_len * cfg.vocab_size * 4 / 2**20:.0f} MiB |", flush=True)

@@ -46,6 +46,9 @@ flags.DEFINE_integer("max_turns", 10, "K: turns per problem")
 flags.DEFINE_integer("slots", 8, "concurrent sessions (the batch)")
 flags.DEFINE_integer("seed", 0, "problem subsample, adapter init and sampling seed")
 flags.DEFINE_string("run_dir", "runs/default", "output folder (resumable)")
+flags.DEFINE_integer("problems_per_round", 0, "run the methods in turn on blocks of this many problems (0 = each "
+                     "method on every problem before the next), so that a study stopped at any point has every "
+                     "method on the same problems")
 # devices and processes
 flags.DEFINE_list("mesh", None, "DATA,MODEL: this process's device mesh, session slots split over DATA and "
                   "weights tensor-parallel over MODEL (default: every local device on DATA)")
@@ -66,8 +69,8 @@ flags.DEFINE_enum("tilt", "token", list(TILTS), "sequence-to-token tilt (token =
 flags.DEFINE_enum("residual", "prob", list(RESIDUALS), "probability or centred-logit residual")
 flags.DEFINE_enum("preset", "fast", list(PRESETS), "Weights stream preset: `paper` = the spec's step (q/v LoRA on "
                   "every layer, exact head metric, 10 CG iterations); `fast` = the measured cost/quality point "
-                  "(BUILD_NOTES.md). --adapter, --lora_layers, --head_top_k, --cg_iters, --backtrack and "
-                  "--max_step_norm override it")
+                  "(BUILD_NOTES.md). --adapter, --lora_layers, --lora_targets, --head_top_k, --cg_iters, "
+                  "--backtrack and --max_step_norm override it")
 flags.DEFINE_enum("adapter", None, list(ADAPTERS), "what the Weights stream adapts: LoRA factors or an offset of "
                   "the final hidden state (default: the preset's)")
 flags.DEFINE_string("lora_layers", None, "adapted layers: all, last:N or I-J (default: the preset's)")
@@ -80,7 +83,7 @@ flags.DEFINE_float("damping", 1e-4, "λ relative to mean diag(JᵀJ)")
 flags.DEFINE_float("max_step_norm", None, "trust region on ||Δθ|| (default: the preset's)")
 flags.DEFINE_integer("lora_rank", 8, "LoRA rank")
 flags.DEFINE_float("lora_alpha", 16.0, "LoRA alpha")
-flags.DEFINE_list("lora_targets", ["q", "v"], "LoRA targets (q,k,v,o,gate,up,down)")
+flags.DEFINE_list("lora_targets", None, "LoRA targets from q,k,v,o,gate,up,down (default: the preset's)")
 flags.DEFINE_enum("remat", "auto", ["auto", "on", "off"], "recompute activations in the ROSA update (less memory, "
                   "~30% slower); auto = on when slots x max_context exceeds 4096 tokens")
 # words stream
@@ -118,7 +121,7 @@ def engine_config(method: str, slots: int, num_layers: int) -> EngineConfig:
                         cg_iters=weights_setting("cg_iters"), max_step_norm=weights_setting("max_step_norm"),
                         head_top_k=weights_setting("head_top_k"), backtrack=weights_setting("backtrack"),
                         remat=FLAGS.remat == "on" or (FLAGS.remat == "auto" and slots * FLAGS.max_context > 4096)),
-        lora=LoraConfig(rank=FLAGS.lora_rank, alpha=FLAGS.lora_alpha, targets=tuple(FLAGS.lora_targets),
+        lora=LoraConfig(rank=FLAGS.lora_rank, alpha=FLAGS.lora_alpha, targets=tuple(weights_setting("lora_targets")),
                         layers=layers),
         adapter=weights_setting("adapter"),
         switch_turn=FLAGS.switch_turn, switch_first=FLAGS.switch_first, seed=FLAGS.seed,
@@ -175,12 +178,16 @@ def run_sweep(run_dir: Path, info: ProcessInfo) -> dict | None:
     start = time.time()
     with open(own_records, "a") as out, tqdm(total=total, desc="problems", unit="problem",
                                              position=info.index if info.count > 1 else None) as bar:
-        for method in FLAGS.methods:
-            if not todo[method]:
+        block = FLAGS.problems_per_round or len(problems)
+        for method, round_problems in ((m, problems[lo: lo + block]) for lo in range(0, len(problems), block)
+                                       for m in FLAGS.methods):
+            ids = {p.id for p in round_problems}
+            work = [p for p in todo[method] if p.id in ids]
+            if not work:
                 continue
             # A problem's trajectory does not depend on its slot, so small runs use only the slots they
             # fill (rounded up to split evenly over the mesh's data axis).
-            slots = -(-min(FLAGS.slots, len(todo[method])) // data_size) * data_size
+            slots = -(-min(FLAGS.slots, len(work)) // data_size) * data_size
             engine = SessionEngine(model, engine_config(method, slots, model.cfg.num_layers), text_model, mesh=mesh)
 
             def finish(session: Session, method=method):
@@ -190,7 +197,7 @@ def run_sweep(run_dir: Path, info: ProcessInfo) -> dict | None:
                 bar.set_postfix(method=method)
 
             try:
-                engine.run(todo[method], finish)
+                engine.run(work, finish)
             finally:
                 engine.close()
     wall = time.time() - start

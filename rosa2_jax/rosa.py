@@ -143,10 +143,8 @@ def _target_prob(p, y):
     return jnp.take_along_axis(p, y[:, None], axis=-1)[:, 0]
 
 
-def tilt_log_weights(logp_y: Float[Array, "W"], row_mask: Bool[Array, "W"], reward, rosa: RosaConfig):
-    """log w_i, the factor multiplying p_i[y_i] in the target p*_i."""
-    if rosa.tilt == "token":
-        return jnp.full(logp_y.shape, reward / rosa.beta, logp_y.dtype)
+def suffix_tilt_log_weights(logp_y: Float[Array, "W"], row_mask: Bool[Array, "W"], reward, rosa: RosaConfig):
+    """log w_i, the factor multiplying p_i[y_i] in the target p*_i, of the suffix tilt (spec Option A)."""
     lp = jnp.where(row_mask, logp_y, 0.0)
     suffix = jnp.cumsum(lp[::-1])[::-1] - lp  # Σ_{j>i} log p_j[y_j]
     return jnp.log1p(-jnp.exp(suffix) * (1.0 - jnp.exp(reward / rosa.beta)))
@@ -194,9 +192,12 @@ def centred_head_gram(w_head: Float[Array, "d V"]) -> Float[Array, "d d"]:
 def head_terms(h, targets, maskf, reward, w_head, rosa: RosaConfig) -> HeadTerms:
     """Exact full-vocabulary right-hand side, residual and KL; the metric exact or on a top-k support."""
     C = rosa.position_chunk
-    # Pass 1: log p_i[y_i] (the suffix tilt needs all of them before any residual).
-    logp_y = _chunked(lambda hc, yc: jnp.log(_target_prob(_softmax_chunk(hc, w_head), yc)), C, h, targets)
-    log_w = tilt_log_weights(logp_y, maskf > 0, reward, rosa)
+    # Pass 1, for the suffix tilt only: it needs every log p_i[y_i] before any residual.
+    if rosa.tilt == "token":
+        log_w = jnp.full(targets.shape, reward / rosa.beta, h.dtype)
+    else:
+        logp_y = _chunked(lambda hc, yc: jnp.log(_target_prob(_softmax_chunk(hc, w_head), yc)), C, h, targets)
+        log_w = suffix_tilt_log_weights(logp_y, maskf > 0, reward, rosa)
     truncated = rosa.residual == "prob" and rosa.head_top_k > 0
 
     # Pass 2: the right-hand side in hidden space, ||R_i||², KL(p*_i || p_i) and the metric's support.
@@ -210,12 +211,13 @@ def head_terms(h, targets, maskf, reward, w_head, rosa: RosaConfig) -> HeadTerms
         else:  # centred log-prob residual log w_i (e_y - 1/V): Jᵀ R = log w_i (W_U[y] - mean_v W_U[v])
             rhs = lwc[:, None] * (w_head.T[yc] - jnp.mean(w_head, axis=1)) * mc[:, None]
             r2 = lwc**2 * (1.0 - 1.0 / p.shape[-1])
+        terms = (rhs, r2 * mc, kl * mc, jnp.log(p_y))
         if not truncated:
-            return rhs, r2 * mc, kl * mc
+            return terms
         support = vocab_support(p, yc, rosa.head_top_k)
-        return rhs, r2 * mc, kl * mc, support, jnp.take_along_axis(p, support, -1)
+        return terms + (support, jnp.take_along_axis(p, support, -1))
 
-    rhs_rows, r2, kl, *support_terms = _chunked(rhs_chunk, C, h, targets, log_w, maskf)
+    rhs_rows, r2, kl, logp_y, *support_terms = _chunked(rhs_chunk, C, h, targets, log_w, maskf)
 
     if truncated:  # computed once per update: each CG product is then O(W k d), not O(W V d)
         support, p_support = support_terms
