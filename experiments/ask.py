@@ -8,8 +8,8 @@ from __future__ import annotations
 from absl import app, flags, logging
 
 from experiments.common import define_model_flags, define_sampling_flags, model_from_flags, sampling_from_flags
-from rosa2_jax.generation import generate
-from rosa2_jax.tokenizer import render_chat, stop_token_ids
+from rosa2_jax.model.generation import generate
+from rosa2_jax.model.tokenizer import render_chat, stop_token_ids
 
 FLAGS = flags.FLAGS
 define_model_flags()

@@ -19,7 +19,7 @@ from absl import app, flags
 
 from experiments.common import best_time, matmul_peak_flops, param_count
 from rosa2_jax.checkpoint import load_model, save_hf_folder
-from rosa2_jax.generation import SamplingConfig, generate
+from rosa2_jax.model.generation import SamplingConfig, generate
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string("model", "smollm2-135m-instruct", "built-in name, folder, GGUF file or hub id")

@@ -32,12 +32,12 @@ from absl import app, flags, logging
 from jax.flatten_util import ravel_pytree
 
 from experiments.common import best_time, define_model_flags, model_from_flags
-from rosa2_jax.data import load_problems
+from rosa2_jax.tasks.data import load_problems
 from rosa2_jax.engine import HIDDEN_OFFSET_TOP_K, MATH_SYSTEM_PROMPT, PRESETS, WeightsPreset
-from rosa2_jax.generation import SamplingConfig, generate_padded, left_pad
-from rosa2_jax.lora import LORA_TARGETS, LoraConfig, init_adapters, parse_layers
-from rosa2_jax.rosa import RosaConfig, UpdateBatch, hidden_offset_update, rosa_update
-from rosa2_jax.tokenizer import render_chat
+from rosa2_jax.model.generation import SamplingConfig, generate_padded, left_pad
+from rosa2_jax.model.lora import LORA_TARGETS, LoraConfig, init_adapters, parse_layers
+from rosa2_jax.adapt.rosa import RosaConfig, UpdateBatch, hidden_offset_update, rosa_update
+from rosa2_jax.model.tokenizer import render_chat
 
 FLAGS = flags.FLAGS
 define_model_flags()

@@ -11,7 +11,7 @@ from absl import flags
 from jax.sharding import Mesh
 
 from rosa2_jax.checkpoint import LoadedModel, load_model
-from rosa2_jax.generation import SamplingConfig
+from rosa2_jax.model.generation import SamplingConfig
 
 FLAGS = flags.FLAGS
 

@@ -25,16 +25,16 @@ from tqdm.auto import tqdm
 from experiments import common
 from experiments.common import define_model_flags, define_sampling_flags, model_from_flags, sampling_from_flags
 from rosa2_jax.checkpoint import load_model
-from rosa2_jax.data import load_problems
+from rosa2_jax.tasks.data import load_problems
 from rosa2_jax.distributed import ProcessInfo, barrier, initialize, process_info, share
 from rosa2_jax.engine import ADAPTERS, METHODS, PRESETS, EngineConfig, Session, SessionEngine
-from rosa2_jax.lora import LoraConfig, parse_layers
-from rosa2_jax.report import write_report
-from rosa2_jax.rewards import EQUIVALENCES
-from rosa2_jax.rosa import RESIDUALS, TILTS, RosaConfig
+from rosa2_jax.model.lora import LoraConfig, parse_layers
+from rosa2_jax.tasks.report import write_report
+from rosa2_jax.tasks.rewards import EQUIVALENCES
+from rosa2_jax.adapt.rosa import RESIDUALS, TILTS, RosaConfig
 from rosa2_jax.runs import RECORDS, drop_torn_tail, merge_records, read_records, records_path
-from rosa2_jax.sharding import make_mesh
-from rosa2_jax.text_model import make_text_model
+from rosa2_jax.model.sharding import make_mesh
+from rosa2_jax.adapt.text_models import make_text_model
 
 FLAGS = flags.FLAGS
 define_model_flags()

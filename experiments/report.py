@@ -13,7 +13,7 @@ from pathlib import Path
 
 from absl import app, flags
 
-from rosa2_jax.report import write_report
+from rosa2_jax.tasks.report import write_report
 from rosa2_jax.runs import read_records
 
 FLAGS = flags.FLAGS

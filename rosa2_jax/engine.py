@@ -24,15 +24,15 @@ import numpy as np
 from jax.sharding import Mesh
 
 from rosa2_jax.checkpoint import LoadedModel
-from rosa2_jax.data import Problem
-from rosa2_jax.generation import SamplingConfig, bucket_length, generate, left_pad
-from rosa2_jax.lora import LoraConfig, init_adapters
-from rosa2_jax.rewards import verify
-from rosa2_jax.rosa import RosaConfig, UpdateBatch, hidden_offset_update, rosa_update
-from rosa2_jax.sharding import shard_batch
-from rosa2_jax.text_model import TextModel
-from rosa2_jax.tokenizer import render_chat, stop_token_ids
-from rosa2_jax.words import FEEDBACK_TEMPLATE, RefineRequest, refine_feedback, refine_system_prompt
+from rosa2_jax.tasks.data import Problem
+from rosa2_jax.model.generation import SamplingConfig, bucket_length, generate, left_pad
+from rosa2_jax.model.lora import LoraConfig, init_adapters
+from rosa2_jax.tasks.rewards import verify
+from rosa2_jax.adapt.rosa import RosaConfig, UpdateBatch, hidden_offset_update, rosa_update
+from rosa2_jax.model.sharding import shard_batch
+from rosa2_jax.adapt.text_models import TextModel
+from rosa2_jax.model.tokenizer import render_chat, stop_token_ids
+from rosa2_jax.adapt.words import FEEDBACK_TEMPLATE, RefineRequest, refine_feedback, refine_system_prompt
 
 METHODS = ("baseline", "words", "textgrad", "rosa", "rosa2", "switch")
 ADAPTERS = ("lora", "hidden")  # what the Weights stream adapts: LoRA factors, or an offset of the final hidden state

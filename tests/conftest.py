@@ -84,7 +84,7 @@ def byte_vocab() -> list[str]:
 
 def tiny_chat_model(folder, seed: int = 0, **config):
     """An HF folder with a tiny random Llama and a real byte-level BPE tokenizer with a ChatML template."""
-    from rosa2_jax.tokenizer import write_tokenizer_from_gguf
+    from rosa2_jax.model.tokenizer import write_tokenizer_from_gguf
 
     vocab = byte_vocab()
     make_hf_model("llama", seed=seed, vocab_size=len(vocab), max_position_embeddings=2048,

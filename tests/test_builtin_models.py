@@ -7,8 +7,8 @@ import pytest
 
 from rosa2_jax.checkpoint import builtin, load_model
 from rosa2_jax.checkpoint.gguf_file import load_gguf
-from rosa2_jax.generation import SamplingConfig, generate
-from rosa2_jax.tokenizer import render_chat, stop_token_ids
+from rosa2_jax.model.generation import SamplingConfig, generate
+from rosa2_jax.model.tokenizer import render_chat, stop_token_ids
 
 
 def ask(model, questions, max_new_tokens=32):

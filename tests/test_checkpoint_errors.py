@@ -13,7 +13,7 @@ from conftest import make_hf_model
 from rosa2_jax.checkpoint import load_model
 from rosa2_jax.checkpoint.builtin import BuiltinModel, WheelPart, fetch_gguf, sha256_of, verify_sha256
 from rosa2_jax.checkpoint.hf_folder import load_hf_folder, save_hf_folder
-from rosa2_jax.config import ModelConfig
+from rosa2_jax.model.config import ModelConfig
 from rosa2_jax.errors import (
     CheckpointMismatchError,
     CheckpointNotFoundError,
@@ -67,7 +67,7 @@ def test_truncated_safetensors(saved_llama, tmp_path):
 
 def test_weights_disagree_with_config(saved_llama, tmp_path):
     folder = copy_folder(saved_llama, tmp_path / "mismatch", intermediate_size=128)
-    with pytest.raises(CheckpointMismatchError, match=r"mlp.gate_proj.weight.*\(64, 96\).*\(64, 128\).*different models"):
+    with pytest.raises(CheckpointMismatchError, match=r"mlp.down_proj.weight.*\(96, 64\).*\(128, 64\).*different models"):
         load_hf_folder(folder)
 
 

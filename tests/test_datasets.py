@@ -2,8 +2,8 @@
 
 import pytest
 
-from rosa2_jax.data import load_problems
-from rosa2_jax.rewards import verify
+from rosa2_jax.tasks.data import load_problems
+from rosa2_jax.tasks.rewards import verify
 
 KNOWN = {  # id -> (answer, a phrase of the question), read from the files
     "svamp": ("svamp-chal-777", "145", "How big is each group of bananas?"),

@@ -5,7 +5,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from kernels.lora_matmul import lora_matmul, lora_matmul_reference
+from rosa2_jax.kernels.lora_matmul import lora_matmul, lora_matmul_reference
 
 
 @pytest.mark.parametrize("B,T,I,O,R", [(1, 1, 64, 64, 8), (3, 17, 96, 160, 4), (2, 130, 64, 300, 8), (4, 8, 32, 48, 1)])

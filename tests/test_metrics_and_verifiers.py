@@ -4,10 +4,10 @@ import time
 
 import pytest
 
-from rosa2_jax.data import Problem
-from rosa2_jax.metrics import summarize, summarize_method
-from rosa2_jax.rewards import math_equal, verify
-from rosa2_jax.sandbox import run_python
+from rosa2_jax.tasks.data import Problem
+from rosa2_jax.tasks.metrics import summarize, summarize_method
+from rosa2_jax.tasks.rewards import math_equal, verify
+from rosa2_jax.tasks.sandbox import run_python
 
 
 def rec(solved_at, method="m", seconds=1.0):

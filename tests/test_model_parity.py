@@ -6,8 +6,8 @@ import numpy as np
 
 from conftest import hf_logits
 from rosa2_jax.checkpoint.hf_folder import load_hf_folder
-from rosa2_jax.generation import left_pad
-from rosa2_jax.model import forward
+from rosa2_jax.model.generation import left_pad
+from rosa2_jax.model.decoder import forward
 
 LENGTHS = (7, 19, 1, 12)
 

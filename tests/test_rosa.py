@@ -8,10 +8,10 @@ from jax.flatten_util import ravel_pytree
 
 from conftest import make_hf_model
 from rosa2_jax.checkpoint.hf_folder import load_hf_folder
-from rosa2_jax.generation import left_pad
-from rosa2_jax.lora import LoraAdapters, LoraConfig, init_adapters, load_adapters, reset_sessions, save_adapters
-from rosa2_jax.model import decoder_hidden, forward, lm_logits, positions_from_valid
-from rosa2_jax.rosa import RosaConfig, UpdateBatch, conjugate_gradient, gauss_newton_system, rosa_update
+from rosa2_jax.model.generation import left_pad
+from rosa2_jax.model.lora import LoraAdapters, LoraConfig, init_adapters, load_adapters, reset_sessions, save_adapters
+from rosa2_jax.model.decoder import decoder_hidden, forward, lm_logits, positions_from_valid
+from rosa2_jax.adapt.rosa import RosaConfig, UpdateBatch, conjugate_gradient, gauss_newton_system, rosa_update
 
 WINDOW, CHUNK = 8, 4
 
@@ -272,7 +272,7 @@ def test_layer_subset_and_save_load(tiny, tmp_path):
 @pytest.mark.parametrize("residual", ["prob", "logit"])
 def test_hidden_offset_direct_solve_equals_dense_lstsq(tiny, residual):
     """HS variant with full support: the Cholesky step equals numpy's solve of the explicit system."""
-    from rosa2_jax.rosa import hidden_offset_update
+    from rosa2_jax.adapt.rosa import hidden_offset_update
 
     cfg, params = tiny
     batch = make_batch(cfg, 9, [-1.0, 1.0], [True, False])
@@ -311,7 +311,7 @@ def test_hidden_offset_direct_solve_equals_dense_lstsq(tiny, residual):
 
 
 def test_generation_uses_the_hidden_offset(tiny):
-    from rosa2_jax.generation import SamplingConfig, generate
+    from rosa2_jax.model.generation import SamplingConfig, generate
 
     cfg, params = tiny
     prompts = [[5, 6, 7, 8], [9, 10]]

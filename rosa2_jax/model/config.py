@@ -1,6 +1,6 @@
-"""Model configuration, read from Hugging Face `config.json` fields.
+"""Model configuration, read from Hugging Face `config.json` fields, and the supported families.
 
-One frozen dataclass describes every supported decoder family:
+One frozen dataclass describes every supported decoder; `ARCHITECTURES` is the one list of families:
 - llama: RMSNorm, RoPE (optionally llama3-style scaled), GQA, SwiGLU, no biases;
 - qwen2: llama plus a bias on q/k/v;
 - qwen3: llama plus RMSNorm on each query and key head before RoPE, explicit `head_dim`.
@@ -11,11 +11,38 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
-from typing import Any, Mapping
+from typing import Any, Callable, Mapping
 
 from rosa2_jax.errors import CheckpointMismatchError, UnsupportedArchitectureError
 
-SUPPORTED_MODEL_TYPES = ("llama", "qwen2", "qwen3")
+
+@dataclasses.dataclass(frozen=True)
+class Architecture:
+    """A decoder family: its HF class, the decoder features it turns on, and how its checkpoints differ."""
+
+    hf_class: str
+    qkv_bias: bool = False
+    qk_norm: bool = False
+    gguf_rope_permuted: bool = False  # llama.cpp's converter permutes this family's q/k rows
+    hf_config_extra: tuple[tuple[str, Any], ...] = ()  # fields HF needs in config.json to rebuild it
+    param_table: Callable[["ModelConfig"], Any] | None = None  # None: params.decoder_param_table
+
+
+ARCHITECTURES: dict[str, Architecture] = {
+    "llama": Architecture("LlamaForCausalLM", gguf_rope_permuted=True,
+                          hf_config_extra=(("attention_bias", False), ("mlp_bias", False))),
+    "qwen2": Architecture("Qwen2ForCausalLM", qkv_bias=True),
+    "qwen3": Architecture("Qwen3ForCausalLM", qk_norm=True),
+}
+
+
+def _architecture(model_type: str | None) -> Architecture:
+    if model_type not in ARCHITECTURES:
+        raise UnsupportedArchitectureError(
+            f"model_type {model_type!r} is not supported; rosa2_jax implements {tuple(ARCHITECTURES)}. "
+            "Use a checkpoint of one of these families."
+        )
+    return ARCHITECTURES[model_type]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -43,14 +70,14 @@ class ModelConfig:
     max_position_embeddings: int
     tie_word_embeddings: bool
     rope_scaling: RopeScaling | None = None
+    qkv_bias: bool | None = None  # None: the family's (ARCHITECTURES)
+    qk_norm: bool | None = None
 
-    @property
-    def qkv_bias(self) -> bool:
-        return self.model_type == "qwen2"
-
-    @property
-    def qk_norm(self) -> bool:
-        return self.model_type == "qwen3"
+    def __post_init__(self):
+        arch = _architecture(self.model_type)
+        for feature in ("qkv_bias", "qk_norm"):
+            if getattr(self, feature) is None:
+                object.__setattr__(self, feature, getattr(arch, feature))
 
     @property
     def q_dim(self) -> int:
@@ -64,11 +91,7 @@ class ModelConfig:
     def from_hf(cls, hf: Mapping[str, Any]) -> "ModelConfig":
         """Build from the fields of an HF `config.json` (llama / qwen2 / qwen3)."""
         model_type = hf.get("model_type")
-        if model_type not in SUPPORTED_MODEL_TYPES:
-            raise UnsupportedArchitectureError(
-                f"model_type {model_type!r} is not supported; rosa2_jax implements {SUPPORTED_MODEL_TYPES}. "
-                "Use a checkpoint of one of these families."
-            )
+        _architecture(model_type)
         text = hf.get("text_config") or hf
         try:
             num_heads = int(text["num_attention_heads"])
@@ -106,9 +129,9 @@ class ModelConfig:
 
     def to_hf(self) -> dict[str, Any]:
         """The HF `config.json` fields that reproduce this config."""
-        arch = {"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM", "qwen3": "Qwen3ForCausalLM"}
+        arch = ARCHITECTURES[self.model_type]
         hf: dict[str, Any] = {
-            "architectures": [arch[self.model_type]],
+            "architectures": [arch.hf_class],
             "model_type": self.model_type,
             "vocab_size": self.vocab_size,
             "hidden_size": self.hidden_size,
@@ -123,9 +146,7 @@ class ModelConfig:
             "tie_word_embeddings": self.tie_word_embeddings,
             "hidden_act": "silu",
         }
-        if self.model_type == "llama":
-            hf["attention_bias"] = False
-            hf["mlp_bias"] = False
+        hf.update(arch.hf_config_extra)
         if self.rope_scaling is not None:
             hf["rope_scaling"] = {"rope_type": "llama3", **dataclasses.asdict(self.rope_scaling)}
         return hf

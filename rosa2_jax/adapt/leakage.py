@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import re
 
-from rosa2_jax.answers import last_boxed, normalize_answer, number_mentions, numeric_value
+from rosa2_jax.tasks.answers import last_boxed, normalize_answer, number_mentions, numeric_value
 
 _ANSWER_CONTEXT = re.compile(
     r"(answer|result|solution|total|equals?|=|:|\\boxed\{|should be|would be|must be|is|get|gives?|obtain)\W{0,3}"

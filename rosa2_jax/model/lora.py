@@ -17,7 +17,7 @@ import jax.numpy as jnp
 from flax import struct
 from jaxtyping import Array, Bool
 
-from rosa2_jax.config import ModelConfig
+from rosa2_jax.model.config import ModelConfig
 from rosa2_jax.distributed import local_checkpointer
 
 LORA_TARGETS = ("q", "k", "v", "o", "gate", "up", "down")
@@ -86,19 +86,16 @@ class LoraAdapters:
         return next(iter(self.factors.values()))[0].shape[0]
 
 
-def target_dims(cfg: ModelConfig, target: str) -> tuple[int, int]:
-    d, F = cfg.hidden_size, cfg.intermediate_size
-    return {"q": (d, cfg.q_dim), "k": (d, cfg.kv_dim), "v": (d, cfg.kv_dim), "o": (cfg.q_dim, d),
-            "gate": (d, F), "up": (d, F), "down": (F, d)}[target]
-
-
 def init_adapters(cfg: ModelConfig, lora: LoraConfig, num_sessions: int, key: jax.Array) -> LoraAdapters:
     """A ~ N(0, 1/d_in), B = 0: BA = 0 yet the Jacobian is non-zero (a literal theta = 0 would have none)."""
     layer_on = jnp.zeros((cfg.num_layers,), bool)
     layer_on = layer_on.at[jnp.asarray(lora.layers if lora.layers is not None else range(cfg.num_layers))].set(True)
+    from rosa2_jax.model.params import param_table  # params -> sharding; lora stays importable below both
+
+    table = param_table(cfg)["layers"]
     factors = {}
     for target, k in zip(lora.targets, jax.random.split(key, len(lora.targets))):
-        d_in, d_out = target_dims(cfg, target)
+        _, d_in, d_out = table[target].shape
         a = jax.random.normal(k, (num_sessions, cfg.num_layers, d_in, lora.rank), jnp.float32) / jnp.sqrt(d_in)
         a = a * layer_on[None, :, None, None]
         factors[target] = (a, jnp.zeros((num_sessions, cfg.num_layers, lora.rank, d_out), jnp.float32))

@@ -11,7 +11,7 @@ from __future__ import annotations
 from collections import defaultdict
 from typing import Iterable
 
-from rosa2_jax.stats import paired_comparison, wilson_interval
+from rosa2_jax.tasks.stats import paired_comparison, wilson_interval
 
 
 def summarize_method(records: list[dict], max_turns: int) -> dict:

@@ -25,9 +25,9 @@ import jax.numpy as jnp
 from flax import struct
 from jaxtyping import Array, Bool, Float, Int
 
-from rosa2_jax.config import ModelConfig
-from rosa2_jax.lora import LoraAdapters
-from rosa2_jax.model import Params, accumulation_dtype, decoder_hidden, head_weight, positions_from_valid
+from rosa2_jax.model.config import ModelConfig
+from rosa2_jax.model.lora import LoraAdapters
+from rosa2_jax.model.decoder import Params, accumulation_dtype, decoder_hidden, head_weight, positions_from_valid
 
 TILTS = ("token", "suffix")  # spec Option B (default), Option A
 RESIDUALS = ("prob", "logit")

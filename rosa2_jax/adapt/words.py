@@ -12,8 +12,8 @@ import difflib
 import re
 from typing import Sequence
 
-from rosa2_jax.leakage import leaks_answer
-from rosa2_jax.text_model import Completion, TextModel
+from rosa2_jax.adapt.leakage import leaks_answer
+from rosa2_jax.adapt.text_models import Completion, TextModel
 
 FEEDBACK_TEMPLATE = ("Your previous answer is incorrect. Please re-examine the problem and your reasoning, and give a "
                      "corrected solution. Put your final answer within \\boxed{}.")

