@@ -8,8 +8,6 @@ from __future__ import annotations
 from absl import app, flags, logging
 
 from experiments.common import define_model_flags, define_sampling_flags, model_from_flags, sampling_from_flags
-from rosa2_jax.model.generation import generate
-from rosa2_jax.model.tokenizer import render_chat, stop_token_ids
 
 FLAGS = flags.FLAGS
 define_model_flags()
@@ -21,14 +19,12 @@ flags.DEFINE_integer("seed", 0, "row i samples with seed + i")
 
 def main(_):
     logging.set_verbosity(logging.WARNING)
-    model = model_from_flags()
-    tok = model.tokenizer
+    sampler = model_from_flags().sampler
     system = [{"role": "system", "content": FLAGS.system}] if FLAGS.system else []
-    prompts = [render_chat(tok, system + [{"role": "user", "content": p}]) for p in FLAGS.prompt]
-    gens = generate(model.params, model.cfg, prompts, sampling_from_flags(), stop_token_ids=stop_token_ids(tok),
-                    pad_id=tok.pad_token_id, seeds=[FLAGS.seed + i for i in range(len(prompts))])
+    prompts = [sampler.render(system + [{"role": "user", "content": p}]) for p in FLAGS.prompt]
+    gens = sampler.generate(prompts, sampling_from_flags(), seeds=[FLAGS.seed + i for i in range(len(prompts))])
     for prompt, gen in zip(FLAGS.prompt, gens):
-        print(f"> {prompt}\n{tok.decode(gen.tokens, skip_special_tokens=True).strip()}  [{gen.finish_reason}]\n")
+        print(f"> {prompt}\n{sampler.decode(gen.tokens).strip()}  [{gen.finish_reason}]\n")
 
 
 if __name__ == "__main__":

@@ -6,12 +6,20 @@ import pytest
 
 from rosa2_jax.tasks.data import Problem
 from rosa2_jax.tasks.metrics import summarize, summarize_method
+from rosa2_jax.tasks.records import TurnRecord
 from rosa2_jax.tasks.rewards import math_equal, verify
 from rosa2_jax.tasks.sandbox import run_python
 
 
 def rec(solved_at, method="m", seconds=1.0):
     return {"method": method, "problem_id": "p", "solved_at": solved_at, "seconds": seconds, "turns": []}
+
+
+def turn_record(**fields):
+    """A failed turn's record as the engine writes it, with `fields` (update, refine, ...) added."""
+    base = dict(turn=1, user="question", system_prompt="system", response="answer", extracted=None, reward=-1.0,
+                response_tokens=5, finish_reason="stop", prompt_tokens=20)
+    return TurnRecord(**(base | fields)).to_json()
 
 
 def test_metrics_on_a_hand_computed_case():
@@ -44,7 +52,7 @@ def test_table2_consistency_math_baseline():
 
 def test_weights_step_counts():
     def turn(update=None):
-        return {"turn": 1} if update is None else {"turn": 1, "update": update}
+        return turn_record(update=update)
 
     records = [rec(None) | {"turns": [turn({"backtracks": 0, "rejected": False}), turn({"backtracks": 2, "rejected": False}),
                                       turn()]},
@@ -55,9 +63,9 @@ def test_weights_step_counts():
 
 def test_words_fallback_rates():
     def turn(status):
-        return {"turn": 1, "refine": {"status": status, "message": "m", "critique": "c"}}
+        return turn_record(refine={"status": status, "message": "m", "critique": "c"})
 
-    records = [rec(None) | {"turns": [turn("refined"), turn("fallback:leak"), {"turn": 3}]},
+    records = [rec(None) | {"turns": [turn("refined"), turn("fallback:leak"), turn_record(turn=3)]},
                rec(None) | {"turns": [turn("fallback:untagged"), turn("refined")]}]
     s = summarize_method(records, max_turns=3)
     assert s["words_steps"] == 4 and s["words_fallback_rate"] == 2 / 4 and s["words_leak_fallback_rate"] == 1 / 4

@@ -23,6 +23,7 @@ from typing import Any, Callable, NamedTuple
 import jax
 import jax.numpy as jnp
 from flax import struct
+from optax.tree_utils import tree_add_scale, tree_vdot, tree_zeros_like
 from jaxtyping import Array, Bool, Float, Int
 
 from rosa2_jax.model.config import ModelConfig
@@ -91,20 +92,12 @@ class UpdateStats:
     updated: Bool[Array, "S"]
 
 
-# ---------------------------------------------------------------- pytree vector helpers
-def _vdot(a, b) -> Array:
-    return sum(jnp.vdot(x, y) for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)))
-
-
-def _axpy(alpha, x, y):
-    return jax.tree.map(lambda xi, yi: alpha * xi + yi, x, y)
-
-
+# ---------------------------------------------------------------- the solver
 def conjugate_gradient(matvec, b, maxiter: int, tol: float):
     """CG from x0 = 0 (iterates stay in range(Jᵀ)). Returns (x, iterations, relative residual)."""
-    b_norm = jnp.sqrt(_vdot(b, b))
-    x0 = jax.tree.map(jnp.zeros_like, b)
-    rs0 = _vdot(b, b)
+    b_norm = jnp.sqrt(tree_vdot(b, b))
+    x0 = tree_zeros_like(b)
+    rs0 = tree_vdot(b, b)
 
     def cond(state):
         i, _, _, _, rs = state
@@ -113,11 +106,11 @@ def conjugate_gradient(matvec, b, maxiter: int, tol: float):
     def body(state):
         i, x, r, p, rs = state
         ap = matvec(p)
-        alpha = rs / _vdot(p, ap)
-        x = _axpy(alpha, p, x)
-        r = _axpy(-alpha, ap, r)
-        rs_new = _vdot(r, r)
-        p = _axpy(rs_new / rs, p, r)
+        alpha = rs / tree_vdot(p, ap)
+        x = tree_add_scale(x, alpha, p)
+        r = tree_add_scale(r, -alpha, ap)
+        rs_new = tree_vdot(r, r)
+        p = tree_add_scale(r, rs_new / rs, p)
         return i + 1, x, r, p, rs_new
 
     i, x, _, _, rs = jax.lax.while_loop(cond, body, (jnp.int32(0), x0, b, b, rs0))
@@ -189,7 +182,7 @@ def centred_head_gram(w_head: Float[Array, "d V"]) -> Float[Array, "d d"]:
     return w_head @ w_head.T - w_head.shape[1] * jnp.outer(w_mean, w_mean)
 
 
-def head_terms(h, targets, maskf, reward, w_head, rosa: RosaConfig) -> HeadTerms:
+def head_terms(h, targets, row_mask, reward, w_head, rosa: RosaConfig) -> HeadTerms:
     """Exact full-vocabulary right-hand side, residual and KL; the metric exact or on a top-k support."""
     C = rosa.position_chunk
     # Pass 1, for the suffix tilt only: it needs every log p_i[y_i] before any residual.
@@ -197,27 +190,27 @@ def head_terms(h, targets, maskf, reward, w_head, rosa: RosaConfig) -> HeadTerms
         log_w = jnp.full(targets.shape, reward / rosa.beta, h.dtype)
     else:
         logp_y = _chunked(lambda hc, yc: jnp.log(_target_prob(_softmax_chunk(hc, w_head), yc)), C, h, targets)
-        log_w = suffix_tilt_log_weights(logp_y, maskf > 0, reward, rosa)
+        log_w = suffix_tilt_log_weights(logp_y, row_mask > 0, reward, rosa)
     truncated = rosa.residual == "prob" and rosa.head_top_k > 0
 
     # Pass 2: the right-hand side in hidden space, ||R_i||², KL(p*_i || p_i) and the metric's support.
-    def rhs_chunk(hc, yc, lwc, mc):
+    def rhs_chunk(hc, yc, lwc, mask):
         p = _softmax_chunk(hc, w_head)
         resid, log_z, p_y = _tilted_residual(p, yc, lwc)
         kl = -log_z + p_y * jnp.exp(lwc - log_z) * lwc
         if rosa.residual == "prob":
-            rhs = jnp.dot(_softmax_jacobian(p, resid), w_head.T) * mc[:, None]
+            rhs = jnp.dot(_softmax_jacobian(p, resid), w_head.T) * mask[:, None]
             r2 = jnp.sum(resid * resid, -1)
         else:  # centred log-prob residual log w_i (e_y - 1/V): Jᵀ R = log w_i (W_U[y] - mean_v W_U[v])
-            rhs = lwc[:, None] * (w_head.T[yc] - jnp.mean(w_head, axis=1)) * mc[:, None]
+            rhs = lwc[:, None] * (w_head.T[yc] - jnp.mean(w_head, axis=1)) * mask[:, None]
             r2 = lwc**2 * (1.0 - 1.0 / p.shape[-1])
-        terms = (rhs, r2 * mc, kl * mc, jnp.log(p_y))
+        terms = (rhs, r2 * mask, kl * mask, jnp.log(p_y))
         if not truncated:
             return terms
         support = vocab_support(p, yc, rosa.head_top_k)
         return terms + (support, jnp.take_along_axis(p, support, -1))
 
-    rhs_rows, r2, kl, logp_y, *support_terms = _chunked(rhs_chunk, C, h, targets, log_w, maskf)
+    rhs_rows, r2, kl, logp_y, *support_terms = _chunked(rhs_chunk, C, h, targets, log_w, row_mask)
 
     if truncated:  # computed once per update: each CG product is then O(W k d), not O(W V d)
         support, p_support = support_terms
@@ -226,19 +219,19 @@ def head_terms(h, targets, maskf, reward, w_head, rosa: RosaConfig) -> HeadTerms
         def metric(g):
             u = jnp.einsum("wkd,wd->wk", w_support, g)
             a = _softmax_jacobian(p_support, _softmax_jacobian(p_support, u))
-            return jnp.einsum("wk,wkd->wd", a, w_support) * maskf[:, None]
+            return jnp.einsum("wk,wkd->wd", a, w_support) * row_mask[:, None]
     elif rosa.residual == "prob":
         def metric(g):  # W_Uᵀ A_i² W_U g_i per row, chunked over positions
-            def chunk(hc, gc, mc):
+            def chunk(hc, gc, mask):
                 p = _softmax_chunk(hc, w_head)
                 a = _softmax_jacobian(p, _softmax_jacobian(p, jnp.dot(gc, w_head)))
-                return jnp.dot(a, w_head.T) * mc[:, None]
-            return _chunked(chunk, C, h, g, maskf)
+                return jnp.dot(a, w_head.T) * mask[:, None]
+            return _chunked(chunk, C, h, g, row_mask)
     else:
         centred = centred_head_gram(w_head)
 
         def metric(g):
-            return (g @ centred) * maskf[:, None]
+            return (g @ centred) * row_mask[:, None]
 
     return HeadTerms(rhs_rows, r2, kl, log_w, logp_y, metric)
 
@@ -253,10 +246,11 @@ class ResponseWindow(NamedTuple):
     w_head: Float[Array, "d V"]
 
 
-def response_window(params, tokens, valid, response_len, *, cfg: ModelConfig, scale: float, window: int,
-                    remat: bool, first_layer: int = 0) -> ResponseWindow:
-    """`hidden(θ)` runs layers [first_layer, L) only: the layers below hold no adapter, so they run once
-    here, without tangents or remat, and every JVP/VJP starts from their output."""
+def response_window(params, tokens, valid, response_len, *, cfg: ModelConfig, window: int, remat: bool,
+                    first_layer: int = 0) -> ResponseWindow:
+    """`hidden(θ)` (θ: one session's LoraAdapters, or None) runs layers [first_layer, L) only: the layers
+    below hold no adapter, so they run once here, without tangents or remat, and every JVP/VJP starts
+    from their output."""
     T, W = tokens.shape[0], window
     positions = positions_from_valid(valid[None])
     acc = accumulation_dtype(params["embed"].dtype)  # float32 (float64 in x64 checks)
@@ -267,7 +261,8 @@ def response_window(params, tokens, valid, response_len, *, cfg: ModelConfig, sc
         upper = (first_layer, cfg.num_layers)
 
     def hidden(th):
-        adapters = None if th is None else LoraAdapters(jax.tree.map(lambda x: x[None, first_layer:], th), scale)
+        adapters = None if th is None else LoraAdapters(jax.tree.map(lambda x: x[None, first_layer:], th.factors),
+                                                        th.scale)
         h, _ = decoder_hidden(params, tokens[None], positions, valid[None], cfg=cfg, adapters=adapters, remat=remat,
                               layers=upper, inputs=inputs)
         return h[0, T - W - 1: T - 1].astype(acc)  # row i predicts tokens[T - W + i]
@@ -288,10 +283,10 @@ class GaussNewtonSystem(NamedTuple):
     head: HeadTerms
 
 
-def gauss_newton_system(params, theta, tokens, valid, response_len, reward, *, cfg: ModelConfig,
-                        rosa: RosaConfig, scale: float, window: int, first_layer: int = 0) -> GaussNewtonSystem:
-    win = response_window(params, tokens, valid, response_len, cfg=cfg, scale=scale, window=window,
-                          remat=rosa.remat, first_layer=first_layer)
+def gauss_newton_system(params, theta: LoraAdapters, tokens, valid, response_len, reward, *, cfg: ModelConfig,
+                        rosa: RosaConfig, window: int) -> GaussNewtonSystem:
+    win = response_window(params, tokens, valid, response_len, cfg=cfg, window=window, remat=rosa.remat,
+                          first_layer=theta.first_layer)
     h, jvp = jax.linearize(win.hidden, theta)
     vjp = jax.linear_transpose(jvp, theta)
 
@@ -317,24 +312,31 @@ def gauss_newton_system(params, theta, tokens, valid, response_len, reward, *, c
 def kl_to_target(hidden_old, hidden_new, targets, log_w, row_mask, w_head, chunk: int):
     """(KL(p*_i || p_i(θ')), log p_i(θ')[y_i]) per row, p* built from the policy at `hidden_old` (the one
     that was tilted). Exact over the full vocabulary, streamed in chunks of positions."""
-    def one(hc, hnc, yc, lwc, mc):
+    def one(hc, hnc, yc, lwc, mask):
         p = _softmax_chunk(hc, w_head)
         resid, _, _ = _tilted_residual(p, yc, lwc)
         p_star = p + resid
         logp_new = jax.nn.log_softmax(jnp.dot(hnc, w_head, preferred_element_type=w_head.dtype), -1)
         kl = jnp.sum(jax.scipy.special.xlogy(p_star, p_star) - p_star * logp_new, -1)
-        return kl * mc, _target_prob(logp_new, yc) * mc
+        return kl * mask, _target_prob(logp_new, yc) * mask
 
     return _chunked(one, chunk, hidden_old, hidden_new, targets, log_w, row_mask)
 
 
-def _finish(theta, delta, active, head: HeadTerms, row_mask, evaluate, iters, rel, damping, rosa: RosaConfig):
+def _finish(theta, delta, iters, rel, active, system: GaussNewtonSystem, hidden_at: Callable[[Any], Array],
+            rosa: RosaConfig):
     """Trust region, step with backtracking, non-finite guard and stats; shared by both adapter kinds.
 
-    `evaluate(θ')` gives per-row (KL(p*||p(θ')), log p(θ')[y]). With rosa.backtrack > 0 a step that
-    does not lower the mean KL is halved up to that many times; if none does, the adapter is kept.
+    `hidden_at(θ')` gives the response window's hidden rows under θ'. With rosa.backtrack > 0 a step that
+    does not lower the mean KL(p*||p) is halved up to that many times; if none does, the adapter is kept.
     """
-    norm = jnp.sqrt(_vdot(delta, delta))
+    head, row_mask = system.head, system.window.row_mask
+
+    def evaluate(new_theta):
+        return kl_to_target(system.hidden, hidden_at(new_theta), system.window.targets, head.log_w, row_mask,
+                            system.window.w_head, rosa.position_chunk)
+
+    norm = jnp.sqrt(tree_vdot(delta, delta))
     shrink = jnp.minimum(1.0, rosa.max_step_norm / jnp.maximum(norm, 1e-30))  # trust region
     step = jax.tree.map(lambda d: rosa.step_scale * shrink * d, delta)
     n_rows = jnp.maximum(jnp.sum(row_mask), 1.0)
@@ -342,7 +344,7 @@ def _finish(theta, delta, active, head: HeadTerms, row_mask, evaluate, iters, re
     logp_before = jnp.sum(head.logp_y * row_mask) / n_rows
 
     def try_step(halvings):
-        kl_rows, logp_rows = evaluate(_axpy(0.5 ** halvings, step, theta))
+        kl_rows, logp_rows = evaluate(tree_add_scale(theta, 0.5 ** halvings, step))
         return jnp.sum(kl_rows) / n_rows, jnp.sum(logp_rows) / n_rows
 
     kl_new, logp_new = try_step(0)
@@ -362,7 +364,7 @@ def _finish(theta, delta, active, head: HeadTerms, row_mask, evaluate, iters, re
     factor = 0.5 ** halvings.astype(kl_before.dtype)
     step = jax.tree.map(lambda d: factor * d, step)
     new_theta = jax.tree.map(jnp.add, theta, step)
-    step_norm_sq = _vdot(step, step)
+    step_norm_sq = tree_vdot(step, step)
     finite = jnp.isfinite(step_norm_sq) & jnp.isfinite(kl_new) & jnp.isfinite(rel)
     updated = active & finite & improved
     stats = UpdateStats(
@@ -374,7 +376,7 @@ def _finish(theta, delta, active, head: HeadTerms, row_mask, evaluate, iters, re
         kl_after=jnp.where(updated, kl_new, kl_before),
         logp_before=logp_before,
         logp_after=jnp.where(updated, logp_new, logp_before),
-        damping=damping,
+        damping=system.damping,
         backtracks=jnp.where(active & finite, halvings, 0),
         rejected=active & finite & ~improved,
         nonfinite=active & ~finite,
@@ -384,19 +386,13 @@ def _finish(theta, delta, active, head: HeadTerms, row_mask, evaluate, iters, re
     return jax.tree.map(lambda new, old: jnp.where(updated, new, old), new_theta, theta), stats
 
 
-def _session_update(params, theta, tokens, valid, response_len, reward, active, *, cfg: ModelConfig,
-                    rosa: RosaConfig, scale: float, window: int, first_layer: int):
+def _session_update(params, theta: LoraAdapters, tokens, valid, response_len, reward, active, *, cfg: ModelConfig,
+                    rosa: RosaConfig, window: int):
     system = gauss_newton_system(params, theta, tokens, valid, response_len, reward, cfg=cfg, rosa=rosa,
-                                 scale=scale, window=window, first_layer=first_layer)
-    delta, iters, rel = conjugate_gradient(lambda v: _axpy(system.damping, v, system.gram(v)), system.rhs,
+                                 window=window)
+    delta, iters, rel = conjugate_gradient(lambda v: tree_add_scale(system.gram(v), system.damping, v), system.rhs,
                                            rosa.cg_iters, rosa.cg_tol)
-    win, head = system.window, system.head
-
-    def evaluate(new_theta):
-        return kl_to_target(system.hidden, win.hidden(new_theta), win.targets, head.log_w, win.row_mask,
-                            win.w_head, rosa.position_chunk)
-
-    return _finish(theta, delta, active, head, win.row_mask, evaluate, iters, rel, system.damping, rosa)
+    return _finish(theta, delta, iters, rel, active, system, system.window.hidden, rosa)
 
 
 def _over_sessions(session_fn, params, theta, batch: UpdateBatch, rosa: RosaConfig):
@@ -411,32 +407,30 @@ def _over_sessions(session_fn, params, theta, batch: UpdateBatch, rosa: RosaConf
 def rosa_update(params: Params, adapters: LoraAdapters, batch: UpdateBatch, *, cfg: ModelConfig,
                 rosa: RosaConfig) -> tuple[LoraAdapters, UpdateStats]:
     """One ROSA step for every session (vmapped); only active sessions change."""
-    fn = functools.partial(_session_update, cfg=cfg, rosa=rosa, scale=adapters.scale, window=batch.window,
-                           first_layer=adapters.first_layer)
-    new_factors, stats = _over_sessions(fn, params, adapters.factors, batch, rosa)
-    return adapters.replace(factors=new_factors), stats
+    fn = functools.partial(_session_update, cfg=cfg, rosa=rosa, window=batch.window)
+    return _over_sessions(fn, params, adapters, batch, rosa)
 
 
 # ---------------------------------------------------------------- hidden-state offset variant ("HS")
-def support_gram(h, targets, maskf, w_head, top_k: int, chunk: int) -> Float[Array, "d d"]:
+def support_gram(h, targets, row_mask, w_head, top_k: int, chunk: int) -> Float[Array, "d d"]:
     """Σ_i W_Uᵀ A_i² W_U with A_i restricted to row i's top-k tokens plus its sampled token.
 
     Exact when top_k >= V - 1; otherwise the truncation the spec allows (k >= 64) to form a d x d matrix.
     """
-    def one(hc, yc, mc):
+    def one(hc, yc, mask):
         p = _softmax_chunk(hc, w_head)
         idx = vocab_support(p, yc, top_k)
         pk = jnp.take_along_axis(p, idx, -1)
         a = jax.vmap(jnp.diag)(pk) - pk[:, :, None] * pk[:, None, :]  # A_i on the support [C, k, k]
         m = jnp.einsum("cjk,ckd->cjd", a, w_head.T[idx])  # A_i W_Kᵀ [C, k, d]
-        return jnp.einsum("cjd,cje,c->de", m, m, mc)
+        return jnp.einsum("cjd,cje,c->de", m, m, mask)
 
-    return jnp.sum(_map_chunks(one, chunk, h, targets, maskf), axis=0)
+    return jnp.sum(_map_chunks(one, chunk, h, targets, row_mask), axis=0)
 
 
 def _offset_session_update(params, delta, tokens, valid, response_len, reward, active, *, cfg: ModelConfig,
                            rosa: RosaConfig, window: int, top_k: int):
-    win = response_window(params, tokens, valid, response_len, cfg=cfg, scale=1.0, window=window, remat=False)
+    win = response_window(params, tokens, valid, response_len, cfg=cfg, window=window, remat=False)
     h0 = win.hidden(None)
     acc = h0.dtype
     head = head_terms(h0 + delta, win.targets, win.row_mask, reward, win.w_head, rosa)  # J_h = I: θ is the offset
@@ -451,11 +445,8 @@ def _offset_session_update(params, delta, tokens, valid, response_len, reward, a
     step = jax.scipy.linalg.cho_solve(jax.scipy.linalg.cho_factor(system), rhs)
     rel = jnp.linalg.norm(rhs - system @ step) / jnp.maximum(jnp.linalg.norm(rhs), 1e-30)
 
-    def evaluate(new_delta):
-        return kl_to_target(h0 + delta, h0 + new_delta, win.targets, head.log_w, win.row_mask, win.w_head,
-                            rosa.position_chunk)
-
-    return _finish(delta, step, active, head, win.row_mask, evaluate, 0, rel, damping, rosa)
+    solved = GaussNewtonSystem(rhs, lambda v: gram @ v, damping, win, h0 + delta, head)
+    return _finish(delta, step, 0, rel, active, solved, lambda new_delta: h0 + new_delta, rosa)
 
 
 @functools.partial(jax.jit, static_argnames=("cfg", "rosa", "top_k"))

@@ -50,17 +50,16 @@ class LocalTextModel:
         self.name = f"local:{model.source}"
 
     def complete(self, conversations, *, max_tokens: int, temperature: float) -> list[Completion]:
-        from rosa2_jax.model.generation import SamplingConfig, generate
-        from rosa2_jax.model.tokenizer import render_chat, stop_token_ids
+        from rosa2_jax.model.generation import SamplingConfig
 
         if not conversations:
             return []
-        tok, cfg = self.model.tokenizer, self.model.cfg
-        limit = self.max_prompt_tokens or cfg.max_position_embeddings - max_tokens
+        sampler = self.model.sampler
+        limit = self.max_prompt_tokens or sampler.cfg.max_position_embeddings - max_tokens
         prompts, results = [], [None] * len(conversations)
         index = []
         for i, conv in enumerate(conversations):
-            ids = render_chat(tok, conv)
+            ids = sampler.render(conv)
             if len(ids) > limit:
                 results[i] = Completion(None, f"prompt of {len(ids)} tokens exceeds the {limit}-token budget")
             else:
@@ -69,10 +68,9 @@ class LocalTextModel:
         if prompts:
             sampling = SamplingConfig(max_new_tokens=max_tokens, temperature=temperature,
                                       top_p=0.8 if temperature > 0 else 1.0)
-            gens = generate(self.model.params, cfg, prompts, sampling, stop_token_ids=stop_token_ids(tok),
-                            pad_id=tok.pad_token_id, seeds=[self.seed + i for i in index])
+            gens = sampler.generate(prompts, sampling, seeds=[self.seed + i for i in index])
             for i, g in zip(index, gens):
-                results[i] = Completion(tok.decode(g.tokens, skip_special_tokens=True).strip())
+                results[i] = Completion(sampler.decode(g.tokens).strip())
         return results
 
 

@@ -9,6 +9,7 @@ spec is, in order of precedence:
 from __future__ import annotations
 
 import dataclasses
+import functools
 import os
 import re
 import tempfile
@@ -27,6 +28,7 @@ from rosa2_jax.checkpoint.store import is_converted_folder, load_converted, save
 from rosa2_jax.model.config import ModelConfig
 from rosa2_jax.errors import CheckpointNotFoundError
 from rosa2_jax.model.params import Params, param_shardings
+from rosa2_jax.model.sampler import Sampler
 from rosa2_jax.model.tokenizer import load_tokenizer
 
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
@@ -34,12 +36,17 @@ _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 __all__ = ["LoadedModel", "load_model", "BUILTINS", "cache_root", "save_hf_folder", "save_converted"]
 
 
-@dataclasses.dataclass(frozen=True)
+@dataclasses.dataclass(frozen=True, eq=False)
 class LoadedModel:
     cfg: ModelConfig
     params: Params
     tokenizer: Any  # transformers tokenizer
     source: str
+    mesh: Mesh | None = None  # where params were placed (load_model(mesh=))
+
+    @functools.cached_property
+    def sampler(self) -> Sampler:
+        return Sampler(self.params, self.cfg, self.tokenizer, self.mesh)
 
 
 def _place(params: Params, cfg: ModelConfig, dtype, mesh: Mesh | None) -> Params:
@@ -54,25 +61,25 @@ def load_model(spec: str, *, dtype=jnp.float32, cache_dir: str | os.PathLike | N
     if spec in BUILTINS:
         folder = ensure_builtin(spec, cache_dir)
         cfg, params = load_converted(folder, dtype, mesh)
-        return LoadedModel(cfg, params, load_tokenizer(folder / "tokenizer"), f"builtin:{spec}")
+        return LoadedModel(cfg, params, load_tokenizer(folder / "tokenizer"), f"builtin:{spec}", mesh)
     path = Path(spec).expanduser()
     if path.exists():
         if path.is_file() and path.suffix == ".gguf":
             with tempfile.TemporaryDirectory() as tok_dir:
                 cfg, params, _ = load_gguf(path, tokenizer_dir=tok_dir)
                 tokenizer = load_tokenizer(tok_dir)
-            return LoadedModel(cfg, _place(params, cfg, dtype, mesh), tokenizer, f"gguf:{path}")
+            return LoadedModel(cfg, _place(params, cfg, dtype, mesh), tokenizer, f"gguf:{path}", mesh)
         if path.is_dir() and is_converted_folder(path):
             cfg, params = load_converted(path, dtype, mesh)
-            return LoadedModel(cfg, params, load_tokenizer(path / "tokenizer"), f"converted:{path}")
+            return LoadedModel(cfg, params, load_tokenizer(path / "tokenizer"), f"converted:{path}", mesh)
         if path.is_dir():
             cfg, params = load_hf_folder(path)
-            return LoadedModel(cfg, _place(params, cfg, dtype, mesh), load_tokenizer(path), f"hf:{path}")
+            return LoadedModel(cfg, _place(params, cfg, dtype, mesh), load_tokenizer(path), f"hf:{path}", mesh)
         raise CheckpointNotFoundError(f"{path} is neither a checkpoint folder nor a .gguf file.")
     if _HUB_ID.match(spec) and not spec.startswith((".", "/", "~")):
         folder = download_from_hub(spec)
         cfg, params = load_hf_folder(folder)
-        return LoadedModel(cfg, _place(params, cfg, dtype, mesh), load_tokenizer(folder), f"hub:{spec}")
+        return LoadedModel(cfg, _place(params, cfg, dtype, mesh), load_tokenizer(folder), f"hub:{spec}", mesh)
     raise CheckpointNotFoundError(
         f"no model {spec!r}: not a built-in ({', '.join(BUILTINS)}), no such local path, and not a hub id "
         "of the form org/name. Check the spelling or the path."

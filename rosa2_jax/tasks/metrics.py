@@ -2,8 +2,7 @@
 unsolved problems counted as K, accuracy per turn, time per problem; 95% Wilson intervals, and paired
 comparisons of methods on the problems both ran (`compare_methods`).
 
-Records are the per-problem JSONL rows the sweep writes: {"method", "problem_id", "solved_at" (int or
-null), "turns": [...], "seconds": float, ...}.
+Records are `tasks.records.ProblemRecord`s, or the JSON rows of records.jsonl they are read from.
 """
 
 from __future__ import annotations
@@ -11,12 +10,20 @@ from __future__ import annotations
 from collections import defaultdict
 from typing import Iterable
 
+from rosa2_jax.tasks.records import ProblemRecord
 from rosa2_jax.tasks.stats import paired_comparison, wilson_interval
 
+Record = ProblemRecord | dict
 
-def summarize_method(records: list[dict], max_turns: int) -> dict:
+
+def _read(records: Iterable[Record]) -> list[ProblemRecord]:
+    return [r if isinstance(r, ProblemRecord) else ProblemRecord.from_json(r) for r in records]
+
+
+def summarize_method(records: Iterable[Record], max_turns: int) -> dict:
+    records = _read(records)
     n = len(records)
-    solved_at = [r["solved_at"] for r in records]
+    solved_at = [r.solved_at for r in records]
     solved = [t for t in solved_at if t is not None]
     late = [t for t in solved if t >= 2]
     failed_first = [t for t in solved_at if t != 1]
@@ -33,7 +40,7 @@ def summarize_method(records: list[dict], max_turns: int) -> dict:
         "avg_turns": sum(t if t is not None else max_turns for t in solved_at) / n if n else 0.0,
         "accuracy_by_turn": [k / n if n else 0.0 for k in by_turn],
         "accuracy_by_turn_ci95": [list(wilson_interval(k, n)) for k in by_turn],
-        "seconds_per_problem": sum(r.get("seconds", 0.0) for r in records) / n if n else 0.0,
+        "seconds_per_problem": sum(r.seconds for r in records) / n if n else 0.0,
         "mean_step_norm_sq_by_turn": _mean_by_turn(records, max_turns, "step_norm_sq"),
         **_weights_step_counts(records),
         **_words_fallback_counts(records),
@@ -41,38 +48,38 @@ def summarize_method(records: list[dict], max_turns: int) -> dict:
     }
 
 
-def _weights_step_counts(records: list[dict]) -> dict:
+def _weights_step_counts(records: list[ProblemRecord]) -> dict:
     """How many Weights steps ran, and how many the KL safeguard shortened (backtracked) or refused."""
-    updates = [t["update"] for r in records for t in r.get("turns", []) if "update" in t]
+    updates = [t.update for r in records for t in r.turns if t.update is not None]
     return {"weights_steps": len(updates),
             "weights_steps_backtracked": sum(u.get("backtracks", 0) > 0 for u in updates),
             "weights_steps_rejected": sum(bool(u.get("rejected")) for u in updates)}
 
 
-def _words_fallback_counts(records: list[dict]) -> dict:
+def _words_fallback_counts(records: list[ProblemRecord]) -> dict:
     """How often a Words step fell back to the raw feedback instead of its rewrite, in all and for leaks."""
-    statuses = [t["refine"]["status"] for r in records for t in r.get("turns", []) if "refine" in t]
+    statuses = [t.refine["status"] for r in records for t in r.turns if t.refine is not None]
     fallbacks = [s for s in statuses if s.startswith("fallback")]
     return {"words_steps": len(statuses),
             "words_fallback_rate": len(fallbacks) / len(statuses) if statuses else 0.0,
             "words_leak_fallback_rate": fallbacks.count("fallback:leak") / len(statuses) if statuses else 0.0}
 
 
-def _mean_by_turn(records: list[dict], max_turns: int, key: str) -> list[float | None]:
+def _mean_by_turn(records: list[ProblemRecord], max_turns: int, key: str) -> list[float | None]:
     sums, counts = defaultdict(float), defaultdict(int)
     for r in records:
-        for turn in r.get("turns", []):
-            value = turn.get(key)
+        for turn in r.turns:
+            value = getattr(turn, key)
             if value is not None:
-                sums[turn["turn"]] += value
-                counts[turn["turn"]] += 1
+                sums[turn.turn] += value
+                counts[turn.turn] += 1
     return [sums[t] / counts[t] if counts[t] else None for t in range(1, max_turns + 1)]
 
 
-def summarize(records: Iterable[dict], max_turns: int) -> dict[str, dict]:
-    by_method: dict[str, list[dict]] = defaultdict(list)
-    for r in records:
-        by_method[r["method"]].append(r)
+def summarize(records: Iterable[Record], max_turns: int) -> dict[str, dict]:
+    by_method: dict[str, list[ProblemRecord]] = defaultdict(list)
+    for r in _read(records):
+        by_method[r.method].append(r)
     return {m: summarize_method(rs, max_turns) for m, rs in sorted(by_method.items())}
 
 
@@ -83,10 +90,10 @@ def comparison_pairs(methods: Iterable[str]) -> list[tuple[str, str]]:
     return pairs + [("rosa2", m) for m in ("words", "rosa") if "rosa2" in methods and m in methods]
 
 
-def compare_methods(records: Iterable[dict]) -> list[dict]:
+def compare_methods(records: Iterable[Record]) -> list[dict]:
     """Paired differences of accuracy within K (a - b) on the problems both methods ran, with a
     paired-bootstrap 95% interval, the exact McNemar p-value and the problems only one of them solved."""
     solved: dict[str, dict[str, bool]] = defaultdict(dict)
-    for r in records:
-        solved[r["method"]][r["problem_id"]] = r["solved_at"] is not None
+    for r in _read(records):
+        solved[r.method][r.problem_id] = r.solved_at is not None
     return [{"a": a, "b": b, **paired_comparison(solved[a], solved[b])} for a, b in comparison_pairs(solved)]
