@@ -32,12 +32,11 @@ from absl import app, flags, logging
 from jax.flatten_util import ravel_pytree
 
 from experiments.common import best_time, define_model_flags, model_from_flags
-from rosa2_jax.tasks.data import load_problems
+from rosa2_jax.adapt.rosa import UpdateBatch, hidden_offset_update, rosa_update
 from rosa2_jax.engine import HIDDEN_OFFSET_TOP_K, MATH_SYSTEM_PROMPT, PRESETS, WeightsPreset
 from rosa2_jax.model.generation import SamplingConfig, generate_padded, left_pad
-from rosa2_jax.model.lora import LORA_TARGETS, LoraConfig, init_adapters, parse_layers
-from rosa2_jax.adapt.rosa import RosaConfig, UpdateBatch, hidden_offset_update, rosa_update
-from rosa2_jax.model.tokenizer import render_chat
+from rosa2_jax.model.lora import LORA_TARGETS, init_adapters
+from rosa2_jax.tasks.data import load_problems
 
 FLAGS = flags.FLAGS
 define_model_flags()
@@ -90,8 +89,8 @@ def real_sessions(model, count: int, history: int):
     problems, _ = load_problems("gsm8k", seed=0, cache_dir=FLAGS.cache_dir)
     prompts = []
     for p in problems:
-        ids = render_chat(model.tokenizer, [{"role": "system", "content": MATH_SYSTEM_PROMPT},
-                                            {"role": "user", "content": p.question}])
+        ids = model.sampler.render([{"role": "system", "content": MATH_SYSTEM_PROMPT},
+                                    {"role": "user", "content": p.question}])
         if len(ids) <= history:
             prompts.append(ids)
         if len(prompts) == count:
@@ -111,18 +110,9 @@ def timed_compiled(jitted, *args, **static):
     return compiled, best_time(call, repeats=1), out
 
 
-def rosa_config(preset: WeightsPreset, remat: bool) -> RosaConfig:
-    return RosaConfig(cg_iters=preset.cg_iters, head_top_k=preset.head_top_k, backtrack=preset.backtrack,
-                      max_step_norm=preset.max_step_norm, remat=remat)
-
-
-def lora_config(preset: WeightsPreset, num_layers: int) -> LoraConfig:
-    return LoraConfig(targets=preset.lora_targets, layers=parse_layers(preset.lora_layers, num_layers))
-
-
 def run_variant(model, preset: WeightsPreset, remat: bool, batch: UpdateBatch, S: int):
     cfg, params = model.cfg, model.params
-    rosa = rosa_config(preset, remat)
+    rosa = preset.rosa(remat=remat)
     if preset.adapter == "hidden":
         theta = jnp.zeros((S, cfg.hidden_size), jnp.float32)
         compiled, seconds, (new, stats) = timed_compiled(
@@ -130,7 +120,7 @@ def run_variant(model, preset: WeightsPreset, remat: bool, batch: UpdateBatch, S
             top_k=preset.head_top_k or HIDDEN_OFFSET_TOP_K)
         deltas = None
     else:
-        theta = init_adapters(cfg, lora_config(preset, cfg.num_layers), S, jax.random.key(0))  # A as `paper`'s
+        theta = init_adapters(cfg, preset.lora(cfg.num_layers), S, jax.random.key(0))  # A as `paper`'s
         compiled, seconds, (new, stats) = timed_compiled(rosa_update, params, theta, batch, cfg=cfg, rosa=rosa)
         deltas = [np.asarray(ravel_pytree(jax.tree.map(lambda a, b: a[s] - b[s], new.factors, theta.factors))[0])
                   for s in range(S)]
@@ -172,7 +162,7 @@ def main(_):
     variants = {v: parse_variant(v) for v in ["paper"] + [v for v in FLAGS.variants if v != "paper"]}
     sessions = sorted(map(int, FLAGS.sessions))
     prompts = real_sessions(model, max(sessions), H)
-    pad = model.tokenizer.pad_token_id if model.tokenizer.pad_token_id is not None else 0
+    pad = model.sampler.pad_id
     sampling = SamplingConfig(max_new_tokens=T, temperature=FLAGS.temperature, top_p=FLAGS.top_p)
     print(f"model {FLAGS.model}; history {H} (real GSM8K prompts, mean {np.mean([len(p) for p in prompts]):.0f} "
           f"tokens), response {T}; remat {FLAGS.remat}; devices {jax.devices()}")
@@ -221,7 +211,7 @@ def main(_):
             toks = jnp.asarray(np.random.RandomState(0).randint(100, cfg.vocab_size, (1, H + t_len)), jnp.int32)
             b = UpdateBatch(toks, jnp.ones(toks.shape, bool), jnp.full((1,), t_len, jnp.int32),
                             jnp.full((1,), -1.0, jnp.float32), jnp.ones((1,), bool), window=t_len)
-            rosa = rosa_config(preset, remat)
+            rosa = preset.rosa(remat=remat)
             ad = init_adapters(cfg, lora_config(preset, cfg.num_layers), 1, jax.random.key(0))
             mem = int(rosa_update.lower(params, ad, b, cfg=cfg, rosa=rosa).compile().memory_analysis().temp_size_in_bytes)
             mem_rows.append({"response_len": t_len, "peak_temp_bytes": mem, "full_probs_bytes": t_len * cfg.vocab_size * 4})

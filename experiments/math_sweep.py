@@ -10,6 +10,7 @@ accuracy_by_turn.png. Rerunning into the same folder skips finished problems and
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import resource
 import sys
@@ -24,24 +25,23 @@ from tqdm.auto import tqdm
 
 from experiments import common
 from experiments.common import define_model_flags, define_sampling_flags, model_from_flags, sampling_from_flags
+from rosa2_jax.adapt.rosa import RESIDUALS, TILTS
+from rosa2_jax.adapt.text_models import make_text_model
 from rosa2_jax.checkpoint import load_model
-from rosa2_jax.tasks.data import load_problems
 from rosa2_jax.distributed import ProcessInfo, barrier, initialize, process_info, share
-from rosa2_jax.engine import ADAPTERS, METHODS, PRESETS, EngineConfig, Session, SessionEngine
-from rosa2_jax.model.lora import LoraConfig, parse_layers
+from rosa2_jax.engine import ADAPTERS, METHODS, PRESETS, EngineConfig, Session, SessionEngine, WeightsPreset
+from rosa2_jax.model.sharding import make_mesh
+from rosa2_jax.runs import RECORDS, drop_torn_tail, merge_records, read_records, records_path
+from rosa2_jax.tasks.data import load_problems
 from rosa2_jax.tasks.report import write_report
 from rosa2_jax.tasks.rewards import EQUIVALENCES
-from rosa2_jax.adapt.rosa import RESIDUALS, TILTS, RosaConfig
-from rosa2_jax.runs import RECORDS, drop_torn_tail, merge_records, read_records, records_path
-from rosa2_jax.model.sharding import make_mesh
-from rosa2_jax.adapt.text_models import make_text_model
 
 FLAGS = flags.FLAGS
 define_model_flags()
 flags.DEFINE_string("dataset", "gsm8k", "gsm8k, math, math500, aime24, aime25, mmlu-stem, humaneval, champ, a local "
                     ".jsonl/.json/.parquet file, or hub:org/name[:split]")
 flags.DEFINE_integer("num_problems", 2, "problems drawn with --seed (0 = all)")
-flags.DEFINE_list("methods", list(METHODS), f"methods to run, from {METHODS}")
+flags.DEFINE_list("methods", list(METHODS), f"methods to run, from {', '.join(METHODS)}")
 flags.DEFINE_integer("max_turns", 10, "K: turns per problem")
 flags.DEFINE_integer("slots", 8, "concurrent sessions (the batch)")
 flags.DEFINE_integer("seed", 0, "problem subsample, adapter init and sampling seed")
@@ -98,35 +98,27 @@ flags.DEFINE_enum("switch_first", "words", ["words", "weights"], "`switch`: the 
 
 flags.adopt_module_key_flags(common)  # config.json records the shared flags with this module's own
 
-def session_record(method: str, dataset: str, s: Session) -> dict:
-    return {"method": method, "dataset": dataset, "problem_id": s.problem.id, "answer": s.problem.answer,
-            "solved_at": s.solved_at, "turns": s.turns, "seconds": s.seconds, "error": s.error}
-
-
-def weights_setting(name: str):
-    """A Weights-stream setting: its flag when given, else the preset's."""
-    value = getattr(FLAGS, name)
-    return getattr(PRESETS[FLAGS.preset], name) if value is None else value
+def weights_preset() -> WeightsPreset:
+    """--preset, with each of its fields that has its own flag given on the command line overriding it."""
+    given = {f.name: getattr(FLAGS, f.name) for f in dataclasses.fields(WeightsPreset) if getattr(FLAGS, f.name) is not None}
+    return dataclasses.replace(PRESETS[FLAGS.preset], **given)
 
 
 def engine_config(method: str, slots: int, num_layers: int) -> EngineConfig:
+    preset = weights_preset()
     try:
-        layers = parse_layers(weights_setting("lora_layers"), num_layers)
+        lora = preset.lora(num_layers, rank=FLAGS.lora_rank, alpha=FLAGS.lora_alpha)
     except ValueError as e:
-        raise app.UsageError(f"--lora_layers: {e}") from None
+        raise app.UsageError(f"--lora_layers / --lora_targets: {e}") from None
     return EngineConfig(
         method=method, max_turns=FLAGS.max_turns, slots=slots,
         sampling=sampling_from_flags(),
-        rosa=RosaConfig(beta=FLAGS.beta, tilt=FLAGS.tilt, residual=FLAGS.residual, damping=FLAGS.damping,
-                        cg_iters=weights_setting("cg_iters"), max_step_norm=weights_setting("max_step_norm"),
-                        head_top_k=weights_setting("head_top_k"), backtrack=weights_setting("backtrack"),
-                        remat=FLAGS.remat == "on" or (FLAGS.remat == "auto" and slots * FLAGS.max_context > 4096)),
-        lora=LoraConfig(rank=FLAGS.lora_rank, alpha=FLAGS.lora_alpha, targets=tuple(weights_setting("lora_targets")),
-                        layers=layers),
-        adapter=weights_setting("adapter"),
+        rosa=preset.rosa(beta=FLAGS.beta, tilt=FLAGS.tilt, residual=FLAGS.residual, damping=FLAGS.damping,
+                         remat=FLAGS.remat == "on" or (FLAGS.remat == "auto" and slots * FLAGS.max_context > 4096)),
+        lora=lora, adapter=preset.adapter,
         switch_turn=FLAGS.switch_turn, switch_first=FLAGS.switch_first, seed=FLAGS.seed,
-        equivalence=FLAGS.equivalence, boxed_only=FLAGS.boxed_only, critic_tokens=FLAGS.critic_tokens, rewrite_tokens=FLAGS.rewrite_tokens,
-        max_context=FLAGS.max_context)
+        equivalence=FLAGS.equivalence, boxed_only=FLAGS.boxed_only, critic_tokens=FLAGS.critic_tokens,
+        rewrite_tokens=FLAGS.rewrite_tokens, max_context=FLAGS.max_context)
 
 
 def text_model_from_flags(policy, mesh: Mesh):
@@ -150,7 +142,7 @@ def run_sweep(run_dir: Path, info: ProcessInfo) -> dict | None:
     """Run this process's share; process 0 merges the records and writes the summary (returned)."""
     for m in FLAGS.methods:
         if m not in METHODS:
-            raise app.UsageError(f"unknown method {m!r}; choose from {METHODS}")
+            raise app.UsageError(f"unknown method {m!r}; choose from {', '.join(METHODS)}")
     mesh = build_mesh()
     run_dir.mkdir(parents=True, exist_ok=True)
     if info.is_main:
@@ -188,10 +180,10 @@ def run_sweep(run_dir: Path, info: ProcessInfo) -> dict | None:
             # A problem's trajectory does not depend on its slot, so small runs use only the slots they
             # fill (rounded up to split evenly over the mesh's data axis).
             slots = -(-min(FLAGS.slots, len(work)) // data_size) * data_size
-            engine = SessionEngine(model, engine_config(method, slots, model.cfg.num_layers), text_model, mesh=mesh)
+            engine = SessionEngine(model, engine_config(method, slots, model.cfg.num_layers), text_model)
 
             def finish(session: Session, method=method):
-                out.write(json.dumps(session_record(method, FLAGS.dataset, session)) + "\n")
+                out.write(json.dumps(session.record(method, FLAGS.dataset).to_json()) + "\n")
                 out.flush()
                 bar.update(1)
                 bar.set_postfix(method=method)

@@ -8,12 +8,11 @@ import zipfile
 
 import numpy as np
 import pytest
-
 from conftest import make_hf_model
+
 from rosa2_jax.checkpoint import load_model
 from rosa2_jax.checkpoint.builtin import BuiltinModel, WheelPart, fetch_gguf, sha256_of, verify_sha256
 from rosa2_jax.checkpoint.hf_folder import load_hf_folder, save_hf_folder
-from rosa2_jax.model.config import ModelConfig
 from rosa2_jax.errors import (
     CheckpointMismatchError,
     CheckpointNotFoundError,
@@ -21,6 +20,7 @@ from rosa2_jax.errors import (
     HubUnreachableError,
     UnsupportedArchitectureError,
 )
+from rosa2_jax.model.config import ModelConfig
 
 
 @pytest.fixture(scope="module")
@@ -81,6 +81,7 @@ def test_sharded_checkpoint_and_missing_shard(saved_llama, tmp_path):
     cfg, params = load_hf_folder(saved_llama)
     # Re-save as two shards with an index, as large HF checkpoints are.
     from safetensors.numpy import save_file
+
     from rosa2_jax.checkpoint.hf_folder import tensors_from_params
 
     folder = tmp_path / "sharded"

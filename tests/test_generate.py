@@ -8,8 +8,8 @@ import torch
 
 from rosa2_jax.checkpoint.hf_folder import load_hf_folder
 from rosa2_jax.errors import ContextOverflowError
-from rosa2_jax.model.generation import SamplingConfig, generate, left_pad, sample_logits
 from rosa2_jax.model.decoder import KVCache, decoder_hidden, forward, lm_logits, positions_from_valid
+from rosa2_jax.model.generation import SamplingConfig, generate, left_pad, sample_logits
 
 PROMPT_LENGTHS = (5, 13, 2)
 

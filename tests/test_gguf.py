@@ -5,13 +5,14 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-
 from conftest import CHATML, MERGES, SPECIAL, byte_vocab, hf_logits, make_hf_model
+
 from rosa2_jax.checkpoint import load_model
 from rosa2_jax.checkpoint.gguf_file import load_gguf
 from rosa2_jax.errors import CheckpointMismatchError
 from rosa2_jax.model.decoder import forward
 from rosa2_jax.model.tokenizer import render_chat
+
 
 def llama_cpp_permute(w: np.ndarray, n_head: int) -> np.ndarray:
     """What llama.cpp's convert_hf_to_gguf.py does to Llama q/k rows (reference for the inverse)."""

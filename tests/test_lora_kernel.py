@@ -4,7 +4,6 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-
 from rosa2_jax.kernels.lora_matmul import lora_matmul, lora_matmul_reference
 
 

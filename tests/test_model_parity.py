@@ -3,11 +3,11 @@
 import jax
 import jax.numpy as jnp
 import numpy as np
-
 from conftest import hf_logits
+
 from rosa2_jax.checkpoint.hf_folder import load_hf_folder
-from rosa2_jax.model.generation import left_pad
 from rosa2_jax.model.decoder import forward
+from rosa2_jax.model.generation import left_pad
 
 LENGTHS = (7, 19, 1, 12)
 

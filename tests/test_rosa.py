@@ -4,14 +4,14 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from conftest import make_hf_model
 from jax.flatten_util import ravel_pytree
 
-from conftest import make_hf_model
+from rosa2_jax.adapt.rosa import RosaConfig, UpdateBatch, conjugate_gradient, gauss_newton_system, rosa_update
 from rosa2_jax.checkpoint.hf_folder import load_hf_folder
+from rosa2_jax.model.decoder import decoder_hidden, forward, lm_logits, positions_from_valid
 from rosa2_jax.model.generation import left_pad
 from rosa2_jax.model.lora import LoraAdapters, LoraConfig, init_adapters, load_adapters, reset_sessions, save_adapters
-from rosa2_jax.model.decoder import decoder_hidden, forward, lm_logits, positions_from_valid
-from rosa2_jax.adapt.rosa import RosaConfig, UpdateBatch, conjugate_gradient, gauss_newton_system, rosa_update
 
 WINDOW, CHUNK = 8, 4
 

@@ -8,7 +8,6 @@ import socket
 import subprocess
 
 import pytest
-
 from conftest import tiny_chat_model
 from test_sweep import PROBLEMS, ROOT, run, sweep_cmd
 

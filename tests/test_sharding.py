@@ -7,13 +7,13 @@ import numpy as np
 import pytest
 from jax.sharding import PartitionSpec
 
+from rosa2_jax.adapt.rosa import RosaConfig, UpdateBatch, rosa_update
 from rosa2_jax.checkpoint.store import load_converted, save_converted
 from rosa2_jax.model.config import ModelConfig
+from rosa2_jax.model.decoder import forward
 from rosa2_jax.model.generation import SamplingConfig, generate, left_pad
 from rosa2_jax.model.lora import LoraAdapters, LoraConfig, init_adapters
-from rosa2_jax.model.decoder import forward
 from rosa2_jax.model.params import ParamInfo, init_params, param_shardings
-from rosa2_jax.adapt.rosa import RosaConfig, UpdateBatch, rosa_update
 from rosa2_jax.model.sharding import logical_to_spec, make_mesh, shard_batch
 
 CFG = ModelConfig("qwen3", vocab_size=64, hidden_size=32, intermediate_size=64, num_layers=2, num_heads=4,

@@ -9,8 +9,8 @@ import time
 from pathlib import Path
 
 import pytest
-
 from conftest import tiny_chat_model
+
 from rosa2_jax.tasks.metrics import compare_methods, summarize
 
 PROBLEMS = [{"id": f"p{i}", "question": f"Which option is right? (A) {i} (B) {i + 1} (C) {i + 2} (D) {i + 3}",

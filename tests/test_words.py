@@ -9,7 +9,13 @@ import pytest
 
 from rosa2_jax.adapt.leakage import leaks_answer
 from rosa2_jax.adapt.text_models import OpenAICompatibleTextModel, RuleBasedTextModel, TextModelUnreachableError
-from rosa2_jax.adapt.words import FEEDBACK_TEMPLATE, RefineRequest, parse_improved, refine_feedback, refine_system_prompt
+from rosa2_jax.adapt.words import (
+    FEEDBACK_TEMPLATE,
+    RefineRequest,
+    parse_improved,
+    refine_feedback,
+    refine_system_prompt,
+)
 
 SECRET = "sk-test-secret-0123456789"
 
@@ -251,19 +257,19 @@ GSM8K_FAILURES = [  # GSM8K test items with wrong attempts
 
 
 def test_local_backend_refines_a_batch_of_gsm8k_failures(monkeypatch):
-    import rosa2_jax.model.generation as gen
-    from rosa2_jax.checkpoint import load_model
+    import rosa2_jax.model.sampler as sampler_module
     from rosa2_jax.adapt.text_models import LocalTextModel
+    from rosa2_jax.checkpoint import load_model
 
     model = load_model("smollm2-135m-instruct")
     batches = []
-    real_generate = gen.generate
+    real_generate = sampler_module.generate
 
     def counting_generate(params, cfg, prompts, *args, **kwargs):
         batches.append(len(prompts))
         return real_generate(params, cfg, prompts, *args, **kwargs)
 
-    monkeypatch.setattr(gen, "generate", counting_generate)
+    monkeypatch.setattr(sampler_module, "generate", counting_generate)
     reqs = [RefineRequest(problem=p, attempt=a, extracted_answer=x, current=None, ground_truth=g)
             for p, a, x, g in GSM8K_FAILURES]
     out = refine_feedback(LocalTextModel(model), reqs, critic_tokens=96, rewrite_tokens=96)

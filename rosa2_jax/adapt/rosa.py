@@ -23,12 +23,12 @@ from typing import Any, Callable, NamedTuple
 import jax
 import jax.numpy as jnp
 from flax import struct
-from optax.tree_utils import tree_add_scale, tree_vdot, tree_zeros_like
 from jaxtyping import Array, Bool, Float, Int
+from optax.tree_utils import tree_add_scale, tree_vdot, tree_zeros_like
 
 from rosa2_jax.model.config import ModelConfig
-from rosa2_jax.model.lora import LoraAdapters
 from rosa2_jax.model.decoder import Params, accumulation_dtype, decoder_hidden, head_weight, positions_from_valid
+from rosa2_jax.model.lora import LoraAdapters
 
 TILTS = ("token", "suffix")  # spec Option B (default), Option A
 RESIDUALS = ("prob", "logit")

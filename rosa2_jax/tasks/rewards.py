@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import dataclasses
 import re
+from typing import Callable
 
 from rosa2_jax.tasks.answers import answers_equal, last_boxed, number_mentions, numeric_value
 from rosa2_jax.tasks.data import Problem
@@ -61,34 +62,50 @@ def _choice(response: str) -> str | None:
     return m[-1] if m else None
 
 
+def _verify_math(problem: Problem, response: str, equivalence: str, code_timeout: float) -> Verdict:
+    extracted = last_boxed(response)
+    ok = extracted is not None and math_equal(extracted, problem.answer, equivalence)
+    return Verdict(1.0 if ok else -1.0, extracted)
+
+
+def _verify_number(problem: Problem, response: str, equivalence: str, code_timeout: float) -> Verdict:
+    extracted = last_boxed(response)
+    if extracted is None:
+        mentions = number_mentions(response)
+        value = mentions[-1][0] if mentions else None
+        extracted = None if value is None else f"{value:g}"
+    else:
+        value = numeric_value(extracted)
+    truth = numeric_value(problem.answer)
+    ok = value is not None and truth is not None and abs(value - truth) <= 1e-6 * max(1.0, abs(truth))
+    return Verdict(1.0 if ok else -1.0, extracted)
+
+
+def _verify_choice(problem: Problem, response: str, equivalence: str, code_timeout: float) -> Verdict:
+    extracted = _choice(response)
+    return Verdict(1.0 if extracted == problem.answer.strip().upper() else -1.0, extracted)
+
+
+def _verify_code(problem: Problem, response: str, equivalence: str, code_timeout: float) -> Verdict:
+    code = _extract_code(response)
+    # The prompt ends in a complete def (signature + docstring): a whole function redefines it, a bare
+    # body continues it.
+    whole = code.lstrip().startswith(("def ", "import ", "from ", "class "))
+    program = problem.answer.replace("{completion}", "\n" + code if whole else code)
+    result = run_python(program, timeout=code_timeout)
+    return Verdict(1.0 if result.passed else -1.0, code[:200], f"{result.status}: {result.detail}")
+
+
+# Problem.kind -> its verifier; `boxed` kinds count only a \boxed{} answer under boxed_only.
+VERIFIERS: dict[str, Callable[[Problem, str, str, float], Verdict]] = {
+    "math": _verify_math, "gsm8k": _verify_number, "choice": _verify_choice, "code": _verify_code}
+BOXED_ONLY_KINDS = ("gsm8k", "choice")
+
+
 def verify(problem: Problem, response: str, *, equivalence: str = "math-verify", boxed_only: bool = False,
            code_timeout: float = 10.0) -> Verdict:
-    if boxed_only and problem.kind in ("gsm8k", "choice") and last_boxed(response) is None:
+    if problem.kind not in VERIFIERS:
+        raise ValueError(f"unknown problem kind {problem.kind!r}; verifiers exist for {tuple(VERIFIERS)}")
+    if boxed_only and problem.kind in BOXED_ONLY_KINDS and last_boxed(response) is None:
         return Verdict(-1.0, None, "no \\boxed{} answer")
-    if problem.kind == "math":
-        extracted = last_boxed(response)
-        ok = extracted is not None and math_equal(extracted, problem.answer, equivalence)
-        return Verdict(1.0 if ok else -1.0, extracted)
-    if problem.kind == "gsm8k":
-        extracted = last_boxed(response)
-        if extracted is None:
-            mentions = number_mentions(response)
-            value = mentions[-1][0] if mentions else None
-            extracted = None if value is None else f"{value:g}"
-        else:
-            value = numeric_value(extracted)
-        truth = numeric_value(problem.answer)
-        ok = value is not None and truth is not None and abs(value - truth) <= 1e-6 * max(1.0, abs(truth))
-        return Verdict(1.0 if ok else -1.0, extracted)
-    if problem.kind == "choice":
-        extracted = _choice(response)
-        return Verdict(1.0 if extracted == problem.answer.strip().upper() else -1.0, extracted)
-    if problem.kind == "code":
-        code = _extract_code(response)
-        # The prompt ends in a complete def (signature + docstring): a whole function redefines it, a bare
-        # body continues it.
-        whole = code.lstrip().startswith(("def ", "import ", "from ", "class "))
-        program = problem.answer.replace("{completion}", "\n" + code if whole else code)
-        result = run_python(program, timeout=code_timeout)
-        return Verdict(1.0 if result.passed else -1.0, code[:200], f"{result.status}: {result.detail}")
-    raise ValueError(f"unknown problem kind {problem.kind!r}")
+    return VERIFIERS[problem.kind](problem, response, equivalence, code_timeout)
