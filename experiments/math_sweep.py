@@ -29,7 +29,7 @@ from rosa2_jax.adapt.rosa import RESIDUALS, TILTS
 from rosa2_jax.adapt.text_models import make_text_model
 from rosa2_jax.checkpoint import load_model
 from rosa2_jax.distributed import ProcessInfo, barrier, initialize, process_info, share
-from rosa2_jax.engine import ADAPTERS, METHODS, PRESETS, EngineConfig, Session, SessionEngine, WeightsPreset
+from rosa2_jax.engine import ADAPTERS, METHODS, PRESETS, REWARDS, EngineConfig, Session, SessionEngine, WeightsPreset
 from rosa2_jax.model.sharding import make_mesh
 from rosa2_jax.runs import RECORDS, drop_torn_tail, merge_records, read_records, records_path
 from rosa2_jax.tasks.data import load_problems
@@ -64,6 +64,9 @@ flags.DEFINE_enum("equivalence", "math-verify", list(EQUIVALENCES), "math answer
 flags.DEFINE_bool("boxed_only", True, "count only an answer in \\boxed{} (the paper's rule-based reward); "
                   "--noboxed_only also reads GSM8K's last number and a choice letter outside a box")
 # weights stream
+flags.DEFINE_enum("reward", "rule", list(REWARDS), "what the methods act on: the rule-based verifier, or `model`: "
+                  "the text model (--text_model) judges each answer against the reference. Accuracy is always "
+                  "the rule-based verifier's")
 flags.DEFINE_float("beta", 1.0, "KL temperature β")
 flags.DEFINE_enum("tilt", "token", list(TILTS), "sequence-to-token tilt (token = spec Option B, suffix = Option A)")
 flags.DEFINE_enum("residual", "prob", list(RESIDUALS), "probability or centred-logit residual")
@@ -100,7 +103,8 @@ flags.adopt_module_key_flags(common)  # config.json records the shared flags wit
 
 def weights_preset() -> WeightsPreset:
     """--preset, with each of its fields that has its own flag given on the command line overriding it."""
-    given = {f.name: getattr(FLAGS, f.name) for f in dataclasses.fields(WeightsPreset) if getattr(FLAGS, f.name) is not None}
+    fields = (f.name for f in dataclasses.fields(WeightsPreset))
+    given = {name: getattr(FLAGS, name) for name in fields if getattr(FLAGS, name) is not None}
     return dataclasses.replace(PRESETS[FLAGS.preset], **given)
 
 
@@ -117,14 +121,16 @@ def engine_config(method: str, slots: int, num_layers: int) -> EngineConfig:
                          remat=FLAGS.remat == "on" or (FLAGS.remat == "auto" and slots * FLAGS.max_context > 4096)),
         lora=lora, adapter=preset.adapter,
         switch_turn=FLAGS.switch_turn, switch_first=FLAGS.switch_first, seed=FLAGS.seed,
-        equivalence=FLAGS.equivalence, boxed_only=FLAGS.boxed_only, critic_tokens=FLAGS.critic_tokens,
-        rewrite_tokens=FLAGS.rewrite_tokens, max_context=FLAGS.max_context)
+        equivalence=FLAGS.equivalence, boxed_only=FLAGS.boxed_only, reward=FLAGS.reward,
+        critic_tokens=FLAGS.critic_tokens, rewrite_tokens=FLAGS.rewrite_tokens, max_context=FLAGS.max_context)
 
 
 def text_model_from_flags(policy, mesh: Mesh):
     kind, _, spec = FLAGS.text_model.partition(":")
     if kind not in ("local", "openai", "rule") or (spec and kind != "local"):
         raise app.UsageError(f"--text_model={FLAGS.text_model!r}: use local, local:<model spec>, openai or rule")
+    if kind == "rule" and FLAGS.reward == "model":
+        raise app.UsageError("--reward=model needs a text model that can judge: --text_model=local[:spec] or openai")
     critic = load_model(spec, dtype=jnp.dtype(FLAGS.dtype), cache_dir=FLAGS.cache_dir, mesh=mesh) if spec else policy
     return make_text_model(kind, model=critic, url=FLAGS.text_model_url, name=FLAGS.text_model_name)
 

@@ -34,12 +34,14 @@ from rosa2_jax.model.generation import Generation, SamplingConfig, bucket_length
 from rosa2_jax.model.lora import LoraConfig, init_adapters, parse_layers
 from rosa2_jax.model.sharding import shard_batch
 from rosa2_jax.tasks.data import Problem
+from rosa2_jax.tasks.judge import judge_rewards
 from rosa2_jax.tasks.records import ProblemRecord, TurnRecord
 from rosa2_jax.tasks.rewards import Verdict, verify
 
 HIDDEN_OFFSET_TOP_K = 64  # support of the d x d head metric the offset step forms when rosa.head_top_k is 0 (exact)
 UPDATE_STATS = ("step_norm_sq", "residual_norm", "cg_rel_residual", "kl_before", "kl_after", "logp_before",
                 "logp_after", "damping")
+REWARDS = ("rule", "model")  # the verifier's +1/-1, or a text model's judgement (tasks/judge.py)
 MATH_SYSTEM_PROMPT = "Please reason step by step, and put your final answer within \\boxed{}."
 
 
@@ -88,6 +90,7 @@ class EngineConfig:
     seed: int = 0
     equivalence: str = "math-verify"
     boxed_only: bool = True  # count only a \boxed{} answer, as the paper's rule-based reward does
+    reward: str = "rule"  # what the method acts on (REWARDS); accuracy is always the rule verifier's
     critic_tokens: int = 512
     rewrite_tokens: int = 256
     max_context: int | None = None  # default: the model's window
@@ -99,6 +102,8 @@ class EngineConfig:
             raise ValueError("switch_first must be words or weights")
         if self.adapter not in ADAPTERS:
             raise ValueError(f"unknown adapter {self.adapter!r}; choose from {tuple(ADAPTERS)}")
+        if self.reward not in REWARDS:
+            raise ValueError(f"unknown reward {self.reward!r}; choose from {REWARDS}")
 
     def streams(self, turn: int) -> tuple[type["Stream"], ...]:
         """The streams that adapt a session after it failed `turn`."""
@@ -366,6 +371,8 @@ class SessionEngine:
         kinds = METHODS[cfg.method].all_streams(cfg)
         if any(k.needs_text_model for k in kinds) and text_model is None:
             raise ValueError(f"method {cfg.method!r} needs a text model")
+        if cfg.reward == "model" and text_model is None:
+            raise ValueError("the model-based reward needs a text model to judge the answers")
         self.window = -(-cfg.sampling.max_new_tokens // cfg.rosa.position_chunk) * cfg.rosa.position_chunk
         self.max_prompt = (cfg.max_context or model.cfg.max_position_embeddings) - cfg.sampling.max_new_tokens
         self.pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="words")
@@ -391,22 +398,31 @@ class SessionEngine:
 
     def judge(self, slots: dict[int, Session], prompts: dict[int, list[int]],
               gens: dict[int, Generation]) -> tuple[list[int], dict[int, Failure]]:
-        """Verify every answer and record the turn; returns the ended slots and the failures to adapt."""
+        """Verify every answer and record the turn; returns the ended slots and the failures to adapt.
+
+        The rule-based verifier decides `solved_at` (accuracy). The method acts on `cfg.reward`: the same
+        verdict, or with "model" the text model's judgement (a session it calls right ends, one it calls
+        wrong is adapted, whatever the rule says)."""
+        texts = {i: self.sampler.decode(gens[i].tokens) for i in slots}
+        rule = {i: verify(s.problem, texts[i], equivalence=self.cfg.equivalence, boxed_only=self.cfg.boxed_only)
+                for i, s in slots.items()}
+        acted = rule
+        if self.cfg.reward == "model":
+            acted = dict(zip(slots, judge_rewards(self.text_model, [(s.problem, texts[i]) for i, s in slots.items()])))
         ended, failed = [], {}
         for i, s in slots.items():
-            text = self.sampler.decode(gens[i].tokens)
-            verdict = verify(s.problem, text, equivalence=self.cfg.equivalence, boxed_only=self.cfg.boxed_only)
+            verdict = rule[i]
             s.turns.append(TurnRecord(turn=s.turn, user=s.messages[-1]["content"], system_prompt=s.system_prompt,
-                                      response=text, extracted=verdict.extracted, reward=verdict.reward,
+                                      response=texts[i], extracted=verdict.extracted, reward=acted[i].reward,
                                       response_tokens=len(gens[i].tokens), finish_reason=gens[i].finish_reason,
-                                      prompt_tokens=len(prompts[i])))
-            if verdict.reward > 0:
+                                      prompt_tokens=len(prompts[i]),
+                                      rule_reward=verdict.reward if acted is not rule else None))
+            if verdict.reward > 0 and s.solved_at is None:
                 s.solved_at = s.turn
-                ended.append(i)
-            elif s.turn >= self.cfg.max_turns:
+            if acted[i].reward > 0 or s.turn >= self.cfg.max_turns:
                 ended.append(i)
             else:
-                failed[i] = Failure(s, prompts[i], gens[i].tokens, text, verdict)
+                failed[i] = Failure(s, prompts[i], gens[i].tokens, texts[i], verdict)
         return ended, failed
 
     def adapt(self, failed: dict[int, Failure]) -> tuple[list[tuple[Stream, dict[int, Any]]], dict[str, float]]:
@@ -424,7 +440,8 @@ class SessionEngine:
             timing[stream.timing_key] += seconds
         return outcomes, timing
 
-    def advance(self, slots: dict[int, Session], ended: list[int], outcomes: list[tuple[Stream, dict[int, Any]]], timing: dict[str, float]) -> None:
+    def advance(self, slots: dict[int, Session], ended: list[int], outcomes: list[tuple[Stream, dict[int, Any]]],
+                timing: dict[str, float]) -> None:
         """Write each stream's result into its session and turn record, then the next user message."""
         for i, s in slots.items():
             record = s.turns[-1]

@@ -17,10 +17,11 @@ class TurnRecord:
     system_prompt: str
     response: str
     extracted: str | None  # the answer the verifier read, if any
-    reward: float  # +1 / -1
+    reward: float  # +1 / -1: what the method acted on (EngineConfig.reward)
     response_tokens: int
     finish_reason: str  # "stop" or "length"
     prompt_tokens: int
+    rule_reward: float | None = None  # the rule verifier's, when `reward` came from a text-model judge
     timing: dict[str, float] = dataclasses.field(default_factory=dict)  # seconds of the step's phases
     update: dict[str, Any] | None = None  # the Weights step after this turn (rosa.UpdateStats and counts)
     step_norm_sq: float | None = None  # ||Δθ||² of that step
