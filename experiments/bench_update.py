@@ -33,7 +33,8 @@ from jax.flatten_util import ravel_pytree
 
 from experiments.common import best_time, define_model_flags, model_from_flags
 from rosa2_jax.adapt.rosa import UpdateBatch, hidden_offset_update, rosa_update
-from rosa2_jax.engine import HIDDEN_OFFSET_TOP_K, MATH_SYSTEM_PROMPT, PRESETS, WeightsPreset
+from rosa2_jax.engine import MATH_SYSTEM_PROMPT
+from rosa2_jax.methods import HIDDEN_OFFSET_TOP_K, PRESETS, WeightsPreset
 from rosa2_jax.model.generation import SamplingConfig, generate_padded, left_pad
 from rosa2_jax.model.lora import LORA_TARGETS, init_adapters
 from rosa2_jax.tasks.data import load_problems
@@ -212,7 +213,7 @@ def main(_):
             b = UpdateBatch(toks, jnp.ones(toks.shape, bool), jnp.full((1,), t_len, jnp.int32),
                             jnp.full((1,), -1.0, jnp.float32), jnp.ones((1,), bool), window=t_len)
             rosa = preset.rosa(remat=remat)
-            ad = init_adapters(cfg, lora_config(preset, cfg.num_layers), 1, jax.random.key(0))
+            ad = init_adapters(cfg, preset.lora(cfg.num_layers), 1, jax.random.key(0))
             mem = int(rosa_update.lower(params, ad, b, cfg=cfg, rosa=rosa).compile().memory_analysis().temp_size_in_bytes)
             mem_rows.append({"response_len": t_len, "peak_temp_bytes": mem, "full_probs_bytes": t_len * cfg.vocab_size * 4})
             print(f"| {t_len} | {mem / 2**20:.0f} MiB | {t_len * cfg.vocab_size * 4 / 2**20:.0f} MiB |", flush=True)

@@ -29,7 +29,8 @@ from rosa2_jax.adapt.rosa import RESIDUALS, TILTS
 from rosa2_jax.adapt.text_models import make_text_model
 from rosa2_jax.checkpoint import load_model
 from rosa2_jax.distributed import ProcessInfo, barrier, initialize, process_info, share
-from rosa2_jax.engine import ADAPTERS, METHODS, PRESETS, REWARDS, EngineConfig, Session, SessionEngine, WeightsPreset
+from rosa2_jax.engine import REWARDS, EngineConfig, Session, SessionEngine
+from rosa2_jax.methods import ADAPTERS, METHODS, PRESETS, WeightsPreset
 from rosa2_jax.model.sharding import make_mesh
 from rosa2_jax.runs import RECORDS, drop_torn_tail, merge_records, read_records, records_path
 from rosa2_jax.tasks.data import load_problems

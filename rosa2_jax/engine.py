@@ -6,8 +6,8 @@ streams on the failed sessions: Words on a worker thread while the Weights step 
 advance (write the streams' results and the next user message). A slot is refilled as soon as its session
 ends (solved, or K turns), so the batch stays full.
 
-A method is a row of `METHODS`: the streams (`Stream` subclasses) it runs after a failed turn. A new kind
-of adaptation is one `Stream` class and one row.
+A method is a row of `methods.METHODS`: the streams (`methods.Stream` subclasses) it runs after a failed
+turn.
 
 Every random choice of a session (adapter init, sampling) is seeded from (seed, problem id, turn), so a
 problem's trajectory does not depend on which slot it lands in or what else shares its batch.
@@ -16,62 +16,26 @@ problem's trajectory does not depend on which slot it lands in or what else shar
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import time
 from collections import deque
 from concurrent.futures import ThreadPoolExecutor
-from typing import Any, Callable, Iterable, NamedTuple
+from typing import Any, Callable, Iterable
 
-import jax
-import jax.numpy as jnp
-import numpy as np
-
-from rosa2_jax.adapt.rosa import RosaConfig, UpdateBatch, UpdateStats, hidden_offset_update, rosa_update
+from rosa2_jax.adapt.rosa import RosaConfig
 from rosa2_jax.adapt.text_models import TextModel
-from rosa2_jax.adapt.words import FEEDBACK_TEMPLATE, RefineRequest, RefineResult, refine_feedback, refine_system_prompt
+from rosa2_jax.adapt.words import FEEDBACK_TEMPLATE
 from rosa2_jax.checkpoint import LoadedModel
-from rosa2_jax.model.generation import Generation, SamplingConfig, bucket_length, left_pad
-from rosa2_jax.model.lora import LoraConfig, init_adapters, parse_layers
-from rosa2_jax.model.sharding import shard_batch
+from rosa2_jax.methods import ADAPTERS, METHODS, Failure, Stream, session_seed
+from rosa2_jax.model.generation import Generation, SamplingConfig
+from rosa2_jax.model.lora import LoraConfig
 from rosa2_jax.tasks.data import Problem
 from rosa2_jax.tasks.judge import judge_rewards
 from rosa2_jax.tasks.records import ProblemRecord, TurnRecord
-from rosa2_jax.tasks.rewards import Verdict, verify
+from rosa2_jax.tasks.rewards import verify
 
-HIDDEN_OFFSET_TOP_K = 64  # support of the d x d head metric the offset step forms when rosa.head_top_k is 0 (exact)
-UPDATE_STATS = ("step_norm_sq", "residual_norm", "cg_rel_residual", "kl_before", "kl_after", "logp_before",
-                "logp_after", "damping")
 REWARDS = ("rule", "model")  # the verifier's +1/-1, or a text model's judgement (tasks/judge.py)
 MATH_SYSTEM_PROMPT = "Please reason step by step, and put your final answer within \\boxed{}."
 
-
-@dataclasses.dataclass(frozen=True)
-class WeightsPreset:
-    """How the Weights stream is run: what it adapts and how exactly it solves (BUILD_NOTES.md, issue 10)."""
-
-    adapter: str  # one of ADAPTERS
-    lora_layers: str  # all | last:N | I-J (lora.parse_layers)
-    lora_targets: tuple[str, ...]  # LoraConfig.targets
-    head_top_k: int  # RosaConfig.head_top_k (0 = exact head metric)
-    cg_iters: int
-    backtrack: int  # RosaConfig.backtrack (0 = the plain step)
-    max_step_norm: float  # RosaConfig.max_step_norm, the trust region on ||Δθ||
-
-    def rosa(self, **fields) -> RosaConfig:
-        """This preset's RosaConfig; `fields` set the others (beta, tilt, remat, ...)."""
-        return RosaConfig(cg_iters=self.cg_iters, head_top_k=self.head_top_k, backtrack=self.backtrack,
-                          max_step_norm=self.max_step_norm, **fields)
-
-    def lora(self, num_layers: int, **fields) -> LoraConfig:
-        """This preset's LoraConfig for a `num_layers`-layer model; `fields` set rank and alpha."""
-        return LoraConfig(targets=tuple(self.lora_targets), layers=parse_layers(self.lora_layers, num_layers), **fields)
-
-
-PRESETS = {
-    "paper": WeightsPreset("lora", "all", ("q", "v"), 0, 10, 0, 1.0),  # spec 1.3-1.4: exact head, 10 CG iterations
-    # BUILD_NOTES.md (Fast Weights): 0.82x the turn's generation, 97% of the paper step's KL reduction
-    "fast": WeightsPreset("lora", "last:8", ("q", "k", "v", "o", "gate", "up", "down"), 64, 4, 3, 10.0),
-}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -105,14 +69,9 @@ class EngineConfig:
         if self.reward not in REWARDS:
             raise ValueError(f"unknown reward {self.reward!r}; choose from {REWARDS}")
 
-    def streams(self, turn: int) -> tuple[type["Stream"], ...]:
+    def streams(self, turn: int) -> tuple[type[Stream], ...]:
         """The streams that adapt a session after it failed `turn`."""
         return METHODS[self.method].streams_at(turn, self)
-
-
-def session_seed(seed: int, problem_id: str, turn: int) -> int:
-    digest = hashlib.sha256(f"{seed}/{problem_id}/{turn}".encode()).digest()
-    return int.from_bytes(digest[:4], "little") & 0x7FFFFFFF
 
 
 @dataclasses.dataclass
@@ -130,230 +89,6 @@ class Session:
     def record(self, method: str, dataset: str) -> ProblemRecord:
         return ProblemRecord(method, dataset, self.problem.id, self.problem.answer, self.solved_at, self.turns,
                              self.seconds, self.error)
-
-
-class Failure(NamedTuple):
-    """A session's failed turn, as the streams see it."""
-
-    session: Session
-    prompt: list[int]  # the turn's prompt ids
-    tokens: list[int]  # the judged response
-    response: str
-    verdict: Verdict
-
-
-# ---------------------------------------------------------------------- streams: the kinds of adaptation
-class Stream:
-    """One kind of adaptation after a failed turn. `start` begins it for the failed sessions and returns a
-    function that waits for it and gives each slot's result; `apply` writes a result into the session,
-    its turn record, and the next user message."""
-
-    needs_text_model = False
-    on_device = False  # device streams run on the engine's thread, after the host ones are submitted
-    timing_key = "words_s"
-
-    def __init__(self, engine: "SessionEngine"):
-        self.engine = engine
-
-    @classmethod
-    def create(cls, engine: "SessionEngine") -> "Stream":
-        return cls(engine)
-
-    def reset(self, slot: int, session: Session) -> None:
-        """A new session takes `slot`."""
-
-    def generation_inputs(self) -> dict[str, Any]:
-        """Per-slot state the policy generates with (generation.generate keyword arguments)."""
-        return {}
-
-    def start(self, failed: dict[int, Failure]) -> Callable[[], tuple[dict[int, Any], float]]:
-        raise NotImplementedError
-
-    def apply(self, session: Session, record: TurnRecord, result: Any, message: str) -> str:
-        raise NotImplementedError
-
-
-class _Refine(Stream):
-    """The TextGrad step on the text model, run on the engine's worker thread."""
-
-    needs_text_model = True
-    refine = staticmethod(refine_feedback)
-
-    def current(self, session: Session) -> str:
-        return self.engine.cfg.feedback
-
-    def start(self, failed):
-        cfg = self.engine.cfg
-        requests = [RefineRequest(problem=f.session.problem.question, attempt=f.response,
-                                  extracted_answer=f.verdict.extracted, current=self.current(f.session),
-                                  previous_feedback=f.session.previous_feedback, ground_truth=f.session.problem.answer)
-                    for f in failed.values()]
-
-        def run():
-            start = time.perf_counter()
-            out = self.refine(self.engine.text_model, requests, critic_tokens=cfg.critic_tokens,
-                              rewrite_tokens=cfg.rewrite_tokens)
-            return dict(zip(failed, out)), time.perf_counter() - start
-
-        return self.engine.pool.submit(run).result
-
-    @staticmethod
-    def write(record: TurnRecord, r: RefineResult) -> None:
-        record.refine = {"status": r.status, "critique": r.critique, "message": r.message}
-        record.semantic_shift = r.semantic_shift
-
-
-class Words(_Refine):
-    """ROSA2 Words stream: the next user message is critiqued and rewritten."""
-
-    def apply(self, session, record, result, message):
-        self.write(record, result)
-        session.previous_feedback = result.message
-        return result.message
-
-
-class SystemPrompt(_Refine):
-    """The TextGrad baseline: the system prompt is critiqued and rewritten, weights frozen."""
-
-    refine = staticmethod(refine_system_prompt)
-
-    def current(self, session):
-        return session.system_prompt
-
-    def apply(self, session, record, result, message):
-        self.write(record, result)
-        session.system_prompt = result.message or session.system_prompt
-        return message
-
-
-class Weights(Stream):
-    """ROSA Weights stream: one vmapped Gauss-Newton step on the failed sessions' adapters. The adapter kind
-    is `EngineConfig.adapter` (a row of ADAPTERS)."""
-
-    on_device = True
-    timing_key = "update_s"
-
-    @classmethod
-    def create(cls, engine):
-        return ADAPTERS[engine.cfg.adapter](engine)
-
-    def step(self, batch: UpdateBatch) -> UpdateStats:
-        """Update the adapters of the batch's active sessions in place; return per-slot stats."""
-        raise NotImplementedError
-
-    def start(self, failed):
-        engine = self.engine
-        start = time.perf_counter()
-        rows, lens = [], []
-        for i in range(engine.cfg.slots):
-            f = failed.get(i)
-            rows.append(f.prompt + f.tokens if f else [engine.sampler.pad_id])
-            lens.append(len(f.tokens) if f else 0)
-        # Rows of J are only the responses: the window covers the longest one (bucketed, so that a sweep
-        # compiles a few programs), not max_new_tokens, when every answer stopped early.
-        chunk = engine.cfg.rosa.position_chunk
-        window = min(engine.window, -(-bucket_length(max(lens)) // chunk) * chunk)
-        length = bucket_length(max(max(len(r) for r in rows), window + 1))  # row 0 of the window needs a predecessor
-        tokens, valid = left_pad(rows, length, engine.sampler.pad_id)
-        batch = shard_batch(UpdateBatch(jnp.asarray(tokens), jnp.asarray(valid), jnp.asarray(np.minimum(lens, window)),
-                                        jnp.full((engine.cfg.slots,), -1.0, jnp.float32),
-                                        jnp.asarray([i in failed for i in range(engine.cfg.slots)]), window=window),
-                            engine.mesh)
-        stats = jax.device_get(self.step(batch))
-        results = {i: {k: float(np.asarray(getattr(stats, k))[i]) for k in UPDATE_STATS} | {
-            "cg_iters": int(stats.cg_iters[i]), "backtracks": int(stats.backtracks[i]),
-            "rejected": bool(stats.rejected[i]), "nonfinite": bool(stats.nonfinite[i])} for i in failed}
-        seconds = time.perf_counter() - start
-        return lambda: (results, seconds)
-
-    def apply(self, session, record, result, message):
-        record.update = result
-        record.step_norm_sq = result["step_norm_sq"]
-        return message
-
-
-class LoraWeights(Weights):
-    """θ = the session's LoRA factors (spec 1.3)."""
-
-    def __init__(self, engine):
-        super().__init__(engine)
-        cfg = engine.cfg
-        self.adapters = shard_batch(init_adapters(engine.model.cfg, cfg.lora, cfg.slots, jax.random.key(cfg.seed)),
-                                    engine.mesh)
-
-    def reset(self, slot, session):
-        key = jax.random.key(session_seed(self.engine.cfg.seed, session.problem.id, 0))
-        fresh = init_adapters(self.engine.model.cfg, self.engine.cfg.lora, 1, key)
-        self.adapters = shard_batch(self.adapters.replace(
-            factors=jax.tree.map(lambda a, f: a.at[slot].set(f[0]), self.adapters.factors, fresh.factors)),
-            self.engine.mesh)
-
-    def generation_inputs(self):
-        return {"adapters": self.adapters}
-
-    def step(self, batch):
-        self.adapters, stats = rosa_update(self.engine.model.params, self.adapters, batch, cfg=self.engine.model.cfg,
-                                           rosa=self.engine.cfg.rosa)
-        return stats
-
-
-class HiddenOffsetWeights(Weights):
-    """θ = an offset of the final hidden state on response positions (ROSA's "HS" variant)."""
-
-    def __init__(self, engine):
-        super().__init__(engine)
-        self.offsets = shard_batch(jnp.zeros((engine.cfg.slots, engine.model.cfg.hidden_size), jnp.float32),
-                                   engine.mesh)
-
-    def reset(self, slot, session):
-        self.offsets = shard_batch(self.offsets.at[slot].set(0.0), self.engine.mesh)
-
-    def generation_inputs(self):
-        return {"hidden_offset": self.offsets}
-
-    def step(self, batch):
-        rosa = self.engine.cfg.rosa
-        self.offsets, stats = hidden_offset_update(self.engine.model.params, self.offsets, batch,
-                                                   cfg=self.engine.model.cfg, rosa=rosa,
-                                                   top_k=rosa.head_top_k or HIDDEN_OFFSET_TOP_K)
-        return stats
-
-
-ADAPTERS: dict[str, type[Weights]] = {"lora": LoraWeights, "hidden": HiddenOffsetWeights}
-
-
-# ---------------------------------------------------------------------- methods
-@dataclasses.dataclass(frozen=True)
-class Adaptation:
-    """The streams a method runs after every failed turn."""
-
-    streams: tuple[type[Stream], ...] = ()
-
-    def streams_at(self, turn: int, cfg: EngineConfig) -> tuple[type[Stream], ...]:
-        return self.streams
-
-    def all_streams(self, cfg: EngineConfig) -> tuple[type[Stream], ...]:
-        seen = dict.fromkeys(s for t in range(1, cfg.max_turns + 1) for s in self.streams_at(t, cfg))
-        return tuple(seen)
-
-
-@dataclasses.dataclass(frozen=True)
-class Switch(Adaptation):
-    """One axis before `EngineConfig.switch_turn`, the other from then on (`switch_first` goes first)."""
-
-    def streams_at(self, turn, cfg):
-        first = turn < cfg.switch_turn
-        return (Words,) if first == (cfg.switch_first == "words") else (Weights,)
-
-
-METHODS: dict[str, Adaptation] = {
-    "baseline": Adaptation(),
-    "words": Adaptation((Words,)),
-    "textgrad": Adaptation((SystemPrompt,)),
-    "rosa": Adaptation((Weights,)),
-    "rosa2": Adaptation((Words, Weights)),
-    "switch": Switch(),
-}
 
 
 # ---------------------------------------------------------------------- the engine

@@ -15,7 +15,8 @@ from safetensors import safe_open
 from conftest import tiny_chat_model
 from rosa2_jax.checkpoint import load_model, save_hf_folder
 from rosa2_jax.checkpoint.hf_folder import load_hf_folder
-from rosa2_jax.engine import METHODS, Adaptation, EngineConfig, SessionEngine, Stream, Weights
+from rosa2_jax.engine import EngineConfig, SessionEngine
+from rosa2_jax.methods import METHODS, Adaptation, Stream, Weights
 from rosa2_jax.model.config import ARCHITECTURES, Architecture, ModelConfig
 from rosa2_jax.model.decoder import forward
 from rosa2_jax.model.generation import SamplingConfig
