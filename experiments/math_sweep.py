@@ -136,6 +136,26 @@ def text_model_from_flags(policy, mesh: Mesh):
     return make_text_model(kind, model=critic, url=FLAGS.text_model_url, name=FLAGS.text_model_name)
 
 
+# Flags that change how a run is scheduled or where it runs, never a problem's trajectory.
+SCHEDULING_FLAGS = {"methods", "num_problems", "problems_per_round", "slots", "mesh", "distributed",
+                    "coordinator_address", "num_processes", "process_id", "run_dir", "cache_dir"}
+
+
+def check_same_config(path: Path, config: dict, defaults: dict) -> None:
+    """Refuse to resume a run folder with settings that would change its trajectories (a flag absent from
+    an older config.json is taken at its default, which is what that run used)."""
+    if not path.exists():
+        return
+    before = json.loads(path.read_text())
+    now = json.loads(json.dumps(config))  # as config.json holds it (tuples as lists)
+    then = {k: before.get(k, json.loads(json.dumps(defaults.get(k)))) for k in now}
+    changed = {k: (then[k], now[k]) for k in now if k not in SCHEDULING_FLAGS and then[k] != now[k]}
+    if changed:
+        listed = ", ".join(f"--{k}: {old!r} in the folder, {new!r} now" for k, (old, new) in sorted(changed.items()))
+        raise app.UsageError(f"{path.parent} was run with other settings ({listed}); resuming would mix "
+                             "trajectories. Rerun with the folder's settings (its config.json) or use a new --run_dir.")
+
+
 def build_mesh() -> Mesh:
     local = jax.local_device_count()
     data, model = (local, 1) if not FLAGS.mesh else map(int, FLAGS.mesh)
@@ -153,7 +173,9 @@ def run_sweep(run_dir: Path, info: ProcessInfo) -> dict | None:
     mesh = build_mesh()
     run_dir.mkdir(parents=True, exist_ok=True)
     if info.is_main:
-        config = {f.name: f.value for f in FLAGS.get_key_flags_for_module(sys.modules[__name__])}
+        key_flags = FLAGS.get_key_flags_for_module(sys.modules[__name__])
+        config = {f.name: f.value for f in key_flags}
+        check_same_config(run_dir / "config.json", config, {f.name: f.default for f in key_flags})
         (run_dir / "config.json").write_text(json.dumps(config, indent=2))
     problems, report = load_problems(FLAGS.dataset, limit=FLAGS.num_problems or None, seed=FLAGS.seed,
                                      cache_dir=FLAGS.cache_dir)

@@ -112,6 +112,18 @@ def test_killed_run_resumes_to_the_same_results(setup, full_run):
         run_dir, [json.loads(line) for line in (run_dir / "records.jsonl").read_text().splitlines()])
 
 
+def test_resuming_with_other_settings_is_refused(setup, full_run):
+    base, model, data = setup
+    run_dir = full_run[0]
+    before = (run_dir / "records.jsonl").read_text()
+    proc = run(sweep_cmd(model, data, run_dir) + ["--max_turns=4", "--temperature=0"])
+    assert proc.returncode != 0
+    assert "--max_turns: 3 in the folder, 4 now" in proc.stderr and "--temperature: 0.7 in the folder, 0.0 now" in proc.stderr
+    assert (run_dir / "records.jsonl").read_text() == before
+    extended = run(sweep_cmd(model, data, run_dir) + ["--methods=baseline", "--slots=2"])  # scheduling only
+    assert extended.returncode == 0 and "already finished" in extended.stdout
+
+
 def test_bad_dataset_row_is_reported_and_skipped(setup, tmp_path):
     _, model, _ = setup
     data = tmp_path / "bad.jsonl"
