@@ -48,6 +48,38 @@ def test_cached_decoding_equals_full_forward_at_every_step(tiny):
         step_logits = lm_logits(params, hidden[:, 0], cfg)
 
 
+def test_a_turn_prefilled_onto_its_cached_history_equals_a_full_prefill(tiny):
+    """Prefix reuse: the next turn's tokens prefilled after the cached history (rows of different history
+    lengths, left-padded) give the logits of prefilling [history ; turn] from scratch, and decoding
+    continues from that cache as from the full one."""
+    _, _, cfg, params = tiny
+    histories = _prompts(cfg.vocab_size)
+    turn = np.random.RandomState(1).randint(3, cfg.vocab_size, (len(histories), 7)).astype(np.int32)
+    P, T, steps = 16, turn.shape[1], 3
+    tokens, valid = (jnp.asarray(a) for a in left_pad(histories, P, pad_id=0))
+    positions = positions_from_valid(valid)
+    cache = KVCache.empty(cfg, len(histories), P + T + steps, jnp.float32)
+    _, cache = decoder_hidden(params, tokens, positions, valid, cfg=cfg, cache=cache, cache_index=0)
+    turn_positions = positions[:, -1:] + 1 + jnp.arange(T)[None]
+    hidden, cache = decoder_hidden(params, jnp.asarray(turn), turn_positions, jnp.ones(turn.shape, bool), cfg=cfg,
+                                   cache=cache, cache_index=P, continue_prefix=True)
+    full_tokens = jnp.concatenate([tokens, jnp.asarray(turn)], 1)
+    full_valid = jnp.concatenate([valid, jnp.ones(turn.shape, bool)], 1)
+    full = forward(params, full_tokens, full_valid, cfg=cfg)
+    np.testing.assert_allclose(lm_logits(params, hidden, cfg), full[:, P:], atol=1e-5, rtol=0)
+    logits = lm_logits(params, hidden[:, -1], cfg)
+    for step in range(steps):
+        nxt = jnp.argmax(logits, -1).astype(jnp.int32)
+        full_tokens = jnp.concatenate([full_tokens, nxt[:, None]], 1)
+        full_valid = jnp.concatenate([full_valid, jnp.ones((len(histories), 1), bool)], 1)
+        hidden, cache = decoder_hidden(params, nxt[:, None], turn_positions[:, -1:] + 1 + step,
+                                       jnp.ones((len(histories), 1), bool), cfg=cfg, cache=cache,
+                                       cache_index=P + T + step)
+        logits = lm_logits(params, hidden[:, 0], cfg)
+        np.testing.assert_allclose(logits, forward(params, full_tokens, full_valid, cfg=cfg)[:, -1], atol=1e-5,
+                                   rtol=0, err_msg=f"step {step}")
+
+
 def _hf_greedy(model, prompt, max_new, eos):
     with torch.no_grad():
         out = model.generate(torch.tensor([prompt]), attention_mask=torch.ones(1, len(prompt), dtype=torch.long),

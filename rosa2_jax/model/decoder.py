@@ -125,6 +125,28 @@ def decode_attention(
     return out.reshape(B, 1, H * D)
 
 
+def prefix_attention(
+    q: Float[Array, "B T H D"], k: Float[Array, "B T K D"], v: Float[Array, "B T K D"],
+    cache_k: Float[Array, "B K D S"], cache_v: Float[Array, "B K S D"], cache_mask: Bool[Array, "B S"],
+    self_mask: Bool[Array, "B T T"],
+) -> Float[Array, "B T H*D"]:
+    """A chunk of new tokens attending to a cached prefix (the valid slots in `cache_mask`) and, causally, to
+    itself: the prefill of a turn whose history is already in the cache."""
+    B, T, H, D = q.shape
+    K = k.shape[2]
+    S = cache_k.shape[-1]
+    qg = q.reshape(B, T, K, H // K, D)
+    acc = accumulation_dtype(q.dtype)
+    s_cache = jnp.einsum("btkgd,bkds->bkgts", qg, cache_k, preferred_element_type=acc) / math.sqrt(D)
+    s_cache = jnp.where(cache_mask[:, None, None, None, :], s_cache, _MASKED)
+    s_self = jnp.einsum("btkgd,bskd->bkgts", qg, k, preferred_element_type=acc) / math.sqrt(D)
+    s_self = jnp.where(self_mask[:, None, None], s_self, _MASKED)
+    probs = jax.nn.softmax(jnp.concatenate([s_cache, s_self], -1), axis=-1).astype(v.dtype)
+    out = (jnp.einsum("bkgts,bksd->btkgd", probs[..., :S], cache_v)
+           + jnp.einsum("bkgts,bskd->btkgd", probs[..., S:], v))
+    return out.reshape(B, T, H * D)
+
+
 def decoder_hidden(
     params: Params,
     tokens: Int[Array, "B T"],
@@ -140,13 +162,15 @@ def decoder_hidden(
     layers: tuple[int, int] | None = None,
     inputs: Float[Array, "B T d"] | None = None,
     final_norm: bool = True,
+    continue_prefix: bool = False,
 ) -> tuple[Float[Array, "B T d"], KVCache | None]:
     """Hidden states after the final norm (before it with `final_norm=False`).
 
     Without a cache: causal self-attention over `tokens` (teacher forcing).
     With a cache: the new tokens go to slots [cache_index, cache_index + T). A chunk of T > 1 tokens
-    is a prefill into an empty cache and attends to itself; a single token (a decode step) attends
-    to every valid slot before it and to itself. Layers only emit their new k/v; the cache is
+    is a prefill into an empty cache and attends to itself, or with `continue_prefix` it also attends
+    to every valid slot before cache_index (a turn whose history is cached); a single token (a decode
+    step) attends to every valid slot before it and to itself. Layers only emit their new k/v; the cache is
     written once after the layer scan, so a decode step never copies the cache.
     `valid` marks real tokens; padding is never attended to. `remat` recomputes each layer's
     activations when differentiating instead of storing them (used by the ROSA update). `lora_kernel`
@@ -160,7 +184,8 @@ def decoder_hidden(
     x = params["embed"][tokens] if inputs is None else inputs
     self_mask = jnp.tril(jnp.ones((T, T), bool))[None] & valid[:, None, :]
     decoding = cache is not None and T == 1
-    if decoding:
+    extending = cache is not None and T > 1 and continue_prefix
+    if decoding or extending:
         slots = jnp.arange(cache.valid.shape[1])
         old_mask = cache.valid & (slots[None, :] < cache_index)
     layer_adapters = adapters.per_layer() if adapters is not None else None
@@ -181,6 +206,8 @@ def decoder_hidden(
         k = apply_rope(k, positions, inv_freq)
         if decoding:
             o = decode_attention(q, k, v, *layer_cache, old_mask)
+        elif extending:
+            o = prefix_attention(q, k, v, *layer_cache, old_mask, self_mask)
         else:
             o = attention(q, k, v, self_mask)
         x = x + _linear(o, lp, la, "o", scale, lora_kernel)
@@ -189,7 +216,7 @@ def decoder_hidden(
         x = x + _linear(gated, lp, la, "down", scale, lora_kernel)
         return x, ((k, v) if cache is not None else None)
 
-    layer_caches = (cache.k, cache.v) if decoding else None
+    layer_caches = (cache.k, cache.v) if decoding or extending else None
     x, new_kv = jax.lax.scan(jax.checkpoint(layer) if remat else layer, x,
                              (params["layers"] if layers is None else jnp.arange(*layers), layer_adapters,
                               layer_caches))
