@@ -1,0 +1,49 @@
+"""The record store on its own: torn lines, duplicates across process files, merging."""
+
+import json
+
+from rosa2_jax.distributed import ProcessInfo
+from rosa2_jax.runs import RECORDS, drop_torn_tail, merge_records, read_records, records_path
+
+
+def line(method, pid, solved_at=1):
+    return json.dumps({"method": method, "problem_id": pid, "solved_at": solved_at, "turns": []}) + "\n"
+
+
+def test_one_file_per_process_in_a_multi_process_run(tmp_path):
+    assert records_path(tmp_path, ProcessInfo(0, 1)) == tmp_path / RECORDS
+    assert records_path(tmp_path, ProcessInfo(2, 4)) == tmp_path / "records.process-2.jsonl"
+
+
+def test_a_torn_last_line_is_cut_and_complete_files_are_left_alone(tmp_path):
+    path = tmp_path / RECORDS
+    drop_torn_tail(path)  # no file yet: nothing to do
+    assert not path.exists()
+    whole = line("rosa", "p1") + line("rosa", "p2")
+    path.write_text(whole)
+    drop_torn_tail(path)
+    assert path.read_text() == whole
+    path.write_text(whole + '{"method": "rosa", "prob')
+    drop_torn_tail(path)
+    assert path.read_text() == whole
+    path.write_text('{"method": "ro')  # the only line is torn
+    drop_torn_tail(path)
+    assert path.read_text() == ""
+
+
+def test_read_keeps_the_first_copy_of_each_problem_and_skips_torn_lines(tmp_path):
+    (tmp_path / RECORDS).write_text(line("rosa", "p1", 1) + line("words", "p1", None) + '{"torn')
+    (tmp_path / "records.process-1.jsonl").write_text(line("rosa", "p1", 3) + line("rosa", "p2", 2))
+    records = read_records(tmp_path)
+    assert [(r["method"], r["problem_id"], r["solved_at"]) for r in records] == [
+        ("rosa", "p1", 1), ("words", "p1", None), ("rosa", "p2", 2)]
+
+
+def test_merge_folds_process_files_into_one_and_loses_nothing(tmp_path):
+    (tmp_path / "records.process-0.jsonl").write_text(line("rosa", "p1") + line("rosa", "p3"))
+    (tmp_path / "records.process-1.jsonl").write_text(line("rosa", "p2") + line("rosa", "p3", None))
+    merged = merge_records(tmp_path)
+    assert sorted(p.name for p in tmp_path.iterdir()) == [RECORDS]
+    assert [json.loads(x) for x in (tmp_path / RECORDS).read_text().splitlines()] == merged
+    assert {(r["problem_id"], r["solved_at"]) for r in merged} == {("p1", 1), ("p2", 1), ("p3", 1)}
+    assert merge_records(tmp_path) == merged  # merging a merged folder changes nothing
