@@ -58,6 +58,10 @@ class EngineConfig:
     critic_tokens: int = 512
     rewrite_tokens: int = 256
     max_context: int | None = None  # default: the model's window
+    # the token-level engine (scheduler.TokenEngine); the turn engine ignores these
+    sessions: int = 0  # sessions in the pool (0: twice `slots`)
+    decode_steps: int = 16  # tokens decoded per device call between refills
+    prefill_chunk: int = 512  # longest piece of a prompt prefilled in one call
 
     def __post_init__(self):
         if self.method not in METHODS:
@@ -108,10 +112,15 @@ class SessionEngine:
             raise ValueError(f"method {cfg.method!r} needs a text model")
         if cfg.reward == "model" and text_model is None:
             raise ValueError("the model-based reward needs a text model to judge the answers")
+        self.pool_size = self._pool_size()
         self.window = -(-cfg.sampling.max_new_tokens // cfg.rosa.position_chunk) * cfg.rosa.position_chunk
         self.max_prompt = (cfg.max_context or model.cfg.max_position_embeddings) - cfg.sampling.max_new_tokens
         self.pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="words")
         self.streams = {kind: kind.create(self) for kind in kinds}
+
+    def _pool_size(self) -> int:
+        """Sessions held at once (the streams keep this many adapters): here one per slot."""
+        return self.cfg.slots
 
     def _prompt_ids(self, s: Session) -> list[int]:
         """Chat-template ids; over the budget, drop the oldest (assistant, user) exchanges, never x_1."""
@@ -169,8 +178,8 @@ class SessionEngine:
             if mine:
                 joins.append((stream, stream.start(mine)))
         outcomes, timing = [], {"update_s": 0.0, "words_s": 0.0}
-        for stream, join in joins:
-            results, seconds = join()
+        for stream, future in joins:
+            results, seconds = future.result()
             outcomes.append((stream, results))
             timing[stream.timing_key] += seconds
         return outcomes, timing

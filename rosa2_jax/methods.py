@@ -11,11 +11,13 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import time
-from typing import TYPE_CHECKING, Any, Callable, NamedTuple
+from concurrent.futures import Future
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jaxtyping import Array, Int
 
 from rosa2_jax.adapt.rosa import RosaConfig, UpdateBatch, UpdateStats, hidden_offset_update, rosa_update
 from rosa2_jax.adapt.words import RefineRequest, RefineResult, refine_feedback, refine_system_prompt
@@ -62,6 +64,13 @@ PRESETS = {
 }
 
 
+def completed(value: Any) -> Future:
+    """A future that already holds `value` (a stream that finished inside `start`)."""
+    future = Future()
+    future.set_result(value)
+    return future
+
+
 def session_seed(seed: int, problem_id: str, turn: int) -> int:
     digest = hashlib.sha256(f"{seed}/{problem_id}/{turn}".encode()).digest()
     return int.from_bytes(digest[:4], "little") & 0x7FFFFFFF
@@ -79,11 +88,12 @@ class Failure(NamedTuple):
 
 class Stream:
     """One kind of adaptation after a failed turn. `start` begins it for the failed sessions and returns a
-    function that waits for it and gives each slot's result; `apply` writes a result into the session,
-    its turn record, and the next user message."""
+    future of (each session's result, seconds); `apply` writes a result into the session, its turn record,
+    and the next user message. Sessions are named by their slot in the engine's pool of sessions."""
 
     needs_text_model = False
     on_device = False  # device streams run on the engine's thread, after the host ones are submitted
+    changes_weights = False  # the session's cached keys/values are stale after this stream
     timing_key = "words_s"
 
     def __init__(self, engine: "SessionEngine"):
@@ -100,7 +110,7 @@ class Stream:
         """Per-slot state the policy generates with (generation.generate keyword arguments)."""
         return {}
 
-    def start(self, failed: dict[int, Failure]) -> Callable[[], tuple[dict[int, Any], float]]:
+    def start(self, failed: dict[int, Failure]) -> Future:
         raise NotImplementedError
 
     def apply(self, session: Session, record: TurnRecord, result: Any, message: str) -> str:
@@ -129,7 +139,7 @@ class _Refine(Stream):
                               rewrite_tokens=cfg.rewrite_tokens)
             return dict(zip(failed, out)), time.perf_counter() - start
 
-        return self.engine.pool.submit(run).result
+        return self.engine.pool.submit(run)
 
     @staticmethod
     def write(record: TurnRecord, r: RefineResult) -> None:
@@ -165,21 +175,30 @@ class Weights(Stream):
     is `EngineConfig.adapter` (a row of ADAPTERS)."""
 
     on_device = True
+    changes_weights = True
     timing_key = "update_s"
 
     @classmethod
     def create(cls, engine):
         return ADAPTERS[engine.cfg.adapter](engine)
 
-    def step(self, batch: UpdateBatch) -> UpdateStats:
-        """Update the adapters of the batch's active sessions in place; return per-slot stats."""
+    def step(self, batch: UpdateBatch, slots: Int[Array, "U"]) -> UpdateStats:
+        """Update the adapters of pool slots `slots` (the batch's rows, in order) where the batch is active;
+        return per-row stats."""
         raise NotImplementedError
 
     def start(self, failed):
+        """One vmapped step on a bucket of `cfg.slots` rows: the failed sessions, padded with inactive rows of
+        other pool slots (each slot at most once, so writing the bucket back is unambiguous)."""
         engine = self.engine
         start = time.perf_counter()
+        bucket = engine.cfg.slots
+        if len(failed) > bucket:
+            raise ValueError(f"{len(failed)} failed sessions exceed the update bucket of {bucket}")
+        others = [i for i in range(engine.pool_size) if i not in failed]
+        slots = sorted([*failed, *others[: bucket - len(failed)]])
         rows, lens = [], []
-        for i in range(engine.cfg.slots):
+        for i in slots:
             f = failed.get(i)
             rows.append(f.prompt + f.tokens if f else [engine.sampler.pad_id])
             lens.append(len(f.tokens) if f else 0)
@@ -190,15 +209,15 @@ class Weights(Stream):
         length = bucket_length(max(max(len(r) for r in rows), window + 1))  # row 0 of the window needs a predecessor
         tokens, valid = left_pad(rows, length, engine.sampler.pad_id)
         batch = shard_batch(UpdateBatch(jnp.asarray(tokens), jnp.asarray(valid), jnp.asarray(np.minimum(lens, window)),
-                                        jnp.full((engine.cfg.slots,), -1.0, jnp.float32),
-                                        jnp.asarray([i in failed for i in range(engine.cfg.slots)]), window=window),
+                                        jnp.full((bucket,), -1.0, jnp.float32),
+                                        jnp.asarray([i in failed for i in slots]), window=window),
                             engine.mesh)
-        stats = jax.device_get(self.step(batch))
-        results = {i: {k: float(np.asarray(getattr(stats, k))[i]) for k in UPDATE_STATS} | {
-            "cg_iters": int(stats.cg_iters[i]), "backtracks": int(stats.backtracks[i]),
-            "rejected": bool(stats.rejected[i]), "nonfinite": bool(stats.nonfinite[i])} for i in failed}
-        seconds = time.perf_counter() - start
-        return lambda: (results, seconds)
+        stats = jax.device_get(self.step(batch, shard_batch(jnp.asarray(slots, jnp.int32), engine.mesh)))
+        results = {i: {k: float(np.asarray(getattr(stats, k))[r]) for k in UPDATE_STATS} | {
+            "cg_iters": int(stats.cg_iters[r]), "backtracks": int(stats.backtracks[r]),
+            "rejected": bool(stats.rejected[r]), "nonfinite": bool(stats.nonfinite[r])}
+            for r, i in enumerate(slots) if i in failed}
+        return completed((results, time.perf_counter() - start))
 
     def apply(self, session, record, result, message):
         record.update = result
@@ -212,8 +231,8 @@ class LoraWeights(Weights):
     def __init__(self, engine):
         super().__init__(engine)
         cfg = engine.cfg
-        self.adapters = shard_batch(init_adapters(engine.model.cfg, cfg.lora, cfg.slots, jax.random.key(cfg.seed)),
-                                    engine.mesh)
+        self.adapters = shard_batch(init_adapters(engine.model.cfg, cfg.lora, engine.pool_size,
+                                                  jax.random.key(cfg.seed)), engine.mesh)
 
     def reset(self, slot, session):
         key = jax.random.key(session_seed(self.engine.cfg.seed, session.problem.id, 0))
@@ -225,9 +244,13 @@ class LoraWeights(Weights):
     def generation_inputs(self):
         return {"adapters": self.adapters}
 
-    def step(self, batch):
-        self.adapters, stats = rosa_update(self.engine.model.params, self.adapters, batch, cfg=self.engine.model.cfg,
-                                           rosa=self.engine.cfg.rosa)
+    def step(self, batch, slots):
+        bucket = self.adapters.replace(factors=jax.tree.map(lambda a: a[slots], self.adapters.factors))
+        bucket, stats = rosa_update(self.engine.model.params, bucket, batch, cfg=self.engine.model.cfg,
+                                    rosa=self.engine.cfg.rosa)
+        self.adapters = shard_batch(self.adapters.replace(
+            factors=jax.tree.map(lambda a, b: a.at[slots].set(b), self.adapters.factors, bucket.factors)),
+            self.engine.mesh)
         return stats
 
 
@@ -236,7 +259,7 @@ class HiddenOffsetWeights(Weights):
 
     def __init__(self, engine):
         super().__init__(engine)
-        self.offsets = shard_batch(jnp.zeros((engine.cfg.slots, engine.model.cfg.hidden_size), jnp.float32),
+        self.offsets = shard_batch(jnp.zeros((engine.pool_size, engine.model.cfg.hidden_size), jnp.float32),
                                    engine.mesh)
 
     def reset(self, slot, session):
@@ -245,11 +268,12 @@ class HiddenOffsetWeights(Weights):
     def generation_inputs(self):
         return {"hidden_offset": self.offsets}
 
-    def step(self, batch):
+    def step(self, batch, slots):
         rosa = self.engine.cfg.rosa
-        self.offsets, stats = hidden_offset_update(self.engine.model.params, self.offsets, batch,
-                                                   cfg=self.engine.model.cfg, rosa=rosa,
-                                                   top_k=rosa.head_top_k or HIDDEN_OFFSET_TOP_K)
+        bucket, stats = hidden_offset_update(self.engine.model.params, self.offsets[slots], batch,
+                                             cfg=self.engine.model.cfg, rosa=rosa,
+                                             top_k=rosa.head_top_k or HIDDEN_OFFSET_TOP_K)
+        self.offsets = shard_batch(self.offsets.at[slots].set(bucket), self.engine.mesh)
         return stats
 
 

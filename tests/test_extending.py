@@ -16,7 +16,7 @@ from conftest import tiny_chat_model
 from rosa2_jax.checkpoint import load_model, save_hf_folder
 from rosa2_jax.checkpoint.hf_folder import load_hf_folder
 from rosa2_jax.engine import EngineConfig, SessionEngine
-from rosa2_jax.methods import METHODS, Adaptation, Stream, Weights
+from rosa2_jax.methods import METHODS, Adaptation, Stream, Weights, completed
 from rosa2_jax.model.config import ARCHITECTURES, Architecture, ModelConfig
 from rosa2_jax.model.decoder import forward
 from rosa2_jax.model.generation import SamplingConfig
@@ -67,7 +67,7 @@ class Hint(Stream):
     HINT = "Hint: read every option again."
 
     def start(self, failed):
-        return lambda: ({i: self.HINT for i in failed}, 0.0)
+        return completed(({i: self.HINT for i in failed}, 0.0))
 
     def apply(self, session, record, result, message):
         return f"{message} {result}"

@@ -167,7 +167,8 @@ def decoder_hidden(
     """Hidden states after the final norm (before it with `final_norm=False`).
 
     Without a cache: causal self-attention over `tokens` (teacher forcing).
-    With a cache: the new tokens go to slots [cache_index, cache_index + T). A chunk of T > 1 tokens
+    With a cache: the new tokens go to slots [cache_index, cache_index + T) (`cache_index` a scalar, or one
+    start per row [B]). A chunk of T > 1 tokens
     is a prefill into an empty cache and attends to itself, or with `continue_prefix` it also attends
     to every valid slot before cache_index (a turn whose history is cached); a single token (a decode
     step) attends to every valid slot before it and to itself. Layers only emit their new k/v; the cache is
@@ -187,7 +188,7 @@ def decoder_hidden(
     extending = cache is not None and T > 1 and continue_prefix
     if decoding or extending:
         slots = jnp.arange(cache.valid.shape[1])
-        old_mask = cache.valid & (slots[None, :] < cache_index)
+        old_mask = cache.valid & (slots[None, :] < jnp.reshape(cache_index, (-1, 1)))
     layer_adapters = adapters.per_layer() if adapters is not None else None
     scale = adapters.scale if adapters is not None else 1.0
 
@@ -226,12 +227,27 @@ def decoder_hidden(
         return x, None
     new_k = jnp.transpose(new_kv[0], (0, 1, 3, 4, 2)).astype(cache.k.dtype)  # [L,B,T,K,D] -> [L,B,K,D,T]
     new_v = jnp.transpose(new_kv[1], (0, 1, 3, 2, 4)).astype(cache.v.dtype)  # -> [L,B,K,T,D]
-    new_cache = KVCache(
-        k=jax.lax.dynamic_update_slice(cache.k, new_k, (0, 0, 0, 0, cache_index)),
-        v=jax.lax.dynamic_update_slice(cache.v, new_v, (0, 0, 0, cache_index, 0)),
-        valid=jax.lax.dynamic_update_slice(cache.valid, valid, (0, cache_index)),
-    )
+    if jnp.ndim(cache_index) == 0:
+        new_cache = KVCache(
+            k=jax.lax.dynamic_update_slice(cache.k, new_k, (0, 0, 0, 0, cache_index)),
+            v=jax.lax.dynamic_update_slice(cache.v, new_v, (0, 0, 0, cache_index, 0)),
+            valid=jax.lax.dynamic_update_slice(cache.valid, valid, (0, cache_index)),
+        )
+    else:  # each row writes at its own slot (the token-level engine's rows hold sessions at different turns)
+        new_cache = KVCache(k=_write_rows(cache.k, new_k, cache_index, batch_axis=1, slot_axis=4),
+                            v=_write_rows(cache.v, new_v, cache_index, batch_axis=1, slot_axis=3),
+                            valid=_write_rows(cache.valid, valid, cache_index, batch_axis=0, slot_axis=1))
     return x, new_cache
+
+
+def _write_rows(buffer: Array, new: Array, index: Int[Array, "B"], *, batch_axis: int, slot_axis: int) -> Array:
+    """buffer[..., b, ..., index[b] : index[b] + T, ...] = new[..., b, ..., :, ...] for every row b."""
+    def one(buf, upd, i):
+        start = [0] * buf.ndim
+        start[slot_axis - (slot_axis > batch_axis)] = i
+        return jax.lax.dynamic_update_slice(buf, upd, start)
+
+    return jax.vmap(one, in_axes=(batch_axis, batch_axis, 0), out_axes=batch_axis)(buffer, new, index)
 
 
 def head_weight(params: Params, cfg: ModelConfig) -> Float[Array, "d V"]:

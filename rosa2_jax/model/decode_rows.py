@@ -1,0 +1,193 @@
+"""The decode batch of the token-level engine: B rows, each holding one session's turn, refilled as rows stop.
+
+Unlike `generation.generate_padded` (one left-padded batch from prefill to the last row's stop), every row
+here has its own length: a row's tokens sit in cache slots [0, length) with RoPE positions 0..length-1, so a
+session's cached history can be put back into any row and only its new tokens prefilled (prefix reuse).
+
+- `prefill_row` writes a chunk of a session's prompt into one row (after its cached prefix, if any) and
+  leaves the row ready to decode: the next-token logits, the turn's PRNG key, count 0.
+- `decode_chunk` runs up to `steps` decode steps for every row at once; a row that stops idles until the
+  host refills it. Row b samples its n-th token of the turn with fold_in(key_b, n), as `generate_padded`
+  does, so a session's tokens do not depend on its row or on the other rows.
+- `row_cache` / `put_row_cache` move one row's cache out and back (a session waiting for its update).
+
+Shapes: B rows, S cache slots (the capacity), T chunk tokens, N max new tokens, P sessions in the pool.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+from flax import struct
+from jaxtyping import Array, Bool, Float, Int
+
+from rosa2_jax.model.config import ModelConfig
+from rosa2_jax.model.decoder import KVCache, Params, decoder_hidden, lm_logits
+from rosa2_jax.model.generation import SamplingConfig, sample_logits
+from rosa2_jax.model.lora import LoraAdapters
+
+
+@struct.dataclass
+class DecodeRows:
+    cache: KVCache  # k [L, B, K, D, S], v [L, B, K, S, D], valid [B, S]
+    length: Int[Array, "B"]  # tokens in the row's cache: the next slot written and the next RoPE position
+    logits: Float[Array, "B V"]  # next-token logits
+    keys: jax.Array  # [B] the turn's PRNG key
+    count: Int[Array, "B"]  # tokens generated this turn
+    done: Bool[Array, "B"]  # the row's turn has ended (stop token, max_new_tokens) or the row is empty
+    out: Int[Array, "B N"]  # this turn's tokens; only the first `count` are meaningful
+
+    @property
+    def capacity(self) -> int:
+        return self.cache.valid.shape[1]
+
+
+@struct.dataclass
+class RowCache:
+    """One row's cache, held while its session waits (verification, Words step)."""
+
+    k: Float[Array, "L K D S"]
+    v: Float[Array, "L K S D"]
+    valid: Bool[Array, "S"]
+
+
+def empty_rows(cfg: ModelConfig, batch: int, capacity: int, max_new_tokens: int, dtype, pad_id: int) -> DecodeRows:
+    return DecodeRows(
+        cache=KVCache.empty(cfg, batch, capacity, dtype), length=jnp.zeros((batch,), jnp.int32),
+        logits=jnp.zeros((batch, cfg.vocab_size), jnp.float32),
+        keys=jax.vmap(jax.random.key)(jnp.zeros((batch,), jnp.uint32)),
+        count=jnp.zeros((batch,), jnp.int32), done=jnp.ones((batch,), bool),
+        out=jnp.full((batch, max_new_tokens), pad_id, jnp.int32))
+
+
+def _fit_slots(x: Array, axis: int, capacity: int) -> Array:
+    """Pad with zeros (invalid) or cut the slot axis to `capacity`; the caller keeps valid slots inside."""
+    size = x.shape[axis]
+    if size >= capacity:
+        return jax.lax.slice_in_dim(x, 0, capacity, axis=axis)
+    pad = [(0, 0)] * x.ndim
+    pad[axis] = (0, capacity - size)
+    return jnp.pad(x, pad)
+
+
+@functools.partial(jax.jit, static_argnames=("capacity",))
+def resize_rows(rows: DecodeRows, capacity: int) -> DecodeRows:
+    """The same rows with `capacity` cache slots (every row's length must fit)."""
+    c = rows.cache
+    return rows.replace(cache=KVCache(_fit_slots(c.k, 4, capacity), _fit_slots(c.v, 3, capacity),
+                                      _fit_slots(c.valid, 1, capacity)))
+
+
+@jax.jit
+def row_cache(rows: DecodeRows, row: Int[Array, ""]) -> RowCache:
+    c = rows.cache
+    return RowCache(c.k[:, row], c.v[:, row], c.valid[row])
+
+
+@jax.jit
+def put_row_cache(rows: DecodeRows, row: Int[Array, ""], saved: RowCache) -> DecodeRows:
+    """Write a held cache back into `row` (fitted to the rows' capacity)."""
+    c, S = rows.cache, rows.capacity
+    return rows.replace(cache=KVCache(c.k.at[:, row].set(_fit_slots(saved.k, 3, S)),
+                                      c.v.at[:, row].set(_fit_slots(saved.v, 2, S)),
+                                      c.valid.at[row].set(_fit_slots(saved.valid, 0, S))))
+
+
+def _session_adapters(adapters: LoraAdapters | None, index: Int[Array, "..."]) -> LoraAdapters | None:
+    if adapters is None:
+        return None
+    return adapters.replace(factors=jax.tree.map(lambda a: a[index], adapters.factors))
+
+
+def _session_offset(offsets: Float[Array, "P d"] | None, index: Int[Array, "..."], dtype):
+    return 0.0 if offsets is None else offsets[index].astype(dtype)
+
+
+@functools.partial(jax.jit, static_argnames=("cfg", "fresh", "lora_kernel"), donate_argnames=("rows",))
+def prefill_row(
+    params: Params,
+    rows: DecodeRows,
+    row: Int[Array, ""],
+    tokens: Int[Array, "T"],
+    num_new: Int[Array, ""],
+    start: Int[Array, ""],
+    key: jax.Array,
+    adapters: LoraAdapters | None,
+    offsets: Float[Array, "P d"] | None,
+    session: Int[Array, ""],
+    *,
+    cfg: ModelConfig,
+    fresh: bool,
+    lora_kernel: bool = False,
+) -> DecodeRows:
+    """Prefill tokens[:num_new] into `row` at slots [start, start + num_new), attending to the row's slots
+    below `start` (its cached prefix; `fresh` = none, start 0). Slots from `start` on are dropped first.
+    The row is then ready to decode its turn with `key`; `session` indexes the pool's adapters / offsets."""
+    c = rows.cache
+    T, S = tokens.shape[0], rows.capacity
+    keep = c.valid[row] & (jnp.arange(S) < start)
+    one_row = KVCache(c.k[:, row][:, None], c.v[:, row][:, None], keep[None])
+    new_valid = (jnp.arange(T) < num_new)[None]
+    hidden, one_row = decoder_hidden(
+        params, tokens[None], (start + jnp.arange(T, dtype=jnp.int32))[None], new_valid, cfg=cfg, cache=one_row,
+        cache_index=start, adapters=_session_adapters(adapters, session[None]), lora_kernel=lora_kernel,
+        continue_prefix=not fresh)
+    last = hidden[0, num_new - 1] + _session_offset(offsets, session, hidden.dtype)
+    return rows.replace(
+        cache=KVCache(c.k.at[:, row].set(one_row.k[:, 0]), c.v.at[:, row].set(one_row.v[:, 0]),
+                      c.valid.at[row].set(one_row.valid[0])),
+        length=rows.length.at[row].set(start + num_new),
+        logits=rows.logits.at[row].set(lm_logits(params, last, cfg).astype(jnp.float32)),
+        keys=rows.keys.at[row].set(key), count=rows.count.at[row].set(0), done=rows.done.at[row].set(False))
+
+
+@functools.partial(jax.jit, static_argnames=("cfg", "sampling", "stop_ids", "pad_id", "steps", "lora_kernel"),
+                   donate_argnames=("rows",))
+def decode_chunk(
+    params: Params,
+    rows: DecodeRows,
+    adapters: LoraAdapters | None,
+    offsets: Float[Array, "P d"] | None,
+    sessions: Int[Array, "B"],
+    *,
+    cfg: ModelConfig,
+    sampling: SamplingConfig,
+    stop_ids: tuple[int, ...],
+    pad_id: int,
+    steps: int,
+    lora_kernel: bool = False,
+) -> tuple[DecodeRows, Int[Array, ""], Int[Array, ""]]:
+    """Up to `steps` decode steps of every running row (fewer once all rows are done). Row b uses the pool's
+    adapter / offset `sessions[b]`. Returns (rows, tokens generated, steps run)."""
+    B, N = rows.out.shape
+    row_adapters = _session_adapters(adapters, sessions)
+    offset = _session_offset(offsets, sessions, rows.cache.k.dtype)
+    stop = jnp.asarray(stop_ids, jnp.int32)
+
+    def cond(state):
+        i, rows, _ = state
+        return (i < steps) & ~jnp.all(rows.done)
+
+    def body(state):
+        i, rows, generated = state
+        running = ~rows.done
+        step_keys = jax.vmap(jax.random.fold_in)(rows.keys, rows.count)
+        tok = jnp.where(running, sample_logits(rows.logits, step_keys, sampling), pad_id)
+        at_count = running[:, None] & (jnp.arange(N)[None] == rows.count[:, None])
+        out = jnp.where(at_count, tok[:, None], rows.out)
+        count = rows.count + running
+        done = rows.done | jnp.isin(tok, stop) | (count >= N)
+        # The sampled token is fed even when it ends the turn: the cache then holds the whole turn, which
+        # the session's next turn reuses. Rows not running write an invalid slot past their length.
+        hidden, cache = decoder_hidden(params, tok[:, None], rows.length[:, None], running[:, None], cfg=cfg,
+                                       cache=rows.cache, cache_index=rows.length, adapters=row_adapters,
+                                       lora_kernel=lora_kernel)
+        logits = lm_logits(params, hidden[:, 0] + offset, cfg).astype(jnp.float32)
+        rows = rows.replace(cache=cache, length=rows.length + running, logits=logits, count=count, done=done,
+                            out=out)
+        return i + 1, rows, generated + jnp.sum(running)
+
+    steps_run, rows, generated = jax.lax.while_loop(cond, body, (jnp.int32(0), rows, jnp.int32(0)))
+    return rows, generated, steps_run

@@ -1,0 +1,274 @@
+"""The token-level session engine: continuous batching across sessions, prefix reuse between turns, Weights
+steps batched as sessions fail.
+
+`SessionEngine` (engine.py) is turn-synchronous: a step generates one turn for every slot, waits for the
+longest answer, adapts, and prefills every history again. `TokenEngine` keeps a pool of sessions (more than
+the decode batch) and moves each through its phases on its own:
+
+    ready ──prefill into a free row──> generating ──row stops──> judged ──> ended (record written)
+      ^                                                            │
+      └──── advance (next user message) <── Words (worker thread) ─┤ failed
+                                        <── Weights (queued, one vmapped step per bucket of `slots`)
+
+Every decode call runs `decode_steps` tokens for all rows; a row that stopped is refilled before the next
+call with a ready session (its new tokens prefilled in chunks of at most `prefill_chunk`). A session whose
+weights did not change keeps its KV cache while it waits and prefills only what its next prompt adds
+(the longest common prefix of the cached tokens and the new prompt is reused). A Weights step runs when its
+bucket is full, or when nothing else can proceed.
+
+Trajectories do not depend on scheduling: a session samples its n-th token of a turn with the turn's seed
+folded with n, exactly as the turn engine does, so under greedy decoding both engines write the same records.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from collections import deque
+from concurrent.futures import FIRST_COMPLETED, Future, wait
+from typing import Any, Callable, Iterable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from rosa2_jax.engine import Session, SessionEngine
+from rosa2_jax.kernels.lora_matmul import kernel_supported
+from rosa2_jax.methods import Failure, Stream, session_seed
+from rosa2_jax.model.decode_rows import decode_chunk, empty_rows, prefill_row, put_row_cache, resize_rows, row_cache
+from rosa2_jax.model.generation import Generation, bucket_length
+from rosa2_jax.tasks.data import Problem
+
+
+@dataclasses.dataclass
+class _Waiting:
+    """A failed session waiting for its streams."""
+
+    failure: Failure
+    streams: set[Stream]
+    results: dict[Stream, Any] = dataclasses.field(default_factory=dict)
+    timing: dict[str, float] = dataclasses.field(default_factory=dict)
+
+
+@dataclasses.dataclass
+class SchedulerStats:
+    """What the decode batch did: occupancy = generated / row_steps."""
+
+    generated: int = 0  # tokens sampled by running rows
+    row_steps: int = 0  # decode steps x rows
+    prefilled: int = 0  # prompt tokens computed
+    reused: int = 0  # prompt tokens taken from a session's kept cache
+    decode_s: float = 0.0
+    prefill_s: float = 0.0
+    update_s: float = 0.0
+    updates: int = 0  # Weights buckets run
+
+    @property
+    def occupancy(self) -> float:
+        return self.generated / max(self.row_steps, 1)
+
+
+class TokenEngine(SessionEngine):
+    """Runs `cfg.method` with `cfg.slots` decode rows and a pool of `cfg.sessions` sessions (0: twice the rows).
+    On a mesh, rows and pool are split over its `data` axis."""
+
+    def __init__(self, model, cfg, text_model=None):
+        super().__init__(model, cfg, text_model)
+        if self.pool_size < cfg.slots:
+            raise ValueError(f"sessions={self.pool_size} must be at least slots={cfg.slots}")
+        self.lora_kernel = kernel_supported() and (self.mesh is None or self.mesh.size == 1)
+        self.stats = SchedulerStats()
+
+    def _pool_size(self) -> int:
+        size = self.cfg.sessions or 2 * self.cfg.slots
+        data = self.mesh.shape["data"] if self.mesh is not None else 1
+        return -(-size // data) * data
+
+    # ------------------------------------------------------------------ device calls
+    def _policy_inputs(self) -> tuple[Any, Any]:
+        inputs = {k: v for stream in self.streams.values() for k, v in stream.generation_inputs().items()}
+        return inputs.get("adapters"), inputs.get("hidden_offset")
+
+    def _fit(self, needed: int) -> None:
+        """Grow the rows' cache to hold `needed` slots (bucketed, so a sweep compiles a few programs)."""
+        if needed > self.rows.capacity:
+            self.rows = resize_rows(self.rows, capacity=bucket_length(needed))
+
+    def _prefill(self, row: int, slot: int, prompt: list[int], key: jax.Array) -> int:
+        """Put session `slot`'s turn into `row`: its kept cache where the prompt extends it, the rest prefilled.
+        Returns the prefilled token count."""
+        reuse = 0
+        if slot in self.kept:
+            saved, tokens = self.kept.pop(slot)
+            reuse = min(_common_prefix(tokens, prompt), len(prompt) - 1)
+            if reuse:
+                self.rows = put_row_cache(self.rows, jnp.int32(row), saved)
+        chunk = self.cfg.prefill_chunk
+        starts = range(reuse, len(prompt), chunk)
+        self._fit(max(len(prompt) + self.cfg.sampling.max_new_tokens + 1,
+                      *(s + bucket_length(len(prompt[s: s + chunk])) for s in starts)))
+        adapters, offsets = self._policy_inputs()
+        for s in starts:
+            piece = prompt[s: s + chunk]
+            padded = np.full(bucket_length(len(piece)), self.sampler.pad_id, np.int32)
+            padded[: len(piece)] = piece
+            self.rows = prefill_row(self.model.params, self.rows, jnp.int32(row), jnp.asarray(padded),
+                                    jnp.int32(len(piece)), jnp.int32(s), key, adapters, offsets, jnp.int32(slot),
+                                    cfg=self.model.cfg, fresh=s == 0, lora_kernel=self.lora_kernel)
+        self.stats.reused += reuse
+        self.stats.prefilled += len(prompt) - reuse
+        return len(prompt) - reuse
+
+    def _decode(self) -> None:
+        adapters, offsets = self._policy_inputs()
+        sessions = jnp.asarray([slot if slot is not None else 0 for slot in self.row_slot], jnp.int32)
+        self.rows, generated, steps = decode_chunk(
+            self.model.params, self.rows, adapters, offsets, sessions, cfg=self.model.cfg,
+            sampling=self.cfg.sampling, stop_ids=self.sampler.stop_ids, pad_id=self.sampler.pad_id,
+            steps=self.cfg.decode_steps, lora_kernel=self.lora_kernel)
+        generated, steps = jax.device_get((generated, steps))
+        self.stats.generated += int(generated)
+        self.stats.row_steps += int(steps) * self.cfg.slots
+
+    # ------------------------------------------------------------------ the whole run
+    def run(self, problems: Iterable[Problem], on_finish: Callable[[Session], None]) -> None:
+        cfg = self.cfg
+        queue = deque(problems)
+        self.rows = empty_rows(self.model.cfg, cfg.slots, bucket_length(1), cfg.sampling.max_new_tokens,
+                               self.model.params["embed"].dtype, self.sampler.pad_id)
+        self.row_slot: list[int | None] = [None] * cfg.slots  # the pool slot generating in each row
+        self.kept: dict[int, tuple[Any, list[int]]] = {}  # pool slot -> (its row's cache, the tokens it holds)
+        sessions: dict[int, Session] = {}
+        free = deque(range(self.pool_size))
+        ready: deque[int] = deque()
+        prompts: dict[int, list[int]] = {}
+        waiting: dict[int, _Waiting] = {}
+        weights_queue: dict[int, Failure] = {}
+        host_jobs: list[tuple[Stream, Future]] = []
+        turn_start: dict[int, float] = {}
+        order = sorted(self.streams.values(), key=lambda st: st.on_device)  # as the turn engine applies them
+
+        def charge(slots, seconds):
+            for i in slots:
+                sessions[i].seconds += seconds / max(len(slots), 1)
+
+        def resume(i: int) -> None:
+            """Session i has every stream result: write them and the next message; it is ready again."""
+            w = waiting.pop(i)
+            outcomes = [(st, {i: w.results[st]}) for st in order if st in w.results]
+            self.advance({i: sessions[i]}, [], outcomes, w.timing)
+            ready.append(i)
+
+        while queue or sessions:
+            while free and queue:  # admit new problems into the pool
+                i = free.popleft()
+                s = self._admit(i, queue.popleft())
+                if s.error:
+                    on_finish(s)
+                    free.appendleft(i)
+                else:
+                    sessions[i] = s
+                    ready.append(i)
+            for row in range(cfg.slots):  # refill stopped rows
+                if self.row_slot[row] is None and ready:
+                    i = ready.popleft()
+                    s = sessions[i]
+                    t0 = time.perf_counter()
+                    prompts[i] = self._prompt_ids(s)
+                    s.turn += 1
+                    self._prefill(row, i, prompts[i], jax.random.key(session_seed(cfg.seed, s.problem.id, s.turn)))
+                    self.row_slot[row] = i
+                    turn_start[i] = time.perf_counter()
+                    seconds = time.perf_counter() - t0
+                    self.stats.prefill_s += seconds
+                    charge([i], seconds)
+            running = [i for i in self.row_slot if i is not None]
+            if running:
+                t0 = time.perf_counter()
+                self._decode()
+                seconds = time.perf_counter() - t0
+                self.stats.decode_s += seconds
+                charge(running, seconds)
+                self._collect(sessions, prompts, waiting, weights_queue, host_jobs, turn_start, on_finish, free,
+                              resume)
+            for stream, future in [job for job in host_jobs if job[1].done()]:
+                host_jobs.remove((stream, future))
+                results, seconds = future.result()
+                charge(list(results), seconds)
+                self._deliver(stream, results, seconds, waiting, resume)
+            stuck = not any(i is not None for i in self.row_slot) and not ready
+            if weights_queue and (len(weights_queue) >= cfg.slots or stuck):
+                self._weights_step(weights_queue, waiting, charge, resume)
+            elif stuck and host_jobs and not (free and queue):
+                wait([f for _, f in host_jobs], return_when=FIRST_COMPLETED)
+
+    def _collect(self, sessions, prompts, waiting, weights_queue, host_jobs, turn_start, on_finish, free, resume):
+        """Judge the rows that stopped; end, or start the streams of, their sessions."""
+        done, count = jax.device_get((self.rows.done, self.rows.count))
+        stopped = [row for row, i in enumerate(self.row_slot) if i is not None and done[row]]
+        if not stopped:
+            return
+        out = jax.device_get(self.rows.out[jnp.asarray(stopped)])
+        gens, kept_rows = {}, {}
+        for k, row in enumerate(stopped):
+            i = self.row_slot[row]
+            tokens = out[k, : count[row]].tolist()
+            stop = bool(tokens) and tokens[-1] in self.sampler.stop_ids
+            gens[i] = Generation(tokens, "stop" if stop else "length", len(prompts[i]))
+            kept_rows[i] = row
+            self.row_slot[row] = None
+        now = time.perf_counter()
+        batch = {i: sessions[i] for i in gens}
+        ended, failed = self.judge(batch, {i: prompts[i] for i in gens}, gens)
+        for i in ended:
+            self.advance({i: sessions[i]}, [i], [], {"generate_s": now - turn_start.pop(i)})
+            self.kept.pop(i, None)
+            on_finish(sessions.pop(i))
+            free.append(i)
+        host: dict[Stream, dict[int, Failure]] = {}
+        for i, f in failed.items():
+            kinds = self.cfg.streams(f.session.turn)
+            streams = {self.streams[k] for k in kinds}
+            if not any(st.changes_weights for st in streams):  # the cache stays valid for the next turn
+                self.kept[i] = (row_cache(self.rows, jnp.int32(kept_rows[i])), prompts[i] + f.tokens)
+            waiting[i] = _Waiting(f, streams, timing={"generate_s": now - turn_start.pop(i), "update_s": 0.0,
+                                                      "words_s": 0.0})
+            for st in streams:
+                if st.on_device:
+                    weights_queue[i] = f
+                else:
+                    host.setdefault(st, {})[i] = f
+            if not streams:
+                resume(i)
+        for st, mine in host.items():
+            host_jobs.append((st, st.start(mine)))
+
+    @staticmethod
+    def _deliver(stream, results, seconds, waiting, resume):
+        """Hand a stream's results to their waiting sessions; those with every result go on."""
+        for i, result in results.items():
+            w = waiting[i]
+            w.results[stream] = result
+            w.timing[stream.timing_key] += seconds
+            if len(w.results) == len(w.streams):
+                resume(i)
+
+    def _weights_step(self, weights_queue, waiting, charge, resume):
+        bucket = dict(list(weights_queue.items())[: self.cfg.slots])
+        for i in bucket:
+            del weights_queue[i]
+        stream = next(st for st in self.streams.values() if st.on_device)
+        results, seconds = stream.start(bucket).result()
+        self.stats.update_s += seconds
+        self.stats.updates += 1
+        charge(list(bucket), seconds)
+        self._deliver(stream, results, seconds, waiting, resume)
+
+
+def _common_prefix(a: list[int], b: list[int]) -> int:
+    n = min(len(a), len(b))
+    mismatch = np.flatnonzero(np.asarray(a[:n]) != np.asarray(b[:n]))
+    return int(mismatch[0]) if mismatch.size else n
+
+
+SCHEDULERS = {"token": TokenEngine, "turn": SessionEngine}
