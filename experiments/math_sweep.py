@@ -29,7 +29,8 @@ from rosa2_jax.adapt.rosa import RESIDUALS, TILTS
 from rosa2_jax.adapt.text_models import make_text_model
 from rosa2_jax.checkpoint import load_model
 from rosa2_jax.distributed import ProcessInfo, barrier, initialize, process_info, share
-from rosa2_jax.engine import REWARDS, EngineConfig, Session, SessionEngine
+from rosa2_jax.engine import REWARDS, EngineConfig, Session
+from rosa2_jax.scheduler import SCHEDULERS
 from rosa2_jax.methods import ADAPTERS, METHODS, PRESETS, WeightsPreset
 from rosa2_jax.model.sharding import make_mesh
 from rosa2_jax.runs import RECORDS, drop_torn_tail, merge_records, read_records, records_path
@@ -44,7 +45,13 @@ flags.DEFINE_string("dataset", "gsm8k", "gsm8k, math, math500, aime24, aime25, m
 flags.DEFINE_integer("num_problems", 2, "problems drawn with --seed (0 = all)")
 flags.DEFINE_list("methods", list(METHODS), f"methods to run, from {', '.join(METHODS)}")
 flags.DEFINE_integer("max_turns", 10, "K: turns per problem")
-flags.DEFINE_integer("slots", 8, "concurrent sessions (the batch)")
+flags.DEFINE_integer("slots", 8, "decode batch: rows generating at once (with --scheduler=turn, the sessions)")
+flags.DEFINE_enum("scheduler", "token", list(SCHEDULERS), "token: rows refilled as they stop from a pool of "
+                  "--sessions sessions, kept caches reused between turns, Weights steps on buckets of --slots "
+                  "failed sessions; turn: every slot generates one turn, then all adapt (the reference)")
+flags.DEFINE_integer("sessions", 0, "--scheduler=token: sessions in the pool (0 = twice --slots)")
+flags.DEFINE_integer("decode_steps", 16, "--scheduler=token: tokens decoded per device call between refills")
+flags.DEFINE_integer("prefill_chunk", 512, "--scheduler=token: longest prompt piece prefilled in one call")
 flags.DEFINE_integer("seed", 0, "problem subsample, adapter init and sampling seed")
 flags.DEFINE_string("run_dir", "runs/default", "output folder (resumable)")
 flags.DEFINE_integer("problems_per_round", 0, "run the methods in turn on blocks of this many problems (0 = each "
@@ -123,7 +130,8 @@ def engine_config(method: str, slots: int, num_layers: int) -> EngineConfig:
         lora=lora, adapter=preset.adapter,
         switch_turn=FLAGS.switch_turn, switch_first=FLAGS.switch_first, seed=FLAGS.seed,
         equivalence=FLAGS.equivalence, boxed_only=FLAGS.boxed_only, reward=FLAGS.reward,
-        critic_tokens=FLAGS.critic_tokens, rewrite_tokens=FLAGS.rewrite_tokens, max_context=FLAGS.max_context)
+        critic_tokens=FLAGS.critic_tokens, rewrite_tokens=FLAGS.rewrite_tokens, max_context=FLAGS.max_context,
+        sessions=FLAGS.sessions, decode_steps=FLAGS.decode_steps, prefill_chunk=FLAGS.prefill_chunk)
 
 
 def text_model_from_flags(policy, mesh: Mesh):
@@ -137,7 +145,8 @@ def text_model_from_flags(policy, mesh: Mesh):
 
 
 # Flags that change how a run is scheduled or where it runs, never a problem's trajectory.
-SCHEDULING_FLAGS = {"methods", "num_problems", "problems_per_round", "slots", "mesh", "distributed",
+SCHEDULING_FLAGS = {"methods", "num_problems", "problems_per_round", "slots", "scheduler", "sessions",
+                    "decode_steps", "prefill_chunk", "mesh", "distributed",
                     "coordinator_address", "num_processes", "process_id", "run_dir", "cache_dir"}
 
 
@@ -209,7 +218,7 @@ def run_sweep(run_dir: Path, info: ProcessInfo) -> dict | None:
             # A problem's trajectory does not depend on its slot, so small runs use only the slots they
             # fill (rounded up to split evenly over the mesh's data axis).
             slots = -(-min(FLAGS.slots, len(work)) // data_size) * data_size
-            engine = SessionEngine(model, engine_config(method, slots, model.cfg.num_layers), text_model)
+            engine = SCHEDULERS[FLAGS.scheduler](model, engine_config(method, slots, model.cfg.num_layers), text_model)
 
             def finish(session: Session, method=method):
                 out.write(json.dumps(session.record(method, FLAGS.dataset).to_json()) + "\n")

@@ -22,7 +22,7 @@ from jaxtyping import Array, Int
 from rosa2_jax.adapt.rosa import RosaConfig, UpdateBatch, UpdateStats, hidden_offset_update, rosa_update
 from rosa2_jax.adapt.words import RefineRequest, RefineResult, refine_feedback, refine_system_prompt
 from rosa2_jax.model.generation import bucket_length, left_pad
-from rosa2_jax.model.lora import LoraConfig, init_adapters, parse_layers
+from rosa2_jax.model.lora import LoraAdapters, LoraConfig, init_adapters, parse_layers, put_sessions, take_sessions
 from rosa2_jax.model.sharding import shard_batch
 from rosa2_jax.tasks.records import TurnRecord
 from rosa2_jax.tasks.rewards import Verdict
@@ -225,6 +225,17 @@ class Weights(Stream):
         return message
 
 
+@jax.jit
+def _take(pool, slots):
+    """The bucket's rows of a pool of per-session arrays (LoRA factors or hidden offsets)."""
+    return take_sessions(pool, slots) if isinstance(pool, LoraAdapters) else pool[slots]
+
+
+@jax.jit
+def _put(pool, slots, bucket):
+    return put_sessions(pool, slots, bucket) if isinstance(pool, LoraAdapters) else pool.at[slots].set(bucket)
+
+
 class LoraWeights(Weights):
     """θ = the session's LoRA factors (spec 1.3)."""
 
@@ -245,12 +256,9 @@ class LoraWeights(Weights):
         return {"adapters": self.adapters}
 
     def step(self, batch, slots):
-        bucket = self.adapters.replace(factors=jax.tree.map(lambda a: a[slots], self.adapters.factors))
-        bucket, stats = rosa_update(self.engine.model.params, bucket, batch, cfg=self.engine.model.cfg,
-                                    rosa=self.engine.cfg.rosa)
-        self.adapters = shard_batch(self.adapters.replace(
-            factors=jax.tree.map(lambda a, b: a.at[slots].set(b), self.adapters.factors, bucket.factors)),
-            self.engine.mesh)
+        bucket, stats = rosa_update(self.engine.model.params, _take(self.adapters, slots), batch,
+                                    cfg=self.engine.model.cfg, rosa=self.engine.cfg.rosa)
+        self.adapters = shard_batch(_put(self.adapters, slots, bucket), self.engine.mesh)
         return stats
 
 
@@ -270,10 +278,10 @@ class HiddenOffsetWeights(Weights):
 
     def step(self, batch, slots):
         rosa = self.engine.cfg.rosa
-        bucket, stats = hidden_offset_update(self.engine.model.params, self.offsets[slots], batch,
+        bucket, stats = hidden_offset_update(self.engine.model.params, _take(self.offsets, slots), batch,
                                              cfg=self.engine.model.cfg, rosa=rosa,
                                              top_k=rosa.head_top_k or HIDDEN_OFFSET_TOP_K)
-        self.offsets = shard_batch(self.offsets.at[slots].set(bucket), self.engine.mesh)
+        self.offsets = shard_batch(_put(self.offsets, slots, bucket), self.engine.mesh)
         return stats
 
 

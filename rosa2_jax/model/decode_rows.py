@@ -26,7 +26,7 @@ from jaxtyping import Array, Bool, Float, Int
 from rosa2_jax.model.config import ModelConfig
 from rosa2_jax.model.decoder import KVCache, Params, decoder_hidden, lm_logits
 from rosa2_jax.model.generation import SamplingConfig, sample_logits
-from rosa2_jax.model.lora import LoraAdapters
+from rosa2_jax.model.lora import LoraAdapters, take_sessions
 
 
 @struct.dataclass
@@ -96,9 +96,7 @@ def put_row_cache(rows: DecodeRows, row: Int[Array, ""], saved: RowCache) -> Dec
 
 
 def _session_adapters(adapters: LoraAdapters | None, index: Int[Array, "..."]) -> LoraAdapters | None:
-    if adapters is None:
-        return None
-    return adapters.replace(factors=jax.tree.map(lambda a: a[index], adapters.factors))
+    return None if adapters is None else take_sessions(adapters, index)
 
 
 def _session_offset(offsets: Float[Array, "P d"] | None, index: Int[Array, "..."], dtype):

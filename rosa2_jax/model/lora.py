@@ -15,7 +15,7 @@ from pathlib import Path
 import jax
 import jax.numpy as jnp
 from flax import struct
-from jaxtyping import Array, Bool
+from jaxtyping import Array, Bool, Int
 
 from rosa2_jax.distributed import local_checkpointer
 from rosa2_jax.model.config import ModelConfig
@@ -100,6 +100,16 @@ def init_adapters(cfg: ModelConfig, lora: LoraConfig, num_sessions: int, key: ja
         a = a * layer_on[None, :, None, None]
         factors[target] = (a, jnp.zeros((num_sessions, cfg.num_layers, lora.rank, d_out), jnp.float32))
     return LoraAdapters(factors, lora.scale, lora.first_layer())
+
+
+def take_sessions(adapters: LoraAdapters, index: Int[Array, "..."]) -> LoraAdapters:
+    """The factors of sessions `index` (a pool's sessions gathered into a batch)."""
+    return adapters.replace(factors=jax.tree.map(lambda a: a[index], adapters.factors))
+
+
+def put_sessions(adapters: LoraAdapters, index: Int[Array, "U"], batch: LoraAdapters) -> LoraAdapters:
+    """`adapters` with sessions `index` replaced by the rows of `batch` (indices distinct)."""
+    return adapters.replace(factors=jax.tree.map(lambda a, b: a.at[index].set(b), adapters.factors, batch.factors))
 
 
 def reset_sessions(adapters: LoraAdapters, fresh: LoraAdapters, sessions: Bool[Array, "S"]) -> LoraAdapters:

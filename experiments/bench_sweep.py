@@ -1,0 +1,110 @@
+"""Sweep throughput of the two schedulers side by side: problems per hour, useful generated tokens per second,
+and the decode batch's occupancy (generated tokens / (decode steps x rows)).
+
+    python -m experiments.bench_sweep --model=qwen2.5-coder-0.5b-instruct --methods=baseline,rosa \
+        --num_problems=16 --max_turns=2 --max_new_tokens=512
+
+Both engines run the same problems with the same settings in this process, so their ratio is comparable;
+the absolute times are this machine's. Sampling is the sweep's default (temperature 0.7, top-p 0.8).
+"""
+
+from __future__ import annotations
+
+import json
+import time
+
+from absl import app, flags
+
+from experiments.common import define_model_flags, define_sampling_flags, model_from_flags, sampling_from_flags
+from rosa2_jax.adapt.text_models import make_text_model
+from rosa2_jax.engine import EngineConfig, SessionEngine
+from rosa2_jax.methods import PRESETS
+from rosa2_jax.scheduler import TokenEngine
+from rosa2_jax.tasks.data import load_problems
+
+FLAGS = flags.FLAGS
+define_model_flags()
+define_sampling_flags(max_new_tokens=512, temperature=0.7, top_p=0.8)
+flags.DEFINE_string("dataset", "gsm8k", "data set")
+flags.DEFINE_integer("num_problems", 16, "problems per method")
+flags.DEFINE_integer("max_turns", 2, "K")
+flags.DEFINE_list("methods", ["baseline", "rosa"], "methods (text-model methods use the policy as critic)")
+flags.DEFINE_integer("slots", 8, "decode batch, the same for both engines")
+flags.DEFINE_integer("sessions", 0, "token engine's pool (0 = twice --slots)")
+flags.DEFINE_integer("decode_steps", 16, "token engine: tokens per decode call")
+flags.DEFINE_integer("max_context", 2048, "prompt + response budget")
+flags.DEFINE_list("schedulers", ["turn", "token"], "engines to time")
+flags.DEFINE_string("out", None, "also write the figures to this JSON file")
+
+
+class MeasuredTurnEngine(SessionEngine):
+    """The turn engine, counting what its decode batch does: every generate call runs as many steps as its
+    longest answer, for every slot."""
+
+    def run(self, problems, on_finish):
+        self.generated = self.row_steps = 0
+        super().run(problems, on_finish)
+
+    def answer(self, slots, prompts):
+        gens = super().answer(slots, prompts)
+        counts = [len(g.tokens) for g in gens.values()]
+        self.generated += sum(counts)
+        self.row_steps += max(counts) * self.cfg.slots
+        return gens
+
+
+def measure(engine_cls, model, text_model, method, problems) -> dict:
+    preset = PRESETS["fast"]
+    cfg = EngineConfig(method=method, max_turns=FLAGS.max_turns, slots=FLAGS.slots, sampling=sampling_from_flags(),
+                       rosa=preset.rosa(), lora=preset.lora(model.cfg.num_layers), max_context=FLAGS.max_context,
+                       sessions=FLAGS.sessions, decode_steps=FLAGS.decode_steps)
+    engine = engine_cls(model, cfg, text_model)
+    finished = []
+    start = time.perf_counter()
+    try:
+        engine.run(problems, finished.append)
+    finally:
+        engine.close()
+    wall = time.perf_counter() - start
+    generated, row_steps = ((engine.stats.generated, engine.stats.row_steps) if engine_cls is TokenEngine
+                            else (engine.generated, engine.row_steps))
+    useful = sum(t.response_tokens for s in finished for t in s.turns)
+    turns = sum(len(s.turns) for s in finished)
+    figures = {"wall_s": wall, "problems_per_hour": 3600 * len(finished) / wall, "turns": turns,
+               "useful_tokens_per_s": useful / wall, "occupancy": generated / max(row_steps, 1),
+               "solved": sum(s.solved_at is not None for s in finished)}
+    if engine_cls is TokenEngine:
+        st = engine.stats
+        figures |= {"prefilled": st.prefilled, "reused": st.reused, "decode_s": st.decode_s,
+                    "prefill_s": st.prefill_s, "update_s": st.update_s, "updates": st.updates}
+    return figures
+
+
+def main(_):
+    model = model_from_flags()
+    text_model = make_text_model("local", model=model)
+    problems, _ = load_problems(FLAGS.dataset, limit=FLAGS.num_problems, seed=0, cache_dir=FLAGS.cache_dir)
+    engines = {"turn": MeasuredTurnEngine, "token": TokenEngine}
+    # A first pass on two problems compiles every program both engines use, so the timed runs do not.
+    for method in FLAGS.methods:
+        for name in FLAGS.schedulers:
+            measure(engines[name], model, text_model, method, problems[:2])
+    results = {}
+    for method in FLAGS.methods:
+        for name in FLAGS.schedulers:
+            results[f"{method}/{name}"] = r = measure(engines[name], model, text_model, method, problems)
+            print(f"{method:9s} {name:5s} " + " ".join(f"{k}={v:.3g}" if isinstance(v, float) else f"{k}={v}"
+                                                     for k, v in r.items()), flush=True)
+        if {"turn", "token"} <= set(FLAGS.schedulers):
+            turn, token = results[f"{method}/turn"], results[f"{method}/token"]
+            print(f"{method}: token/turn problems per hour {token['problems_per_hour'] / turn['problems_per_hour']:.2f}x, "
+                  f"useful tokens/s {token['useful_tokens_per_s'] / turn['useful_tokens_per_s']:.2f}x")
+    if FLAGS.out:
+        with open(FLAGS.out, "w") as f:
+            json.dump({"flags": {k: FLAGS[k].value for k in ("model", "dataset", "num_problems", "max_turns", "slots",
+                                                              "sessions", "decode_steps", "max_new_tokens")},
+                       "results": results}, f, indent=2)
+
+
+if __name__ == "__main__":
+    app.run(main)

@@ -1,0 +1,98 @@
+"""The token-level engine (scheduler.TokenEngine) against the turn-synchronous one, and its prefix reuse
+against a full prefill."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from conftest import tiny_chat_model
+from rosa2_jax.adapt.text_models import make_text_model
+from rosa2_jax.checkpoint import load_model
+from rosa2_jax.engine import EngineConfig
+from rosa2_jax.methods import METHODS
+from rosa2_jax.model.decode_rows import decode_chunk, empty_rows, prefill_row, put_row_cache, row_cache
+from rosa2_jax.model.generation import SamplingConfig, generate
+from rosa2_jax.scheduler import SCHEDULERS, TokenEngine
+from rosa2_jax.tasks.data import Problem
+
+
+@pytest.fixture(scope="module")
+def model(tmp_path_factory):
+    return load_model(str(tiny_chat_model(tmp_path_factory.mktemp("scheduler") / "model")))
+
+
+def run(model, scheduler: str, method: str):
+    # 2 rows, 3 sessions in the pool, 5 tokens per decode call: rows stop mid-call and sessions change rows.
+    cfg = EngineConfig(method=method, max_turns=3, slots=2, sampling=SamplingConfig(max_new_tokens=10),
+                       max_context=512, critic_tokens=8, rewrite_tokens=8, sessions=3, decode_steps=5, switch_turn=2)
+    problems = [Problem(f"p{i}", f"Which is right? (A) {i} (B) {i + 1}", "B", "choice") for i in range(5)]
+    engine = SCHEDULERS[scheduler](model, cfg, make_text_model("local", model=model))
+    finished = []
+    try:
+        engine.run(problems, finished.append)
+    finally:
+        engine.close()
+    records = sorted((s.record(method, "toy") for s in finished), key=lambda r: r.problem_id)
+    return records, engine
+
+
+@pytest.mark.parametrize("method", list(METHODS))
+def test_greedy_records_equal_the_turn_engines(model, method):
+    turn, _ = run(model, "turn", method)
+    token, engine = run(model, "token", method)
+
+    def trajectory(records):
+        return [(r.problem_id, r.solved_at, [(t.user, t.system_prompt, t.response, t.finish_reason, t.prompt_tokens,
+                                              None if t.step_norm_sq is None else f"{t.step_norm_sq:.5g}")
+                                             for t in r.turns]) for r in records]
+
+    assert trajectory(token) == trajectory(turn)
+    assert sum(len(r.turns) > 1 for r in token) >= 2, "the tiny model should fail some first turns"
+    stats = engine.stats
+    assert 0 < stats.generated <= stats.row_steps
+    weights = any(k.changes_weights for t in range(1, 4) for k in METHODS[method].streams_at(t, engine.cfg))
+    if not weights:  # later turns reuse the session's cache instead of prefilling its history again
+        assert stats.reused > 0
+    if method in ("rosa", "rosa2"):
+        assert stats.updates > 0 and stats.reused == 0
+        assert any(t.step_norm_sq for r in token for t in r.turns)
+
+
+def test_a_turn_prefilled_after_its_kept_prefix_equals_a_full_prefill(model):
+    """A session's cache, moved out of its row and back into another, then extended by the next turn's
+    tokens, gives the logits a full prefill of the whole prompt gives (and the same greedy continuation)."""
+    cfg, params = model.cfg, model.params
+    rng = np.random.default_rng(0)
+    history = rng.integers(3, cfg.vocab_size, 37).tolist()
+    turn = history + rng.integers(3, cfg.vocab_size, 21).tolist()
+    key = jax.random.key(0)
+    rows = empty_rows(cfg, 3, 256, 8, params["embed"].dtype, 0)
+
+    def prefill(rows, row, tokens, start, fresh):
+        padded = np.zeros(64, np.int32)
+        padded[: len(tokens)] = tokens
+        return prefill_row(params, rows, jnp.int32(row), jnp.asarray(padded), jnp.int32(len(tokens)),
+                           jnp.int32(start), key, None, None, jnp.int32(0), cfg=cfg, fresh=fresh)
+
+    rows = prefill(rows, 0, turn, 0, True)  # the reference: the whole prompt in row 0
+    rows = prefill(rows, 1, history, 0, True)  # the kept prefix, in row 1 ...
+    saved = row_cache(rows, jnp.int32(1))
+    rows = prefill(rows, 1, rng.integers(3, cfg.vocab_size, 50).tolist(), 0, True)  # ... which another session takes
+    rows = put_row_cache(rows, jnp.int32(2), saved)  # the session comes back in row 2
+    rows = prefill(rows, 2, turn[len(history):], len(history), False)
+    np.testing.assert_allclose(np.asarray(rows.logits[2]), np.asarray(rows.logits[0]), atol=1e-5, rtol=1e-5)
+    assert int(rows.length[2]) == int(rows.length[0]) == len(turn)
+
+    rows = rows.replace(done=rows.done.at[1].set(True))
+    rows, generated, steps = decode_chunk(params, rows, None, None, jnp.zeros(3, jnp.int32), cfg=cfg,
+                                          sampling=SamplingConfig(max_new_tokens=8), stop_ids=(2,), pad_id=0, steps=8)
+    out = np.asarray(rows.out)
+    assert out[0, : int(rows.count[0])].tolist() == out[2, : int(rows.count[2])].tolist()
+    reference = generate(params, cfg, [turn], SamplingConfig(max_new_tokens=8), stop_token_ids=(2,), pad_id=0)[0]
+    assert out[0, : int(rows.count[0])].tolist() == reference.tokens
+
+
+def test_pool_smaller_than_the_decode_batch_is_refused(model):
+    with pytest.raises(ValueError, match="sessions=2 must be at least slots=4"):
+        TokenEngine(model, EngineConfig(method="baseline", slots=4, sessions=2))
