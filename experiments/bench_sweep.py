@@ -13,7 +13,7 @@ from __future__ import annotations
 import json
 import time
 
-from absl import app, flags
+from absl import app, flags, logging
 
 from experiments.common import define_model_flags, define_sampling_flags, model_from_flags, sampling_from_flags
 from rosa2_jax.adapt.text_models import make_text_model
@@ -81,6 +81,7 @@ def measure(engine_cls, model, text_model, method, problems) -> dict:
 
 
 def main(_):
+    logging.set_verbosity(logging.WARNING)
     model = model_from_flags()
     text_model = make_text_model("local", model=model)
     problems, _ = load_problems(FLAGS.dataset, limit=FLAGS.num_problems, seed=0, cache_dir=FLAGS.cache_dir)

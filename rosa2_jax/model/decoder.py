@@ -167,8 +167,8 @@ def decoder_hidden(
     """Hidden states after the final norm (before it with `final_norm=False`).
 
     Without a cache: causal self-attention over `tokens` (teacher forcing).
-    With a cache: the new tokens go to slots [cache_index, cache_index + T) (`cache_index` a scalar, or one
-    start per row [B]). A chunk of T > 1 tokens
+    With a cache: the new tokens go to slots [cache_index, cache_index + T) (`cache_index` a scalar, or for
+    a decode step one slot per row [B]). A chunk of T > 1 tokens
     is a prefill into an empty cache and attends to itself, or with `continue_prefix` it also attends
     to every valid slot before cache_index (a turn whose history is cached); a single token (a decode
     step) attends to every valid slot before it and to itself. Layers only emit their new k/v; the cache is
@@ -233,21 +233,12 @@ def decoder_hidden(
             v=jax.lax.dynamic_update_slice(cache.v, new_v, (0, 0, 0, cache_index, 0)),
             valid=jax.lax.dynamic_update_slice(cache.valid, valid, (0, cache_index)),
         )
-    else:  # each row writes at its own slot (the token-level engine's rows hold sessions at different turns)
-        new_cache = KVCache(k=_write_rows(cache.k, new_k, cache_index, batch_axis=1, slot_axis=4),
-                            v=_write_rows(cache.v, new_v, cache_index, batch_axis=1, slot_axis=3),
-                            valid=_write_rows(cache.valid, valid, cache_index, batch_axis=0, slot_axis=1))
+    else:  # one token per row, each at its own slot (the token-level engine's rows are at different lengths)
+        rows = jnp.arange(B)
+        new_cache = KVCache(k=cache.k.at[:, rows, :, :, cache_index].set(jnp.moveaxis(new_k[..., 0], 1, 0)),
+                            v=cache.v.at[:, rows, :, cache_index].set(jnp.moveaxis(new_v[..., 0, :], 1, 0)),
+                            valid=cache.valid.at[rows, cache_index].set(valid[:, 0]))
     return x, new_cache
-
-
-def _write_rows(buffer: Array, new: Array, index: Int[Array, "B"], *, batch_axis: int, slot_axis: int) -> Array:
-    """buffer[..., b, ..., index[b] : index[b] + T, ...] = new[..., b, ..., :, ...] for every row b."""
-    def one(buf, upd, i):
-        start = [0] * buf.ndim
-        start[slot_axis - (slot_axis > batch_axis)] = i
-        return jax.lax.dynamic_update_slice(buf, upd, start)
-
-    return jax.vmap(one, in_axes=(batch_axis, batch_axis, 0), out_axes=batch_axis)(buffer, new, index)
 
 
 def head_weight(params: Params, cfg: ModelConfig) -> Float[Array, "d V"]:
