@@ -34,6 +34,9 @@ flags.DEFINE_integer("sessions", 0, "token engine's pool (0 = twice --slots)")
 flags.DEFINE_integer("decode_steps", 16, "token engine: tokens per decode call")
 flags.DEFINE_integer("max_context", 2048, "prompt + response budget")
 flags.DEFINE_list("schedulers", ["turn", "token"], "engines to time")
+flags.DEFINE_bool("warmup", True, "first run every engine and method on two problems, so that the timed runs "
+                  "compile little (--nowarmup counts compilation in both, which weighs on the token engine's "
+                  "larger set of programs)")
 flags.DEFINE_string("out", None, "also write the figures to this JSON file")
 
 
@@ -87,7 +90,7 @@ def main(_):
     problems, _ = load_problems(FLAGS.dataset, limit=FLAGS.num_problems, seed=0, cache_dir=FLAGS.cache_dir)
     engines = {"turn": MeasuredTurnEngine, "token": TokenEngine}
     # A first pass on two problems compiles every program both engines use, so the timed runs do not.
-    for method in FLAGS.methods:
+    for method in FLAGS.methods if FLAGS.warmup else ():
         for name in FLAGS.schedulers:
             measure(engines[name], model, text_model, method, problems[:2])
     results = {}

@@ -46,8 +46,8 @@ class _Waiting:
 
     failure: Failure
     streams: set[Stream]
+    timing: dict[str, float]  # the turn's generate_s, update_s, words_s
     results: dict[Stream, Any] = dataclasses.field(default_factory=dict)
-    timing: dict[str, float] = dataclasses.field(default_factory=dict)
 
 
 @dataclasses.dataclass
@@ -94,9 +94,8 @@ class TokenEngine(SessionEngine):
         if needed > self.rows.capacity:
             self.rows = resize_rows(self.rows, capacity=bucket_length(needed))
 
-    def _prefill(self, row: int, slot: int, prompt: list[int], key: jax.Array) -> int:
-        """Put session `slot`'s turn into `row`: its kept cache where the prompt extends it, the rest prefilled.
-        Returns the prefilled token count."""
+    def _prefill(self, row: int, slot: int, prompt: list[int], key: jax.Array) -> None:
+        """Put session `slot`'s turn into `row`: its kept cache where the prompt extends it, the rest prefilled."""
         reuse = 0
         if slot in self.kept:
             saved, tokens = self.kept.pop(slot)
@@ -117,7 +116,6 @@ class TokenEngine(SessionEngine):
                                     cfg=self.model.cfg, fresh=s == 0, lora_kernel=self.lora_kernel)
         self.stats.reused += reuse
         self.stats.prefilled += len(prompt) - reuse
-        return len(prompt) - reuse
 
     def _decode(self) -> None:
         adapters, offsets = self._policy_inputs()
@@ -133,136 +131,143 @@ class TokenEngine(SessionEngine):
     # ------------------------------------------------------------------ the whole run
     def run(self, problems: Iterable[Problem], on_finish: Callable[[Session], None]) -> None:
         cfg = self.cfg
-        queue = deque(problems)
         self.rows = empty_rows(self.model.cfg, cfg.slots, bucket_length(1), cfg.sampling.max_new_tokens,
                                self.model.params["embed"].dtype, self.sampler.pad_id)
         self.row_slot: list[int | None] = [None] * cfg.slots  # the pool slot generating in each row
         self.kept: dict[int, tuple[Any, list[int]]] = {}  # pool slot -> (its row's cache, the tokens it holds)
-        sessions: dict[int, Session] = {}
-        free = deque(range(self.pool_size))
-        ready: deque[int] = deque()
-        prompts: dict[int, list[int]] = {}
-        waiting: dict[int, _Waiting] = {}
-        weights_queue: dict[int, Failure] = {}
-        host_jobs: list[tuple[Stream, Future]] = []
-        turn_start: dict[int, float] = {}
-        order = sorted(self.streams.values(), key=lambda st: st.on_device)  # as the turn engine applies them
-
-        def charge(slots, seconds):
-            for i in slots:
-                sessions[i].seconds += seconds / max(len(slots), 1)
-
-        def resume(i: int) -> None:
-            """Session i has every stream result: write them and the next message; it is ready again."""
-            w = waiting.pop(i)
-            outcomes = [(st, {i: w.results[st]}) for st in order if st in w.results]
-            self.advance({i: sessions[i]}, [], outcomes, w.timing)
-            ready.append(i)
-
-        while queue or sessions:
-            while free and queue:  # admit new problems into the pool
-                i = free.popleft()
-                s = self._admit(i, queue.popleft())
+        run = _Run(deque(problems), on_finish, free=deque(range(self.pool_size)))
+        while run.queue or run.sessions:
+            while run.free and run.queue:  # admit new problems into the pool
+                i = run.free.popleft()
+                s = self._admit(i, run.queue.popleft())
                 if s.error:
                     on_finish(s)
-                    free.appendleft(i)
+                    run.free.appendleft(i)
                 else:
-                    sessions[i] = s
-                    ready.append(i)
+                    run.sessions[i] = s
+                    run.ready.append(i)
             for row in range(cfg.slots):  # refill stopped rows
-                if self.row_slot[row] is None and ready:
-                    i = ready.popleft()
-                    s = sessions[i]
-                    t0 = time.perf_counter()
-                    prompts[i] = self._prompt_ids(s)
-                    s.turn += 1
-                    self._prefill(row, i, prompts[i], jax.random.key(session_seed(cfg.seed, s.problem.id, s.turn)))
-                    self.row_slot[row] = i
-                    turn_start[i] = time.perf_counter()
-                    seconds = time.perf_counter() - t0
-                    self.stats.prefill_s += seconds
-                    charge([i], seconds)
+                if self.row_slot[row] is None and run.ready:
+                    self._start_turn(run, row, run.ready.popleft())
             running = [i for i in self.row_slot if i is not None]
             if running:
                 t0 = time.perf_counter()
                 self._decode()
                 seconds = time.perf_counter() - t0
                 self.stats.decode_s += seconds
-                charge(running, seconds)
-                self._collect(sessions, prompts, waiting, weights_queue, host_jobs, turn_start, on_finish, free,
-                              resume)
-            for stream, future in [job for job in host_jobs if job[1].done()]:
-                host_jobs.remove((stream, future))
+                run.charge(running, seconds)
+                self._collect(run)
+            for stream, future in [job for job in run.host_jobs if job[1].done()]:
+                run.host_jobs.remove((stream, future))
                 results, seconds = future.result()
-                charge(list(results), seconds)
-                self._deliver(stream, results, seconds, waiting, resume)
-            stuck = not any(i is not None for i in self.row_slot) and not ready
-            if weights_queue and (len(weights_queue) >= cfg.slots or stuck):
-                self._weights_step(weights_queue, waiting, charge, resume)
-            elif stuck and host_jobs and not (free and queue):
-                wait([f for _, f in host_jobs], return_when=FIRST_COMPLETED)
+                run.charge(list(results), seconds)
+                self._deliver(run, stream, results, seconds)
+            stuck = all(i is None for i in self.row_slot) and not run.ready
+            if run.weights_queue and (len(run.weights_queue) >= cfg.slots or stuck):
+                self._weights_step(run)
+            elif stuck and run.host_jobs and not (run.free and run.queue):
+                wait([f for _, f in run.host_jobs], return_when=FIRST_COMPLETED)
 
-    def _collect(self, sessions, prompts, waiting, weights_queue, host_jobs, turn_start, on_finish, free, resume):
+    def _start_turn(self, run: "_Run", row: int, i: int) -> None:
+        s = run.sessions[i]
+        t0 = time.perf_counter()
+        run.prompts[i] = self._prompt_ids(s)
+        s.turn += 1
+        self._prefill(row, i, run.prompts[i], jax.random.key(session_seed(self.cfg.seed, s.problem.id, s.turn)))
+        jax.block_until_ready(self.rows.length)  # so that prefill time is not billed to the next decode call
+        self.row_slot[row] = i
+        run.turn_start[i] = time.perf_counter()
+        self.stats.prefill_s += run.turn_start[i] - t0
+        run.charge([i], run.turn_start[i] - t0)
+
+    def _collect(self, run: "_Run") -> None:
         """Judge the rows that stopped; end, or start the streams of, their sessions."""
         done, count = jax.device_get((self.rows.done, self.rows.count))
         stopped = [row for row, i in enumerate(self.row_slot) if i is not None and done[row]]
         if not stopped:
             return
         out = jax.device_get(self.rows.out[jnp.asarray(stopped)])
-        gens, kept_rows = {}, {}
+        gens, rows = {}, {}
         for k, row in enumerate(stopped):
             i = self.row_slot[row]
             tokens = out[k, : count[row]].tolist()
             stop = bool(tokens) and tokens[-1] in self.sampler.stop_ids
-            gens[i] = Generation(tokens, "stop" if stop else "length", len(prompts[i]))
-            kept_rows[i] = row
+            gens[i] = Generation(tokens, "stop" if stop else "length", len(run.prompts[i]))
+            rows[i] = row
             self.row_slot[row] = None
         now = time.perf_counter()
-        batch = {i: sessions[i] for i in gens}
-        ended, failed = self.judge(batch, {i: prompts[i] for i in gens}, gens)
+        ended, failed = self.judge({i: run.sessions[i] for i in gens}, {i: run.prompts[i] for i in gens}, gens)
+        timing = {i: {"generate_s": now - run.turn_start.pop(i), "update_s": 0.0, "words_s": 0.0} for i in gens}
         for i in ended:
-            self.advance({i: sessions[i]}, [i], [], {"generate_s": now - turn_start.pop(i)})
+            self.advance({i: run.sessions[i]}, [i], [], timing[i])
             self.kept.pop(i, None)
-            on_finish(sessions.pop(i))
-            free.append(i)
+            run.on_finish(run.sessions.pop(i))
+            run.free.append(i)
         host: dict[Stream, dict[int, Failure]] = {}
         for i, f in failed.items():
-            kinds = self.cfg.streams(f.session.turn)
-            streams = {self.streams[k] for k in kinds}
+            streams = {self.streams[k] for k in self.cfg.streams(f.session.turn)}
             if not any(st.changes_weights for st in streams):  # the cache stays valid for the next turn
-                self.kept[i] = (row_cache(self.rows, jnp.int32(kept_rows[i])), prompts[i] + f.tokens)
-            waiting[i] = _Waiting(f, streams, timing={"generate_s": now - turn_start.pop(i), "update_s": 0.0,
-                                                      "words_s": 0.0})
+                self.kept[i] = (row_cache(self.rows, jnp.int32(rows[i])), run.prompts[i] + f.tokens)
+            run.waiting[i] = _Waiting(f, streams, timing=timing[i])
             for st in streams:
                 if st.on_device:
-                    weights_queue[i] = f
+                    run.weights_queue[i] = f
                 else:
                     host.setdefault(st, {})[i] = f
             if not streams:
-                resume(i)
+                self._resume(run, i)
         for st, mine in host.items():
-            host_jobs.append((st, st.start(mine)))
+            run.host_jobs.append((st, st.start(mine)))
 
-    @staticmethod
-    def _deliver(stream, results, seconds, waiting, resume):
+    def _deliver(self, run: "_Run", stream: Stream, results: dict[int, Any], seconds: float) -> None:
         """Hand a stream's results to their waiting sessions; those with every result go on."""
         for i, result in results.items():
-            w = waiting[i]
+            w = run.waiting[i]
             w.results[stream] = result
             w.timing[stream.timing_key] += seconds
             if len(w.results) == len(w.streams):
-                resume(i)
+                self._resume(run, i)
 
-    def _weights_step(self, weights_queue, waiting, charge, resume):
-        bucket = dict(list(weights_queue.items())[: self.cfg.slots])
+    def _resume(self, run: "_Run", i: int) -> None:
+        """Session i has every stream result: write them (in the turn engine's order) and the next message."""
+        w = run.waiting.pop(i)
+        order = sorted(w.results, key=lambda st: st.on_device)
+        self.advance({i: run.sessions[i]}, [], [(st, {i: w.results[st]}) for st in order], w.timing)
+        run.ready.append(i)
+
+    def _weights_step(self, run: "_Run") -> None:
+        bucket = dict(list(run.weights_queue.items())[: self.cfg.slots])
         for i in bucket:
-            del weights_queue[i]
+            del run.weights_queue[i]
         stream = next(st for st in self.streams.values() if st.on_device)
         results, seconds = stream.start(bucket).result()
         self.stats.update_s += seconds
         self.stats.updates += 1
-        charge(list(bucket), seconds)
-        self._deliver(stream, results, seconds, waiting, resume)
+        run.charge(list(bucket), seconds)
+        self._deliver(run, stream, results, seconds)
+
+
+@dataclasses.dataclass
+class _Run:
+    """Where every session of a run is: in the pool (`sessions`), ready to generate, generating (the
+    engine's `row_slot`), or waiting for its streams (`waiting`, with a Weights step queued or Words jobs
+    on the worker thread)."""
+
+    queue: deque[Problem]
+    on_finish: Callable[[Session], None]
+    free: deque[int]  # pool slots without a session
+    sessions: dict[int, Session] = dataclasses.field(default_factory=dict)
+    ready: deque[int] = dataclasses.field(default_factory=deque)
+    prompts: dict[int, list[int]] = dataclasses.field(default_factory=dict)  # the current turn's prompt ids
+    turn_start: dict[int, float] = dataclasses.field(default_factory=dict)
+    waiting: dict[int, _Waiting] = dataclasses.field(default_factory=dict)
+    weights_queue: dict[int, Failure] = dataclasses.field(default_factory=dict)
+    host_jobs: list[tuple[Stream, Future]] = dataclasses.field(default_factory=list)
+
+    def charge(self, slots: list[int], seconds: float) -> None:
+        """Split `seconds` of device or host time over these sessions."""
+        for i in slots:
+            self.sessions[i].seconds += seconds / max(len(slots), 1)
 
 
 def _common_prefix(a: list[int], b: list[int]) -> int:
