@@ -44,10 +44,15 @@ def test_greedy_records_equal_the_turn_engines(model, method):
 
     def trajectory(records):
         return [(r.problem_id, r.solved_at, [(t.user, t.system_prompt, t.response, t.finish_reason, t.prompt_tokens,
-                                              None if t.step_norm_sq is None else f"{t.step_norm_sq:.5g}")
-                                             for t in r.turns]) for r in records]
+                                              t.step_norm_sq is None) for t in r.turns]) for r in records]
+
+    def step_norms(records):
+        return [t.step_norm_sq for r in records for t in r.turns if t.step_norm_sq is not None]
 
     assert trajectory(token) == trajectory(turn)
+    # ||Δθ||² to 5 significant digits. A session's update bucket (and so its padded shape) depends on when
+    # its Words job finished, so the float32 sums may differ in the last bits; the steps are the same.
+    np.testing.assert_allclose(step_norms(token), step_norms(turn), rtol=1e-5)
     assert sum(len(r.turns) > 1 for r in token) >= 2, "the tiny model should fail some first turns"
     stats = engine.stats
     assert 0 < stats.generated <= stats.row_steps
