@@ -66,6 +66,7 @@ def lora_matmul(
     return out[:, :T, :O]
 
 
-def kernel_supported() -> bool:
-    """Compiled Pallas runs on GPU and TPU; on CPU the model uses the reference."""
-    return jax.default_backend() in ("gpu", "tpu")
+def kernel_supported(mesh: jax.sharding.Mesh | None = None) -> bool:
+    """Compiled Pallas runs on GPU and TPU; on CPU the model uses the reference. A pallas_call is not split
+    by the SPMD partitioner, so on a multi-device mesh XLA's einsum is used."""
+    return jax.default_backend() in ("gpu", "tpu") and (mesh is None or mesh.size == 1)

@@ -131,13 +131,16 @@ class SessionEngine:
                 return ids
             messages = messages[:1] + messages[3:]
 
+    def _generation_inputs(self) -> dict[str, Any]:
+        """The streams' per-session state the policy generates with (adapters, hidden_offset)."""
+        return {k: v for stream in self.streams.values() for k, v in stream.generation_inputs().items()}
+
     # ------------------------------------------------------------------ the four phases of a step
     def answer(self, slots: dict[int, Session], prompts: dict[int, list[int]]) -> dict[int, Generation]:
         rows = [prompts.get(i, [self.sampler.pad_id]) for i in range(self.cfg.slots)]
         seeds = [session_seed(self.cfg.seed, s.problem.id, s.turn) if (s := slots.get(i)) else 0
                  for i in range(self.cfg.slots)]
-        inputs = {k: v for stream in self.streams.values() for k, v in stream.generation_inputs().items()}
-        gens = self.sampler.generate(rows, self.cfg.sampling, seeds=seeds, **inputs)
+        gens = self.sampler.generate(rows, self.cfg.sampling, seeds=seeds, **self._generation_inputs())
         return {i: gens[i] for i in slots}
 
     def judge(self, slots: dict[int, Session], prompts: dict[int, list[int]],

@@ -76,7 +76,7 @@ class TokenEngine(SessionEngine):
         super().__init__(model, cfg, text_model)
         if self.pool_size < cfg.slots:
             raise ValueError(f"sessions={self.pool_size} must be at least slots={cfg.slots}")
-        self.lora_kernel = kernel_supported() and (self.mesh is None or self.mesh.size == 1)
+        self.lora_kernel = kernel_supported(self.mesh)
         self.stats = SchedulerStats()
 
     def _pool_size(self) -> int:
@@ -85,43 +85,45 @@ class TokenEngine(SessionEngine):
         return -(-size // data) * data
 
     # ------------------------------------------------------------------ device calls
-    def _policy_inputs(self) -> tuple[Any, Any]:
-        inputs = {k: v for stream in self.streams.values() for k, v in stream.generation_inputs().items()}
-        return inputs.get("adapters"), inputs.get("hidden_offset")
-
-    def _fit(self, needed: int) -> None:
-        """Grow the rows' cache to hold `needed` slots (bucketed, so a sweep compiles a few programs)."""
-        if needed > self.rows.capacity:
+    def _fit(self, prefill_extent: int = 0) -> None:
+        """Size the rows' cache to the longest occupied row's prompt + max_new_tokens + 1 (and a prefill's
+        padded extent), bucketed so that a sweep compiles a few programs. It shrinks too: every decode step's
+        attention reads every slot, so a cache sized for a long turn that has left slows all the others."""
+        needed = max([n for n, i in zip(self.row_need, self.row_slot) if i is not None] + [prefill_extent, 1])
+        if bucket_length(needed) != self.rows.capacity:
             self.rows = resize_rows(self.rows, capacity=bucket_length(needed))
 
     def _prefill(self, row: int, slot: int, prompt: list[int], key: jax.Array) -> None:
         """Put session `slot`'s turn into `row`: its kept cache where the prompt extends it, the rest prefilled."""
-        reuse = 0
+        saved, reuse = None, 0
         if slot in self.kept:
             saved, tokens = self.kept.pop(slot)
             reuse = min(_common_prefix(tokens, prompt), len(prompt) - 1)
-            if reuse:
-                self.rows = put_row_cache(self.rows, jnp.int32(row), saved)
         chunk = self.cfg.prefill_chunk
         starts = range(reuse, len(prompt), chunk)
-        self._fit(max(len(prompt) + self.cfg.sampling.max_new_tokens + 1,
-                      *(s + bucket_length(len(prompt[s: s + chunk])) for s in starts)))
-        adapters, offsets = self._policy_inputs()
+        self.row_need[row] = len(prompt) + self.cfg.sampling.max_new_tokens + 1
+        self._fit(max(self.row_need[row], *(s + bucket_length(len(prompt[s: s + chunk])) for s in starts)))
+        if reuse:
+            self.rows = put_row_cache(self.rows, jnp.int32(row), saved)
+        inputs = self._generation_inputs()
         for s in starts:
             piece = prompt[s: s + chunk]
             padded = np.full(bucket_length(len(piece)), self.sampler.pad_id, np.int32)
             padded[: len(piece)] = piece
             self.rows = prefill_row(self.model.params, self.rows, jnp.int32(row), jnp.asarray(padded),
-                                    jnp.int32(len(piece)), jnp.int32(s), key, adapters, offsets, jnp.int32(slot),
-                                    cfg=self.model.cfg, fresh=s == 0, lora_kernel=self.lora_kernel)
+                                    jnp.int32(len(piece)), jnp.int32(s), key, inputs.get("adapters"),
+                                    inputs.get("hidden_offset"), jnp.int32(slot), cfg=self.model.cfg,
+                                    fresh=s == 0, lora_kernel=self.lora_kernel)
         self.stats.reused += reuse
         self.stats.prefilled += len(prompt) - reuse
 
     def _decode(self) -> None:
-        adapters, offsets = self._policy_inputs()
+        self._fit()
+        inputs = self._generation_inputs()
         sessions = jnp.asarray([slot if slot is not None else 0 for slot in self.row_slot], jnp.int32)
         self.rows, generated, steps = decode_chunk(
-            self.model.params, self.rows, adapters, offsets, sessions, cfg=self.model.cfg,
+            self.model.params, self.rows, inputs.get("adapters"), inputs.get("hidden_offset"), sessions,
+            cfg=self.model.cfg,
             sampling=self.cfg.sampling, stop_ids=self.sampler.stop_ids, pad_id=self.sampler.pad_id,
             steps=self.cfg.decode_steps, lora_kernel=self.lora_kernel)
         generated, steps = jax.device_get((generated, steps))
@@ -134,6 +136,7 @@ class TokenEngine(SessionEngine):
         self.rows = empty_rows(self.model.cfg, cfg.slots, bucket_length(1), cfg.sampling.max_new_tokens,
                                self.model.params["embed"].dtype, self.sampler.pad_id)
         self.row_slot: list[int | None] = [None] * cfg.slots  # the pool slot generating in each row
+        self.row_need = [0] * cfg.slots  # cache slots each row's turn needs: prompt + max_new_tokens + 1
         self.kept: dict[int, tuple[Any, list[int]]] = {}  # pool slot -> (its row's cache, the tokens it holds)
         run = _Run(deque(problems), on_finish, free=deque(range(self.pool_size)))
         while run.queue or run.sessions:

@@ -74,10 +74,12 @@ def _fit_slots(x: Array, axis: int, capacity: int) -> Array:
 
 @functools.partial(jax.jit, static_argnames=("capacity",))
 def resize_rows(rows: DecodeRows, capacity: int) -> DecodeRows:
-    """The same rows with `capacity` cache slots (every row's length must fit)."""
+    """The same rows with `capacity` cache slots (every running row's length must fit). Empty rows restart
+    at slot 0, since their decode steps write an invalid entry at their length, which must stay inside."""
     c = rows.cache
     return rows.replace(cache=KVCache(_fit_slots(c.k, 4, capacity), _fit_slots(c.v, 3, capacity),
-                                      _fit_slots(c.valid, 1, capacity)))
+                                      _fit_slots(c.valid, 1, capacity)),
+                        length=jnp.where(rows.done, 0, rows.length))
 
 
 @jax.jit

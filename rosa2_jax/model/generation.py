@@ -180,8 +180,7 @@ def generate(
     out, count, done = generate_padded(
         params, jnp.asarray(tokens), jnp.asarray(valid), keys, adapters, hidden_offset,
         cfg=cfg, sampling=sampling, stop_ids=tuple(sorted(set(stop_token_ids))), pad_id=pad_id,
-        # a pallas_call is not split by the SPMD partitioner: on a multi-device mesh XLA's einsum is used
-        lora_kernel=adapters is not None and kernel_supported() and (mesh is None or mesh.size == 1),
+        lora_kernel=adapters is not None and kernel_supported(mesh),
     )
     out, count, done = jax.device_get((out, count, done))
     return [
