@@ -14,8 +14,7 @@ Every decode call runs `decode_steps` tokens for all rows; a row that stopped is
 call with a ready session (its new tokens prefilled in chunks of at most `prefill_chunk`). A session whose
 weights did not change keeps its KV cache while it waits and prefills only what its next prompt adds
 (the longest common prefix of the cached tokens and the new prompt is reused). A Weights step runs when its
-bucket is full, or when nothing else can proceed. The rows' cache is sized for the longest running turn,
-and the number of rows halves while half of them would be empty.
+bucket is full, or when nothing else can proceed.
 
 Trajectories do not depend on scheduling: a session samples its n-th token of a turn with the turn's seed
 folded with n, exactly as the turn engine does, so under greedy decoding both engines write the same records.
@@ -36,8 +35,7 @@ import numpy as np
 from rosa2_jax.engine import Session, SessionEngine
 from rosa2_jax.kernels.lora_matmul import kernel_supported
 from rosa2_jax.methods import Failure, Stream, session_seed
-from rosa2_jax.model.decode_rows import (decode_chunk, empty_rows, prefill_row, put_row_cache, regroup_rows,
-                                         resize_rows, row_cache)
+from rosa2_jax.model.decode_rows import decode_chunk, empty_rows, prefill_row, put_row_cache, resize_rows, row_cache
 from rosa2_jax.model.generation import Generation, bucket_length
 from rosa2_jax.tasks.data import Problem
 
@@ -87,24 +85,6 @@ class TokenEngine(SessionEngine):
         return -(-size // data) * data
 
     # ------------------------------------------------------------------ device calls
-    def _size_batch(self, wanted: int) -> None:
-        """Run as few decode rows as hold the `wanted` sessions: `slots` halved while that suffices (and
-        stays a multiple of the mesh's data axis). A step of fewer rows reads the same weights but less
-        cache and computes less; in a run's drain, or while sessions wait for updates, most rows would be
-        empty. Rows are regrouped (occupied first), so a row's index is only stable between regroups."""
-        data = self.mesh.shape["data"] if self.mesh is not None else 1
-        size = self.cfg.slots
-        while size % 2 == 0 and (size // 2) % data == 0 and size // 2 >= wanted:
-            size //= 2
-        if wanted == 0 or size == len(self.row_slot):
-            return
-        occupied = [r for r, i in enumerate(self.row_slot) if i is not None]
-        empty = size - len(occupied)
-        self.rows = regroup_rows(self.rows, jnp.asarray(occupied + [0] * empty, jnp.int32),
-                                 jnp.asarray([True] * len(occupied) + [False] * empty))
-        self.row_slot = [self.row_slot[r] for r in occupied] + [None] * empty
-        self.row_need = [self.row_need[r] for r in occupied] + [0] * empty
-
     def _fit(self, prefill_extent: int = 0) -> None:
         """Size the rows' cache to the longest occupied row's prompt + max_new_tokens + 1 (and a prefill's
         padded extent), bucketed so that a sweep compiles a few programs. It shrinks too: every decode step's
@@ -148,7 +128,7 @@ class TokenEngine(SessionEngine):
             steps=self.cfg.decode_steps, lora_kernel=self.lora_kernel)
         generated, steps = jax.device_get((generated, steps))
         self.stats.generated += int(generated)
-        self.stats.row_steps += int(steps) * len(self.row_slot)
+        self.stats.row_steps += int(steps) * self.cfg.slots
 
     # ------------------------------------------------------------------ the whole run
     def run(self, problems: Iterable[Problem], on_finish: Callable[[Session], None]) -> None:
@@ -169,8 +149,7 @@ class TokenEngine(SessionEngine):
                 else:
                     run.sessions[i] = s
                     run.ready.append(i)
-            self._size_batch(sum(i is not None for i in self.row_slot) + len(run.ready))
-            for row in range(len(self.row_slot)):  # refill stopped rows
+            for row in range(cfg.slots):  # refill stopped rows
                 if self.row_slot[row] is None and run.ready:
                     self._start_turn(run, row, run.ready.popleft())
             running = [i for i in self.row_slot if i is not None]

@@ -11,8 +11,7 @@ from rosa2_jax.adapt.text_models import make_text_model
 from rosa2_jax.checkpoint import load_model
 from rosa2_jax.engine import EngineConfig
 from rosa2_jax.methods import METHODS
-from rosa2_jax.model.decode_rows import (decode_chunk, empty_rows, prefill_row, put_row_cache, regroup_rows,
-                                         row_cache)
+from rosa2_jax.model.decode_rows import decode_chunk, empty_rows, prefill_row, put_row_cache, row_cache
 from rosa2_jax.model.generation import SamplingConfig, generate
 from rosa2_jax.scheduler import SCHEDULERS, TokenEngine
 from rosa2_jax.tasks.data import Problem
@@ -97,33 +96,6 @@ def test_a_turn_prefilled_after_its_kept_prefix_equals_a_full_prefill(model):
     assert out[0, : int(rows.count[0])].tolist() == out[2, : int(rows.count[2])].tolist()
     reference = generate(params, cfg, [turn], SamplingConfig(max_new_tokens=8), stop_token_ids=(2,), pad_id=0)[0]
     assert out[0, : int(rows.count[0])].tolist() == reference.tokens
-
-
-def test_regrouped_rows_decode_as_before(model):
-    """Rows moved to a smaller batch (occupied first) and back to a larger one with empty rows decode the
-    tokens they would have decoded in place: a row's step depends on nothing but its own state."""
-    cfg, params = model.cfg, model.params
-    rng = np.random.default_rng(1)
-    rows = empty_rows(cfg, 4, 128, 12, params["embed"].dtype, 0)
-    for row, n in ((1, 23), (3, 41)):
-        padded = np.zeros(64, np.int32)
-        padded[:n] = rng.integers(3, cfg.vocab_size, n)
-        rows = prefill_row(params, rows, jnp.int32(row), jnp.asarray(padded), jnp.int32(n), jnp.int32(0),
-                           jax.random.key(row), None, None, jnp.int32(0), cfg=cfg, fresh=True)
-    sampling = SamplingConfig(max_new_tokens=12, temperature=1.0, top_p=0.9)
-
-    def decode(rows, steps):
-        return decode_chunk(params, rows, None, None, jnp.zeros(rows.length.shape[0], jnp.int32), cfg=cfg,
-                            sampling=sampling, stop_ids=(), pad_id=0, steps=steps)[0]
-
-    reference = np.asarray(decode(jax.tree.map(jnp.copy, rows), 12).out)[[3, 1]]  # decode_chunk donates its rows
-    rows = decode(rows, 5)
-    rows = regroup_rows(rows, jnp.asarray([3, 1]), jnp.asarray([True, True]))  # 4 rows -> the 2 occupied
-    rows = decode(rows, 3)
-    rows = regroup_rows(rows, jnp.asarray([0, 0, 1, 0]), jnp.asarray([True, False, True, False]))  # -> 4 rows
-    assert bool(rows.done[1]) and int(rows.length[3]) == 0
-    rows = decode(rows, 4)
-    np.testing.assert_array_equal(np.asarray(rows.out)[[0, 2]], reference)
 
 
 def test_pool_smaller_than_the_decode_batch_is_refused(model):

@@ -10,8 +10,6 @@ session's cached history can be put back into any row and only its new tokens pr
   host refills it. Row b samples its n-th token of the turn with fold_in(key_b, n), as `generate_padded`
   does, so a session's tokens do not depend on its row or on the other rows.
 - `row_cache` / `put_row_cache` move one row's cache out and back (a session waiting for its update).
-- `resize_rows` / `regroup_rows` change the cache's slots / the number of rows to what the running
-  sessions need.
 
 Shapes: B rows, S cache slots (the capacity), T chunk tokens, N max new tokens, P sessions in the pool.
 """
@@ -82,17 +80,6 @@ def resize_rows(rows: DecodeRows, capacity: int) -> DecodeRows:
     return rows.replace(cache=KVCache(_fit_slots(c.k, 4, capacity), _fit_slots(c.v, 3, capacity),
                                       _fit_slots(c.valid, 1, capacity)),
                         length=jnp.where(rows.done, 0, rows.length))
-
-
-@jax.jit
-def regroup_rows(rows: DecodeRows, index: Int[Array, "R"], occupied: Bool[Array, "R"]) -> DecodeRows:
-    """A decode batch of R rows: row r is `rows`' row index[r] where `occupied`, else an empty row. The
-    engine runs fewer rows when fewer sessions are generating (a smaller step) and more when they return."""
-    c = rows.cache
-    return DecodeRows(
-        cache=KVCache(c.k[:, index], c.v[:, index], c.valid[index] & occupied[:, None]),
-        length=jnp.where(occupied, rows.length[index], 0), logits=rows.logits[index], keys=rows.keys[index],
-        count=jnp.where(occupied, rows.count[index], 0), done=rows.done[index] | ~occupied, out=rows.out[index])
 
 
 @jax.jit
