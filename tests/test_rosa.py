@@ -202,6 +202,11 @@ def test_vmapped_update_equals_loop_of_single_sessions(tiny, tilt, residual):
 
 
 def test_float32_batched_update_reaches_the_same_objective_as_the_loop(tiny):
+    """Batching costs no solve quality in float32. The rounding of the batched GEMMs, amplified by ten CG
+    steps on a near-singular system, moves the result either way by an amount that depends on the CPU's
+    GEMM kernels: on one machine here the batched step of session 0 ended 12% of the KL reduction *lower*
+    than the loop's. So the check is one-sided: the batched KL after the step is not worse by more than
+    5% of the reduction (the float64 test above checks that batching itself is exact)."""
     cfg, params = tiny
     ad = perturbed_adapters(cfg, LoraConfig(rank=2, alpha=4.0, targets=("q", "k", "v", "o")), 3, seed=7)
     batch = make_batch(cfg, 4, [-1.0, -1.0, -1.0], [True, True, True])
@@ -210,7 +215,7 @@ def test_float32_batched_update_reaches_the_same_objective_as_the_loop(tiny):
         np.testing.assert_allclose(single_stats.kl_before[0], stats.kl_before[s], rtol=1e-5)
         reduction = float(single_stats.kl_before[0] - single_stats.kl_after[0])
         assert reduction > 0 and float(stats.kl_before[s] - stats.kl_after[s]) > 0
-        assert abs(float(single_stats.kl_after[0] - stats.kl_after[s])) <= 0.05 * reduction
+        assert float(stats.kl_after[s] - single_stats.kl_after[0]) <= 0.05 * reduction
 
 
 def test_nonfinite_step_keeps_the_adapter(tiny):
