@@ -31,7 +31,7 @@ flags.DEFINE_integer("max_turns", 2, "K")
 flags.DEFINE_list("methods", ["baseline", "rosa"], "methods (text-model methods use the policy as critic)")
 flags.DEFINE_integer("slots", 8, "decode batch, the same for both engines")
 flags.DEFINE_integer("sessions", 0, "token engine's pool (0 = twice --slots)")
-flags.DEFINE_integer("decode_steps", 16, "token engine: tokens per decode call")
+flags.DEFINE_integer("decode_steps", 16, "token engine: most tokens per decode call")
 flags.DEFINE_integer("max_context", 2048, "prompt + response budget")
 flags.DEFINE_list("schedulers", ["turn", "token"], "engines to time")
 flags.DEFINE_bool("warmup", True, "first run every engine and method on two problems, so that the timed runs "

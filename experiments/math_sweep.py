@@ -50,7 +50,8 @@ flags.DEFINE_enum("scheduler", "token", list(SCHEDULERS), "token: rows refilled 
                   "--sessions sessions, kept caches reused between turns, Weights steps on buckets of --slots "
                   "failed sessions; turn: every slot generates one turn, then all adapt (the reference)")
 flags.DEFINE_integer("sessions", 0, "--scheduler=token: sessions in the pool (0 = twice --slots)")
-flags.DEFINE_integer("decode_steps", 16, "--scheduler=token: tokens decoded per device call between refills")
+flags.DEFINE_integer("decode_steps", 16,
+                     "--scheduler=token: most tokens decoded per device call (it also ends when an answer stops)")
 flags.DEFINE_integer("prefill_chunk", 512, "--scheduler=token: longest prompt piece prefilled in one call")
 flags.DEFINE_integer("seed", 0, "problem subsample, adapter init and sampling seed")
 flags.DEFINE_string("run_dir", "runs/default", "output folder (resumable)")

@@ -60,7 +60,7 @@ class EngineConfig:
     max_context: int | None = None  # default: the model's window
     # the token-level engine (scheduler.TokenEngine); the turn engine ignores these
     sessions: int = 0  # sessions in the pool (0: twice `slots`)
-    decode_steps: int = 16  # tokens decoded per device call between refills
+    decode_steps: int = 16  # most tokens decoded per device call (a call also ends when a row stops)
     prefill_chunk: int = 512  # longest piece of a prompt prefilled in one call
 
     def __post_init__(self):

@@ -1,6 +1,8 @@
 """The token-level engine (scheduler.TokenEngine) against the turn-synchronous one, and its prefix reuse
 against a full prefill."""
 
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -96,6 +98,31 @@ def test_a_turn_prefilled_after_its_kept_prefix_equals_a_full_prefill(model):
     assert out[0, : int(rows.count[0])].tolist() == out[2, : int(rows.count[2])].tolist()
     reference = generate(params, cfg, [turn], SamplingConfig(max_new_tokens=8), stop_token_ids=(2,), pad_id=0)[0]
     assert out[0, : int(rows.count[0])].tolist() == reference.tokens
+
+
+def test_a_decode_call_returns_in_the_step_a_row_stops(model):
+    """A row that stops ends the call (so that it is refilled at once), and the rows still running continue
+    in the next call with the tokens one uninterrupted call gives them."""
+    cfg, params = model.cfg, model.params
+    rng = np.random.default_rng(1)
+    rows = empty_rows(cfg, 2, 256, 12, params["embed"].dtype, 0)
+    for row in range(2):
+        padded = np.zeros(64, np.int32)
+        padded[:20] = rng.integers(3, cfg.vocab_size, 20)
+        rows = prefill_row(params, rows, jnp.int32(row), jnp.asarray(padded), jnp.int32(20), jnp.int32(0),
+                           jax.random.key(row), None, None, jnp.int32(0), cfg=cfg, fresh=True)
+    reference, *_ = decode_chunk(params, jax.tree.map(jnp.copy, rows), None, None, jnp.zeros(2, jnp.int32),
+                                 cfg=cfg, sampling=SamplingConfig(max_new_tokens=12), stop_ids=(), pad_id=0,
+                                 steps=12)
+    rows = rows.replace(count=rows.count.at[0].set(9))  # row 0 has 3 of its 12 tokens left
+    decode = functools.partial(decode_chunk, params, adapters=None, offsets=None, sessions=jnp.zeros(2, jnp.int32),
+                               cfg=cfg, sampling=SamplingConfig(max_new_tokens=12), stop_ids=(), pad_id=0, steps=12)
+    rows, generated, steps = decode(rows)
+    assert int(steps) == 3 and int(generated) == 6
+    assert np.asarray(rows.done).tolist() == [True, False]
+    rows, generated, steps = decode(rows)
+    assert int(steps) == 9 and int(generated) == 9
+    np.testing.assert_array_equal(np.asarray(rows.out[1]), np.asarray(reference.out[1]))
 
 
 def test_pool_smaller_than_the_decode_batch_is_refused(model):

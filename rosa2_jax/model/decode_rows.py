@@ -159,16 +159,18 @@ def decode_chunk(
     steps: int,
     lora_kernel: bool = False,
 ) -> tuple[DecodeRows, Int[Array, ""], Int[Array, ""]]:
-    """Up to `steps` decode steps of every running row (fewer once all rows are done). Row b uses the pool's
-    adapter / offset `sessions[b]`. Returns (rows, tokens generated, steps run)."""
+    """Up to `steps` decode steps of every running row. The call returns early, after the step in which a row
+    stops, so that the caller refills that row at once instead of letting it idle to the chunk's end. Row b uses
+    the pool's adapter / offset `sessions[b]`. Returns (rows, tokens generated, steps run)."""
     B, N = rows.out.shape
     row_adapters = _session_adapters(adapters, sessions)
     offset = _session_offset(offsets, sessions, rows.cache.k.dtype)
     stop = jnp.asarray(stop_ids, jnp.int32)
+    idle = rows.done
 
     def cond(state):
         i, rows, _ = state
-        return (i < steps) & ~jnp.all(rows.done)
+        return (i < steps) & ~jnp.any(rows.done & ~idle) & ~jnp.all(rows.done)
 
     def body(state):
         i, rows, generated = state
