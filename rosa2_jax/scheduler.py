@@ -123,9 +123,8 @@ class TokenEngine(SessionEngine):
         sessions = jnp.asarray([slot if slot is not None else 0 for slot in self.row_slot], jnp.int32)
         self.rows, generated, steps = decode_chunk(
             self.model.params, self.rows, inputs.get("adapters"), inputs.get("hidden_offset"), sessions,
-            cfg=self.model.cfg,
-            sampling=self.cfg.sampling, stop_ids=self.sampler.stop_ids, pad_id=self.sampler.pad_id,
-            steps=self.cfg.decode_steps, lora_kernel=self.lora_kernel)
+            cfg=self.model.cfg, sampling=self.cfg.sampling, stop_ids=self.sampler.stop_ids,
+            pad_id=self.sampler.pad_id, steps=self.cfg.decode_steps, lora_kernel=self.lora_kernel)
         generated, steps = jax.device_get((generated, steps))
         self.stats.generated += int(generated)
         self.stats.row_steps += int(steps) * self.cfg.slots
