@@ -9,7 +9,8 @@ import torch
 from rosa2_jax.checkpoint.hf_folder import load_hf_folder
 from rosa2_jax.errors import ContextOverflowError
 from rosa2_jax.model.decoder import KVCache, decoder_hidden, forward, lm_logits, positions_from_valid
-from rosa2_jax.model.generation import SamplingConfig, generate, left_pad, sample_logits
+from rosa2_jax.model.generation import (TOP_P_CANDIDATES, SamplingConfig, generate, left_pad, sample_logits,
+                                        top_p_cutoff)
 
 PROMPT_LENGTHS = (5, 13, 2)
 
@@ -127,6 +128,20 @@ def test_sampling_filters_respect_top_k_and_top_p():
     assert greedy.tolist() == [0, 0]
     full = np.asarray(sample_logits(logits, keys, SamplingConfig(temperature=1.0)))
     np.testing.assert_allclose(np.bincount(full, minlength=4) / 4000, [0.5, 0.3, 0.15, 0.05], atol=0.03)
+
+
+@pytest.mark.parametrize("scale", [8.0, 0.05], ids=["nucleus-among-the-candidates", "nucleus-needs-the-full-sort"])
+def test_top_p_cutoff_equals_a_sort_of_the_whole_vocabulary(scale):
+    """The nucleus found among the top-k candidates (peaked rows) or by the fallback sort (flat rows, whose
+    nucleus is thousands of tokens long) is the one a float64 sort of the whole vocabulary gives."""
+    logits = np.random.default_rng(0).normal(size=(4, 151936)).astype(np.float32) * scale
+    cutoff = np.asarray(top_p_cutoff(jnp.asarray(logits), 0.8))[:, 0]
+    for row, c in zip(logits.astype(np.float64), cutoff):
+        ordered = np.sort(row)[::-1]
+        probs = np.exp(ordered - ordered[0]) / np.exp(ordered - ordered[0]).sum()
+        kept = np.count_nonzero(np.cumsum(probs) - probs < 0.8)
+        assert (kept < TOP_P_CANDIDATES) == (scale > 1)
+        assert c == ordered[kept - 1]
 
 
 def test_context_overflow_is_reported(tiny):
