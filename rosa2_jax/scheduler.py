@@ -11,8 +11,9 @@ the decode batch) and moves each through its phases on its own:
                                         <── Weights (queued, one vmapped step per bucket of `slots`)
 
 Every decode call runs up to `decode_steps` tokens for all rows and returns as soon as a row stops; that row
-is refilled before the next call with a ready session (its new tokens prefilled in chunks of at most `prefill_chunk`). A session whose
-weights did not change keeps its KV cache while it waits and prefills only what its next prompt adds
+is refilled before the next call with a ready session (its new tokens prefilled in chunks of at most
+`prefill_chunk`). A session whose weights did not change keeps its KV cache while it waits and prefills
+only what its next prompt adds
 (the longest common prefix of the cached tokens and the new prompt is reused). A Weights step runs when its
 bucket is full, or when nothing else can proceed.
 

@@ -6,10 +6,11 @@ session's cached history can be put back into any row and only its new tokens pr
 
 - `prefill_row` writes a chunk of a session's prompt into one row (after its cached prefix, if any) and
   leaves the row ready to decode: the next-token logits, the turn's PRNG key, count 0.
-- `decode_chunk` runs up to `steps` decode steps for every row at once; a row that stops idles until the
-  host refills it. Row b samples its n-th token of the turn with fold_in(key_b, n), as `generate_padded`
+- `decode_chunk` runs up to `steps` decode steps for every row at once and returns after the step in which
+  a row stops, so that the host refills it. Row b samples its n-th token of the turn with fold_in(key_b, n), as `generate_padded`
   does, so a session's tokens do not depend on its row or on the other rows.
 - `row_cache` / `put_row_cache` move one row's cache out and back (a session waiting for its update).
+- `resize_rows` changes the cache's slots to what the running turns need.
 
 Shapes: B rows, S cache slots (the capacity), T chunk tokens, N max new tokens, P sessions in the pool.
 """

@@ -78,7 +78,7 @@ def top_p_cutoff(logits: Float[Array, "B V"], top_p: float) -> Float[Array, "B 1
     """The smallest logit of each row's nucleus: the shortest run of most likely tokens whose mass reaches
     `top_p` (at least the top token). It is found among the `TOP_P_CANDIDATES` largest logits, and by a sort
     of the whole vocabulary only when some row's nucleus is longer: on CPU that sort (152k entries x 8 rows)
-    cost as much as the 0.5B model's decode step, the top-k 1% of it."""
+    costs about as much as the 0.5B model's decode step, the top-k about 1% of it."""
     m = jnp.max(logits, axis=-1, keepdims=True)
     total = jnp.sum(jnp.exp(logits - m), axis=-1, keepdims=True)
 
@@ -87,10 +87,13 @@ def top_p_cutoff(logits: Float[Array, "B V"], top_p: float) -> Float[Array, "B 1
         keep = (jnp.cumsum(probs, axis=-1) - probs) < top_p
         return jnp.min(jnp.where(keep, sorted_logits, jnp.inf), axis=-1, keepdims=True), keep[:, -1]
 
-    k = min(TOP_P_CANDIDATES, logits.shape[-1])
-    fast, open_ended = cutoff(jax.lax.top_k(logits, k)[0])
-    return jax.lax.cond(jnp.any(open_ended) & (k < logits.shape[-1]),
-                        lambda: cutoff(jnp.sort(logits, axis=-1)[:, ::-1])[0], lambda: fast)
+    def whole_vocabulary():
+        return cutoff(jnp.sort(logits, axis=-1)[:, ::-1])[0]
+
+    if logits.shape[-1] <= TOP_P_CANDIDATES:
+        return whole_vocabulary()
+    fast, open_ended = cutoff(jax.lax.top_k(logits, TOP_P_CANDIDATES)[0])
+    return jax.lax.cond(jnp.any(open_ended), whole_vocabulary, lambda: fast)
 
 
 @functools.partial(jax.jit, static_argnames=("cfg", "sampling", "stop_ids", "pad_id", "lora_kernel"))
