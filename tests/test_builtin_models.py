@@ -39,6 +39,12 @@ def test_second_load_reuses_the_cache(smollm, monkeypatch):
     np.testing.assert_array_equal(np.asarray(again.params["layers"]["q"][3]), np.asarray(smollm.params["layers"]["q"][3]))
 
 
+def test_params_live_on_the_device(smollm):
+    # numpy leaves would be copied to the device again by every jitted call that takes them
+    for path, leaf in jax.tree_util.tree_leaves_with_path(smollm.params):
+        assert isinstance(leaf, jax.Array), f"{jax.tree_util.keystr(path)} is a {type(leaf).__name__}"
+
+
 def test_cached_params_equal_the_gguf(smollm):
     gguf_path = builtin.cache_root() / "downloads" / "smollm2-135m-instruct.gguf"
     _, params, _ = load_gguf(gguf_path, progress=False)
