@@ -32,7 +32,8 @@ def main(_):
     cfg, params = model.cfg, model.params
     dtype = params["embed"].dtype
     key = jax.random.key(0)
-    rows = empty_rows(cfg, FLAGS.rows, max(map(int, FLAGS.capacities)), 512, dtype, pad_id=0)
+    sampling = SamplingConfig(max_new_tokens=512, temperature=0.7, top_p=0.8)
+    rows = empty_rows(cfg, FLAGS.rows, max(map(int, FLAGS.capacities)), sampling.max_new_tokens, dtype, pad_id=0)
     for n in map(int, FLAGS.pieces):
         tokens = jnp.asarray(np.arange(n) + 100, jnp.int32)
 
@@ -45,9 +46,8 @@ def main(_):
         prefill()
         print(f"prefill {n:5d} tokens  {1000 * best_time(prefill):8.1f} ms", flush=True)
 
-    sampling = SamplingConfig(max_new_tokens=512, temperature=0.7, top_p=0.8)
     for capacity in map(int, FLAGS.capacities):
-        rows = empty_rows(cfg, FLAGS.rows, capacity, 512, dtype, pad_id=0)
+        rows = empty_rows(cfg, FLAGS.rows, capacity, sampling.max_new_tokens, dtype, pad_id=0)
 
         def decode():
             nonlocal rows
