@@ -49,7 +49,8 @@ def save_converted(folder: str | os.PathLike, hf_config: dict[str, Any], params:
 
 
 def load_converted(folder: str | os.PathLike, dtype=jnp.float32, mesh: Mesh | None = None) -> tuple[ModelConfig, Params]:
-    """Restore params, on a mesh straight into their shardings (each device reads only its shard)."""
+    """Restore params straight onto the device(s): on a mesh into their shardings (each device reads only
+    its shard), else onto this process's first device."""
     folder = Path(folder)
     cfg = ModelConfig.from_json_file(folder / "config.json")
     target = abstract_params(cfg, dtype, mesh)
@@ -61,6 +62,4 @@ def load_converted(folder: str | os.PathLike, dtype=jnp.float32, mesh: Mesh | No
             f"the converted checkpoint in {folder} does not match its config.json ({e}); "
             "delete the folder so that it is converted again."
         ) from None
-    # Without shardings orbax restores numpy arrays, which every jitted call would copy to the device again
-    # (on CPU, 2 GB of the 0.5B model per decode call).
-    return cfg, params if mesh is not None else jax.device_put(params)
+    return cfg, params

@@ -15,7 +15,7 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
-from jax.sharding import Mesh
+from jax.sharding import Mesh, SingleDeviceSharding
 
 from rosa2_jax.model.config import ARCHITECTURES, ModelConfig
 from rosa2_jax.model.sharding import named_shardings
@@ -96,9 +96,15 @@ def param_table(cfg: ModelConfig) -> Params:
 
 
 def abstract_params(cfg: ModelConfig, dtype=jnp.float32, mesh: Mesh | None = None) -> Params:
-    """ShapeDtypeStructs of every parameter (placed on `mesh` when given), e.g. to restore into."""
+    """ShapeDtypeStructs of every parameter, e.g. to restore into: sharded over `mesh` when given, else on
+    this process's first device (without a sharding, orbax would restore host numpy arrays that every jitted
+    call copies to the device again)."""
     table = param_table(cfg)
-    shardings = param_shardings(cfg, mesh) if mesh is not None else jax.tree.map(lambda _: None, table, is_leaf=is_info)
+    if mesh is None:
+        device = SingleDeviceSharding(jax.local_devices()[0])
+        shardings = jax.tree.map(lambda _: device, table, is_leaf=is_info)
+    else:
+        shardings = param_shardings(cfg, mesh)
     return jax.tree.map(lambda info, sh: jax.ShapeDtypeStruct(info.shape, dtype, sharding=sh), table, shardings,
                         is_leaf=is_info)
 
