@@ -188,13 +188,13 @@ class Weights(Stream):
         raise NotImplementedError
 
     def start(self, failed):
-        """One vmapped step on a bucket of `cfg.slots` rows: the failed sessions, padded with inactive rows of
-        other pool slots (each slot at most once, so writing the bucket back is unambiguous)."""
+        """One vmapped step on a bucket of `update_bucket` rows: the failed sessions, padded with inactive rows
+        of other pool slots (each slot at most once, so writing the bucket back is unambiguous)."""
         engine = self.engine
         start = time.perf_counter()
-        bucket = engine.cfg.slots
-        if len(failed) > bucket:
-            raise ValueError(f"{len(failed)} failed sessions exceed the update bucket of {bucket}")
+        if len(failed) > engine.cfg.slots:
+            raise ValueError(f"{len(failed)} failed sessions exceed the update bucket of {engine.cfg.slots}")
+        bucket = update_bucket(len(failed), engine.cfg.slots, engine.mesh.shape["data"] if engine.mesh else 1)
         others = [i for i in range(engine.pool_size) if i not in failed]
         slots = sorted([*failed, *others[: bucket - len(failed)]])
         rows, lens = [], []
@@ -223,6 +223,16 @@ class Weights(Stream):
         record.update = result
         record.step_norm_sq = result["step_norm_sq"]
         return message
+
+
+def update_bucket(failed: int, slots: int, data: int = 1) -> int:
+    """Rows of one Weights step on `failed` sessions: a power of two times the mesh's `data` extent, at most
+    `slots`. Inactive rows cost as much as active ones inside the vmap, so a bucket of 3 failures on 16 slots
+    runs 4 rows, not 16; powers of two keep the compiled programs few."""
+    rows = data
+    while rows < failed:
+        rows *= 2
+    return min(rows, slots)
 
 
 @jax.jit

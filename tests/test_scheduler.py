@@ -9,6 +9,8 @@ import numpy as np
 import pytest
 
 from conftest import tiny_chat_model
+from rosa2_jax import methods
+from rosa2_jax.adapt.rosa import rosa_update
 from rosa2_jax.adapt.text_models import make_text_model
 from rosa2_jax.checkpoint import load_model
 from rosa2_jax.engine import EngineConfig
@@ -24,10 +26,11 @@ def model(tmp_path_factory):
     return load_model(str(tiny_chat_model(tmp_path_factory.mktemp("scheduler") / "model")))
 
 
-def run(model, scheduler: str, method: str):
+def run(model, scheduler: str, method: str, slots: int = 2, sessions: int = 3):
     # 2 rows, 3 sessions in the pool, 5 tokens per decode call: rows stop mid-call and sessions change rows.
-    cfg = EngineConfig(method=method, max_turns=3, slots=2, sampling=SamplingConfig(max_new_tokens=10),
-                       max_context=512, critic_tokens=8, rewrite_tokens=8, sessions=3, decode_steps=5, switch_turn=2)
+    cfg = EngineConfig(method=method, max_turns=3, slots=slots, sampling=SamplingConfig(max_new_tokens=10),
+                       max_context=512, critic_tokens=8, rewrite_tokens=8, sessions=sessions, decode_steps=5,
+                       switch_turn=2)
     problems = [Problem(f"p{i}", f"Which is right? (A) {i} (B) {i + 1}", "B", "choice") for i in range(5)]
     engine = SCHEDULERS[scheduler](model, cfg, make_text_model("local", model=model))
     finished = []
@@ -64,6 +67,28 @@ def test_greedy_records_equal_the_turn_engines(model, method):
     if method in ("rosa", "rosa2"):
         assert stats.updates > 0 and stats.reused == 0
         assert any(t.step_norm_sq for r in token for t in r.turns)
+
+
+def test_a_weights_step_runs_only_as_many_rows_as_its_failures_need(model, monkeypatch):
+    """Inactive rows cost as much as active ones inside the vmapped step, so a bucket of n failed sessions
+    is n rounded up to a power of two, not every slot."""
+    calls = []
+
+    def counting_update(params, adapters, batch, **kw):
+        calls.append((batch.tokens.shape[0], int(batch.active.sum())))
+        return rosa_update(params, adapters, batch, **kw)
+
+    monkeypatch.setattr(methods, "rosa_update", counting_update)
+    run(model, "token", "rosa", slots=16, sessions=16)
+    assert calls, "the tiny model should fail some turns"
+    assert all(rows == 1 << (active - 1).bit_length() for rows, active in calls), calls
+    assert any(rows < 16 for rows, _ in calls), calls
+
+
+@pytest.mark.parametrize("failed,slots,data,rows", [(1, 8, 1, 1), (3, 16, 1, 4), (5, 8, 1, 8), (9, 12, 1, 12),
+                                                     (3, 16, 2, 4), (1, 16, 4, 4), (5, 16, 2, 8)])
+def test_update_bucket_sizes(failed, slots, data, rows):
+    assert methods.update_bucket(failed, slots, data) == rows
 
 
 def test_a_turn_prefilled_after_its_kept_prefix_equals_a_full_prefill(model):
