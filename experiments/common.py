@@ -16,8 +16,8 @@ from rosa2_jax.model.generation import SamplingConfig
 FLAGS = flags.FLAGS
 
 
-def define_model_flags() -> None:
-    flags.DEFINE_string("model", "smollm2-135m-instruct", "built-in name, converted/HF folder, GGUF file or hub id")
+def define_model_flags(default: str = "smollm2-135m-instruct") -> None:
+    flags.DEFINE_string("model", default, "built-in name, converted/HF folder, GGUF file or hub id")
     flags.DEFINE_enum("dtype", "float32", ["float32", "bfloat16"], "parameter dtype")
     flags.DEFINE_string("cache_dir", None, "model/data cache (default $ROSA2_CACHE or ~/.cache/rosa2_jax)")
 

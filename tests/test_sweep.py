@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 from conftest import tiny_chat_model
 
+from rosa2_jax.methods import METHODS
 from rosa2_jax.tasks.metrics import compare_methods, summarize
 
 PROBLEMS = [{"id": f"p{i}", "question": f"Which option is right? (A) {i} (B) {i + 1} (C) {i + 2} (D) {i + 3}",
@@ -31,7 +32,8 @@ def sweep_cmd(model, data, run_dir):
     return [sys.executable, "-m", "experiments.math_sweep", f"--model={model}", f"--dataset={data}",
             f"--run_dir={run_dir}", "--num_problems=0", "--max_turns=3", "--slots=4", "--max_new_tokens=12",
             "--text_model=rule", "--critic_tokens=16", "--rewrite_tokens=16", "--switch_turn=2", "--cg_iters=3",
-            "--lora_rank=2", "--max_context=512"]
+            "--lora_rank=2", "--max_context=512",
+            f"--methods={','.join(METHODS)}"]
 
 
 def run(cmd, **kw):
