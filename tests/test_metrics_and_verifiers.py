@@ -4,6 +4,7 @@ import time
 
 import pytest
 
+from rosa2_jax.adapt.words import BOXED_INSTRUCTION
 from rosa2_jax.tasks.data import Problem
 from rosa2_jax.tasks.metrics import summarize, summarize_method
 from rosa2_jax.tasks.records import TurnRecord
@@ -70,6 +71,31 @@ def test_words_fallback_rates():
     s = summarize_method(records, max_turns=3)
     assert s["words_steps"] == 4 and s["words_fallback_rate"] == 2 / 4 and s["words_leak_fallback_rate"] == 1 / 4
     assert summarize_method([rec(1)], max_turns=3)["words_fallback_rate"] == 0.0
+
+
+def test_behaviour_counts_on_a_hand_built_session():
+    """Copying, the failed answer's log-prob drop, ||Δθ||² and what the rewrites are, counted by hand."""
+    def words(message):
+        return {"status": "refined", "message": f"{message} {BOXED_INSTRUCTION}", "critique": "c"}
+
+    turns = [turn_record(turn=1, response="x = 12, \\boxed{12}", extracted="12", refine=words("12"),
+                         update={"logp_before": -1.0, "logp_after": -1.5}, step_norm_sq=0.2),
+             turn_record(turn=2, response="x = 12, \\boxed{12}", extracted="12",
+                         refine=words("Re-check the step where you add the 2 boxes, not 12.5"),
+                         update={"logp_before": -0.8, "logp_after": -0.9}, step_norm_sq=0.4),
+             turn_record(turn=3, response="so \\boxed{7}", extracted="7",
+                         refine={"status": "fallback:leak", "message": "7", "critique": "c"}),
+             turn_record(turn=4, response="no box", extracted=None)]
+    s = summarize_method([rec(None) | {"turns": turns}], max_turns=4)
+    assert s["answer_kept_rate"] == 1 / 2  # 12 -> 12 kept, 12 -> 7 not; 7 -> None not counted
+    assert s["response_repeated_rate"] == 1 / 3
+    assert s["failed_logp_drop"] == pytest.approx((0.5 + 0.1) / 2)
+    assert s["mean_step_norm_sq"] == pytest.approx(0.3)
+    # Of the two rewrites used (the fallback is not): "12" is bare and states the failed answer 12; the
+    # instruction mentions 12.5 and 2, neither of which is the failed answer 12.
+    assert s["rewrite_bare_rate"] == 1 / 2 and s["rewrite_states_failed_answer_rate"] == 1 / 2
+    empty = summarize_method([rec(1)], max_turns=4)
+    assert empty["answer_kept_rate"] is None and empty["failed_logp_drop"] is None
 
 
 def test_summary_splits_methods():

@@ -1,12 +1,15 @@
 """Sweep metrics (spec 4.2): accuracy within K, correction uplift (both definitions), average turns with
 unsolved problems counted as K, accuracy per turn, time per problem; 95% Wilson intervals, and paired
-comparisons of methods on the problems both ran (`compare_methods`).
+comparisons of methods on the problems both ran (`compare_methods`). Beside them, what the adaptation did
+to the model's behaviour (`_behaviour`): whether later turns copy the previous answer, whether a Weights
+step lowered the failed answer's probability, and whether a Words rewrite is an instruction at all.
 
 Records are `tasks.records.ProblemRecord`s, or the JSON rows of records.jsonl they are read from.
 """
 
 from __future__ import annotations
 
+import re
 from collections import defaultdict
 from typing import Iterable
 
@@ -45,7 +48,57 @@ def summarize_method(records: Iterable[Record], max_turns: int) -> dict:
         **_weights_step_counts(records),
         **_words_fallback_counts(records),
         "mean_semantic_shift_by_turn": _mean_by_turn(records, max_turns, "semantic_shift"),
+        **_behaviour(records),
     }
+
+
+def _rate(flags: list[bool]) -> float | None:
+    return sum(flags) / len(flags) if flags else None
+
+
+_BOX_REQUEST = re.compile(r"put your final answer within \\boxed\{\}\.?", re.IGNORECASE)
+
+
+def _is_bare(message: str) -> bool:
+    """A rewrite with no word of three or more letters besides the box instruction the Words step appends
+    (words.BOXED_INSTRUCTION): a number or an expression ("144", "2x + 5", "200 + 100 = 300"), not an
+    instruction."""
+    return re.search(r"[A-Za-z]{3,}", _BOX_REQUEST.sub("", message)) is None
+
+
+def _states(message: str, answer: str | None) -> bool:
+    """The rewrite contains `answer` (the failed turn's extracted answer) as a number or term of its own."""
+    return bool(answer) and re.search(rf"(?<![\w.]){re.escape(answer)}(?![\w]|\.\d)", message) is not None
+
+
+def _behaviour(records: list[ProblemRecord]) -> dict:
+    """Per method, from the turns alone:
+    - answer_kept_rate: of the turns after the first, the share whose extracted answer equals the previous
+      turn's (a session copying its own failed answer; turns without an answer on either side not counted);
+    - response_repeated_rate: the share whose response is the previous turn's, word for word;
+    - failed_logp_drop: mean over Weights steps of the drop of the failed response's mean token log-prob
+      (logp_before - logp_after; > 0: the step made the failed answer less likely);
+    - rewrite_bare_rate / rewrite_states_failed_answer_rate: of the Words rewrites used (status refined),
+      the share that is a bare number or expression, and the share that contains the failed answer;
+    - mean_step_norm_sq: ||Δθ||² over every Weights step (paper Theorem 4.1: lower for ROSA2 than ROSA)."""
+    kept, repeated, drops, norms, bare, states = [], [], [], [], [], []
+    for r in records:
+        for before, after in zip(r.turns, r.turns[1:]):
+            if before.extracted is not None and after.extracted is not None:
+                kept.append(before.extracted == after.extracted)
+            repeated.append(before.response == after.response)
+        for t in r.turns:
+            if t.update is not None and "logp_before" in t.update:
+                drops.append(t.update["logp_before"] - t.update["logp_after"])
+            if t.step_norm_sq is not None:
+                norms.append(t.step_norm_sq)
+            if t.refine is not None and t.refine["status"] == "refined":
+                bare.append(_is_bare(t.refine["message"]))
+                states.append(_states(t.refine["message"], t.extracted))
+    return {"answer_kept_rate": _rate(kept), "response_repeated_rate": _rate(repeated),
+            "failed_logp_drop": sum(drops) / len(drops) if drops else None,
+            "mean_step_norm_sq": sum(norms) / len(norms) if norms else None,
+            "rewrite_bare_rate": _rate(bare), "rewrite_states_failed_answer_rate": _rate(states)}
 
 
 def _weights_step_counts(records: list[ProblemRecord]) -> dict:

@@ -37,6 +37,23 @@ def comparison_table(comparisons: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def behaviour_table(summary: dict) -> str:
+    """What the adaptation did (metrics._behaviour); "-" where a method has nothing to count."""
+    def pct(x):
+        return "-" if x is None else f"{100 * x:.0f}%"
+
+    lines = ["| method | later turns keeping the answer | repeating the response word for word | failed answer's "
+             "log-prob drop per step | rewrites that are a bare number | rewrites containing the failed answer | "
+             "mean ‖Δθ‖² |",
+             "|---|---|---|---|---|---|---|"]
+    for m, s in summary.items():
+        drop = "-" if s["failed_logp_drop"] is None else f"{s['failed_logp_drop']:+.3f}"
+        norm = "-" if s["mean_step_norm_sq"] is None else f"{s['mean_step_norm_sq']:.3g}"
+        lines.append(f"| {m} | {pct(s['answer_kept_rate'])} | {pct(s['response_repeated_rate'])} | {drop} | "
+                     f"{pct(s['rewrite_bare_rate'])} | {pct(s['rewrite_states_failed_answer_rate'])} | {norm} |")
+    return "\n".join(lines)
+
+
 def plot(summary: dict, path: Path, max_turns: int) -> None:
     import matplotlib
 
@@ -65,7 +82,7 @@ def write_report(run_dir: Path, records: list[dict], max_turns: int, run: dict) 
     comparisons = compare_methods(records)
     (run_dir / "summary.json").write_text(json.dumps({"methods": summary, "comparisons": comparisons, "run": run},
                                                      indent=2))
-    md = table(summary) + "\n\n" + comparison_table(comparisons)
+    md = table(summary) + "\n\n" + comparison_table(comparisons) + "\n\n" + behaviour_table(summary)
     (run_dir / "summary.md").write_text(md + "\n")
     plot(summary, run_dir / "accuracy_by_turn.png", max_turns)
     return summary, md
