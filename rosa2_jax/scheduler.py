@@ -13,9 +13,9 @@ the decode batch) and moves each through its phases on its own:
 Every decode call runs up to `decode_steps` tokens for all rows and returns as soon as a row stops; that row
 is refilled before the next call with a ready session (its new tokens prefilled in chunks of at most
 `prefill_chunk`). A session whose weights did not change keeps its KV cache while it waits and prefills
-only what its next prompt adds
-(the longest common prefix of the cached tokens and the new prompt is reused). A Weights step runs when its
-bucket is full, or when nothing else can proceed.
+only what its next prompt adds (the longest common prefix of the cached tokens and the new prompt is
+reused). A Weights step runs when its bucket is full, or when nothing else can proceed. Words jobs run one at
+a time on the worker thread; the failures that arrive while one runs go together in the next.
 
 Trajectories do not depend on scheduling: a session samples its n-th token of a turn with the turn's seed
 folded with n, exactly as the turn engine does, so under greedy decoding both engines write the same records.
@@ -165,6 +165,7 @@ class TokenEngine(SessionEngine):
                 results, seconds = future.result()
                 run.charge(list(results), seconds)
                 self._deliver(run, stream, results, seconds)
+            self._start_host_jobs(run)
             stuck = all(i is None for i in self.row_slot) and not run.ready
             if run.weights_queue and (len(run.weights_queue) >= cfg.slots or stuck):
                 self._weights_step(run)
@@ -220,7 +221,15 @@ class TokenEngine(SessionEngine):
             if not streams:
                 self._resume(run, i)
         for st, mine in host.items():
-            run.host_jobs.append((st, st.start(mine)))
+            run.host_queue.setdefault(st, {}).update(mine)
+
+    def _start_host_jobs(self, run: "_Run") -> None:
+        """Start each host stream's queued failures as one job, if that stream has none in flight. Failures that
+        arrive while a job runs wait for it and go together in the next, so that the text model generates for
+        many sessions at once (about the cost of one on a memory-bound decode) instead of one after another."""
+        busy = {st for st, _ in run.host_jobs}
+        for st in [st for st in run.host_queue if st not in busy]:
+            run.host_jobs.append((st, st.start(run.host_queue.pop(st))))
 
     def _deliver(self, run: "_Run", stream: Stream, results: dict[int, Any], seconds: float) -> None:
         """Hand a stream's results to their waiting sessions; those with every result go on."""
@@ -265,7 +274,8 @@ class _Run:
     turn_start: dict[int, float] = dataclasses.field(default_factory=dict)
     waiting: dict[int, _Waiting] = dataclasses.field(default_factory=dict)
     weights_queue: dict[int, Failure] = dataclasses.field(default_factory=dict)
-    host_jobs: list[tuple[Stream, Future]] = dataclasses.field(default_factory=list)
+    host_jobs: list[tuple[Stream, Future]] = dataclasses.field(default_factory=list)  # at most one per stream
+    host_queue: dict[Stream, dict[int, Failure]] = dataclasses.field(default_factory=dict)  # waiting for a job
 
     def charge(self, slots: list[int], seconds: float) -> None:
         """Split `seconds` of device or host time over these sessions."""

@@ -2,6 +2,7 @@
 against a full prefill."""
 
 import functools
+import time
 
 import jax
 import jax.numpy as jnp
@@ -42,14 +43,15 @@ def run(model, scheduler: str, method: str, slots: int = 2, sessions: int = 3):
     return records, engine
 
 
+def trajectory(records):
+    return [(r.problem_id, r.solved_at, [(t.user, t.system_prompt, t.response, t.finish_reason, t.prompt_tokens,
+                                          t.step_norm_sq is None) for t in r.turns]) for r in records]
+
+
 @pytest.mark.parametrize("method", list(METHODS))
 def test_greedy_records_equal_the_turn_engines(model, method):
     turn, _ = run(model, "turn", method)
     token, engine = run(model, "token", method)
-
-    def trajectory(records):
-        return [(r.problem_id, r.solved_at, [(t.user, t.system_prompt, t.response, t.finish_reason, t.prompt_tokens,
-                                              t.step_norm_sq is None) for t in r.turns]) for r in records]
 
     def step_norms(records):
         return [t.step_norm_sq for r in records for t in r.turns if t.step_norm_sq is not None]
@@ -67,6 +69,33 @@ def test_greedy_records_equal_the_turn_engines(model, method):
     if method in ("rosa", "rosa2"):
         assert stats.updates > 0 and stats.reused == 0
         assert any(t.step_norm_sq for r in token for t in r.turns)
+
+
+def test_words_jobs_run_one_at_a_time_and_take_every_failure_queued_meanwhile(model, monkeypatch):
+    """With a slow text model, failures pile up while a Words job runs: the next job takes them all (one
+    batched generation instead of one after another), and the records stay the turn engine's."""
+    jobs = []
+    start = methods.Words.start
+    refine = methods.Words.refine
+
+    def slow_refine(*args, **kw):
+        time.sleep(0.5)
+        return refine(*args, **kw)
+
+    def watched_start(self, failed):
+        assert all(job.done() for job in jobs), "a second Words job started while one was in flight"
+        jobs.append(start(self, failed))
+        sizes.append(len(failed))
+        return jobs[-1]
+
+    sizes = []
+    monkeypatch.setattr(methods.Words, "refine", staticmethod(slow_refine))
+    monkeypatch.setattr(methods.Words, "start", watched_start)
+    token, _ = run(model, "token", "words", slots=4, sessions=5)
+    monkeypatch.undo()
+    turn, _ = run(model, "turn", "words", slots=4, sessions=5)
+    assert max(sizes) > 1, sizes
+    assert trajectory(token) == trajectory(turn)
 
 
 def test_a_weights_step_runs_only_as_many_rows_as_its_failures_need(model, monkeypatch):
