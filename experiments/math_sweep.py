@@ -49,8 +49,8 @@ flags.DEFINE_list("methods", ["baseline", "rosa", "rosa2"], f"methods to run, fr
 flags.DEFINE_integer("max_turns", 2, "K: turns per problem")
 flags.DEFINE_integer("slots", 8, "decode batch: rows generating at once (with --scheduler=turn, the sessions)")
 flags.DEFINE_enum("scheduler", "token", list(SCHEDULERS), "token: rows refilled as they stop from a pool of "
-                  "--sessions sessions, kept caches reused between turns, Weights steps on buckets of --slots "
-                  "failed sessions; turn: every slot generates one turn, then all adapt (the reference)")
+                  "--sessions sessions, kept caches reused between turns, Weights steps on buckets of up to "
+                  "--slots failed sessions; turn: every slot generates one turn, then all adapt (the reference)")
 flags.DEFINE_integer("sessions", 0, "--scheduler=token: sessions in the pool (0 = twice --slots)")
 flags.DEFINE_integer("decode_steps", 16,
                      "--scheduler=token: most tokens decoded per device call (it also ends when an answer stops)")
