@@ -8,7 +8,7 @@ the decode batch) and moves each through its phases on its own:
     ready ──prefill into a free row──> generating ──row stops──> judged ──> ended (record written)
       ^                                                            │
       └──── advance (next user message) <── Words (worker thread) ─┤ failed
-                                        <── Weights (queued, one vmapped step per bucket of `slots`)
+                                        <── Weights (queued, one vmapped step per bucket of failures)
 
 Every decode call runs up to `decode_steps` tokens for all rows and returns as soon as a row stops; that row
 is refilled before the next call with a ready session (its new tokens prefilled in chunks of at most
