@@ -4,7 +4,7 @@ import time
 
 import pytest
 
-from rosa2_jax.adapt.words import BOXED_INSTRUCTION
+from rosa2_jax.tasks.answers import BOXED_INSTRUCTION
 from rosa2_jax.tasks.data import Problem
 from rosa2_jax.tasks.metrics import summarize, summarize_method
 from rosa2_jax.tasks.records import TurnRecord

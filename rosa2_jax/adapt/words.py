@@ -14,10 +14,10 @@ from typing import Sequence
 
 from rosa2_jax.adapt.leakage import leaks_answer
 from rosa2_jax.adapt.text_models import Completion, TextModel
+from rosa2_jax.tasks.answers import BOXED_INSTRUCTION
 
 FEEDBACK_TEMPLATE = ("Your previous answer is incorrect. Please re-examine the problem and your reasoning, and give a "
                      "corrected solution. Put your final answer within \\boxed{}.")
-BOXED_INSTRUCTION = "Put your final answer within \\boxed{}."
 MAX_WORDS = 120
 
 CRITIC_SYSTEM = (

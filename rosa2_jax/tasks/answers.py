@@ -8,6 +8,9 @@ import math
 import re
 from fractions import Fraction
 
+# How an answer is asked for in a message (the Words step appends it to every rewrite); `last_boxed` reads it.
+BOXED_INSTRUCTION = "Put your final answer within \\boxed{}."
+
 
 def last_boxed(text: str) -> str | None:
     """Content of the last \\boxed{...} (or \\fbox{...}), braces matched; None when there is none."""

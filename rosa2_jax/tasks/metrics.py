@@ -13,6 +13,7 @@ import re
 from collections import defaultdict
 from typing import Iterable
 
+from rosa2_jax.tasks.answers import BOXED_INSTRUCTION
 from rosa2_jax.tasks.records import ProblemRecord
 from rosa2_jax.tasks.stats import paired_comparison, wilson_interval
 
@@ -56,14 +57,10 @@ def _rate(flags: list[bool]) -> float | None:
     return sum(flags) / len(flags) if flags else None
 
 
-_BOX_REQUEST = re.compile(r"put your final answer within \\boxed\{\}\.?", re.IGNORECASE)
-
-
 def _is_bare(message: str) -> bool:
-    """A rewrite with no word of three or more letters besides the box instruction the Words step appends
-    (words.BOXED_INSTRUCTION): a number or an expression ("144", "2x + 5", "200 + 100 = 300"), not an
-    instruction."""
-    return re.search(r"[A-Za-z]{3,}", _BOX_REQUEST.sub("", message)) is None
+    """A rewrite with no word of three or more letters besides the box instruction the Words step appends:
+    a number or an expression ("144", "2x + 5", "200 + 100 = 300"), not an instruction."""
+    return re.search(r"[A-Za-z]{3,}", message.replace(BOXED_INSTRUCTION, "")) is None
 
 
 def _states(message: str, answer: str | None) -> bool:
