@@ -104,9 +104,9 @@ class SessionEngine:
         self.model, self.cfg, self.text_model = model, cfg, text_model
         self.sampler = model.sampler
         self.mesh = model.mesh
-        if self.mesh is not None and cfg.slots % self.mesh.shape["data"]:
-            raise ValueError(f"slots={cfg.slots} must be a multiple of the mesh's data axis "
-                             f"({self.mesh.shape['data']})")
+        self.data = self.mesh.shape["data"] if self.mesh is not None else 1  # devices the slots are split over
+        if cfg.slots % self.data:
+            raise ValueError(f"slots={cfg.slots} must be a multiple of the mesh's data axis ({self.data})")
         kinds = METHODS[cfg.method].all_streams(cfg)
         if any(k.needs_text_model for k in kinds) and text_model is None:
             raise ValueError(f"method {cfg.method!r} needs a text model")

@@ -194,7 +194,7 @@ class Weights(Stream):
         start = time.perf_counter()
         if len(failed) > engine.cfg.slots:
             raise ValueError(f"{len(failed)} failed sessions exceed the update bucket of {engine.cfg.slots}")
-        bucket = update_bucket(len(failed), engine.cfg.slots, engine.mesh.shape["data"] if engine.mesh else 1)
+        bucket = update_bucket(len(failed), engine.cfg.slots, engine.data)
         others = [i for i in range(engine.pool_size) if i not in failed]
         slots = sorted([*failed, *others[: bucket - len(failed)]])
         rows, lens = [], []

@@ -82,8 +82,7 @@ class TokenEngine(SessionEngine):
 
     def _pool_size(self) -> int:
         size = self.cfg.sessions or 2 * self.cfg.slots
-        data = self.mesh.shape["data"] if self.mesh is not None else 1
-        return -(-size // data) * data
+        return -(-size // self.data) * self.data
 
     # ------------------------------------------------------------------ device calls
     def _fit(self, prefill_extent: int = 0) -> None:

@@ -74,7 +74,7 @@ def test_greedy_records_equal_the_turn_engines(model, method):
 def test_words_jobs_run_one_at_a_time_and_take_every_failure_queued_meanwhile(model, monkeypatch):
     """With a slow text model, failures pile up while a Words job runs: the next job takes them all (one
     batched generation instead of one after another), and the records stay the turn engine's."""
-    jobs = []
+    jobs, sizes = [], []
     start = methods.Words.start
     refine = methods.Words.refine
 
@@ -88,7 +88,6 @@ def test_words_jobs_run_one_at_a_time_and_take_every_failure_queued_meanwhile(mo
         sizes.append(len(failed))
         return jobs[-1]
 
-    sizes = []
     monkeypatch.setattr(methods.Words, "refine", staticmethod(slow_refine))
     monkeypatch.setattr(methods.Words, "start", watched_start)
     token, _ = run(model, "token", "words", slots=4, sessions=5)
