@@ -6,6 +6,12 @@ and the decode batch's occupancy (generated tokens / (decode steps x rows)).
 
 Both engines run the same problems with the same settings in this process, so their ratio is comparable;
 the absolute times are this machine's. Sampling is the sweep's default (temperature 0.7, top-p 0.8).
+
+Methods with a Words stream run once per `--text_models` entry: `local` (the policy as critic, which the
+token engine decodes in its rows) or `local:<model spec>` (another loaded copy, generating apart):
+
+    python -m experiments.bench_sweep --model=qwen2.5-coder-0.5b-instruct --methods=words --schedulers=token \
+        --text_models=local,local:qwen2.5-coder-0.5b-instruct
 """
 
 from __future__ import annotations
@@ -15,10 +21,13 @@ import time
 
 from absl import app, flags, logging
 
+import jax.numpy as jnp
+
 from experiments.common import define_model_flags, define_sampling_flags, model_from_flags, sampling_from_flags
 from rosa2_jax.adapt.text_models import make_text_model
+from rosa2_jax.checkpoint import load_model
 from rosa2_jax.engine import EngineConfig, SessionEngine
-from rosa2_jax.methods import PRESETS
+from rosa2_jax.methods import METHODS, PRESETS
 from rosa2_jax.scheduler import TokenEngine
 from rosa2_jax.tasks.data import load_problems
 
@@ -28,7 +37,8 @@ define_sampling_flags(max_new_tokens=512, temperature=0.7, top_p=0.8)
 flags.DEFINE_string("dataset", "gsm8k", "data set")
 flags.DEFINE_integer("num_problems", 16, "problems per method")
 flags.DEFINE_integer("max_turns", 2, "K")
-flags.DEFINE_list("methods", ["baseline", "rosa"], "methods (text-model methods use the policy as critic)")
+flags.DEFINE_list("methods", ["baseline", "rosa"], "methods")
+flags.DEFINE_list("text_models", ["local"], "critics of the Words methods: local (the policy) or local:<model spec>")
 flags.DEFINE_integer("slots", 8, "decode batch, the same for both engines")
 flags.DEFINE_integer("sessions", 0, "token engine's pool (0 = twice --slots)")
 flags.DEFINE_integer("decode_steps", 16, "token engine: most tokens per decode call")
@@ -78,7 +88,8 @@ def measure(engine_cls, model, text_model, method, problems) -> dict:
                "solved": sum(s.solved_at is not None for s in finished)}
     if engine_cls is TokenEngine:
         st = engine.stats
-        figures |= {"prefilled": st.prefilled, "reused": st.reused, "decode_s": st.decode_s,
+        figures |= {"prefilled": st.prefilled, "reused": st.reused, "text_generated": st.text_generated,
+                    "decode_s": st.decode_s,
                     "prefill_s": st.prefill_s, "update_s": st.update_s, "updates": st.updates}
     return figures
 
@@ -86,27 +97,36 @@ def measure(engine_cls, model, text_model, method, problems) -> dict:
 def main(_):
     logging.set_verbosity(logging.WARNING)
     model = model_from_flags()
-    text_model = make_text_model("local", model=model)
+    critics = {spec: make_text_model("local", model=load_model(spec.partition(":")[2], dtype=jnp.dtype(FLAGS.dtype),
+                                                               cache_dir=FLAGS.cache_dir) if ":" in spec else model)
+               for spec in FLAGS.text_models}
     problems, _ = load_problems(FLAGS.dataset, limit=FLAGS.num_problems, seed=0, cache_dir=FLAGS.cache_dir)
     engines = {"turn": MeasuredTurnEngine, "token": TokenEngine}
+    runs = [(method, critic if len(critics) > 1 and words else None, critics[critic])
+            for method in FLAGS.methods
+            for words in [any(k.needs_text_model for k in METHODS[method].all_streams(
+                EngineConfig(method, max_turns=FLAGS.max_turns)))]
+            for critic in (critics if words else list(critics)[:1])]
     # A first pass on two problems compiles every program both engines use, so the timed runs do not.
-    for method in FLAGS.methods if FLAGS.warmup else ():
+    for method, _, text_model in runs if FLAGS.warmup else ():
         for name in FLAGS.schedulers:
             measure(engines[name], model, text_model, method, problems[:2])
     results = {}
-    for method in FLAGS.methods:
+    for method, critic, text_model in runs:
+        label = method if critic is None else f"{method}[{critic}]"
         for name in FLAGS.schedulers:
-            results[f"{method}/{name}"] = r = measure(engines[name], model, text_model, method, problems)
-            print(f"{method:9s} {name:5s} " + " ".join(f"{k}={v:.3g}" if isinstance(v, float) else f"{k}={v}"
-                                                     for k, v in r.items()), flush=True)
+            results[f"{label}/{name}"] = r = measure(engines[name], model, text_model, method, problems)
+            print(f"{label:9s} {name:5s} " + " ".join(f"{k}={v:.3g}" if isinstance(v, float) else f"{k}={v}"
+                                                    for k, v in r.items()), flush=True)
         if {"turn", "token"} <= set(FLAGS.schedulers):
-            turn, token = results[f"{method}/turn"], results[f"{method}/token"]
-            print(f"{method}: token/turn problems per hour {token['problems_per_hour'] / turn['problems_per_hour']:.2f}x, "
+            turn, token = results[f"{label}/turn"], results[f"{label}/token"]
+            print(f"{label}: token/turn problems per hour {token['problems_per_hour'] / turn['problems_per_hour']:.2f}x, "
                   f"useful tokens/s {token['useful_tokens_per_s'] / turn['useful_tokens_per_s']:.2f}x")
     if FLAGS.out:
         with open(FLAGS.out, "w") as f:
             json.dump({"flags": {k: FLAGS[k].value for k in ("model", "dataset", "num_problems", "max_turns", "slots",
-                                                              "sessions", "decode_steps", "max_new_tokens")},
+                                                              "sessions", "decode_steps", "max_new_tokens",
+                                                              "text_models")},
                        "results": results}, f, indent=2)
 
 

@@ -102,6 +102,7 @@ class SessionEngine:
 
     def __init__(self, model: LoadedModel, cfg: EngineConfig, text_model: TextModel | None = None):
         self.model, self.cfg, self.text_model = model, cfg, text_model
+        self.words_model = text_model  # what the Words streams call (the token engine decodes it in its rows)
         self.sampler = model.sampler
         self.mesh = model.mesh
         self.data = self.mesh.shape["data"] if self.mesh is not None else 1  # devices the slots are split over
@@ -115,12 +116,16 @@ class SessionEngine:
         self.pool_size = self._pool_size()
         self.window = -(-cfg.sampling.max_new_tokens // cfg.rosa.position_chunk) * cfg.rosa.position_chunk
         self.max_prompt = (cfg.max_context or model.cfg.max_position_embeddings) - cfg.sampling.max_new_tokens
-        self.pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="words")
+        self.pool = ThreadPoolExecutor(max_workers=self._host_workers(), thread_name_prefix="words")
         self.streams = {kind: kind.create(self) for kind in kinds}
 
     def _pool_size(self) -> int:
         """Sessions held at once (the streams keep this many adapters): here one per slot."""
         return self.cfg.slots
+
+    def _host_workers(self) -> int:
+        """Worker threads for the host streams' jobs: one, since each job's text model batches its sessions."""
+        return 1
 
     def _prompt_ids(self, s: Session) -> list[int]:
         """Chat-template ids; over the budget, drop the oldest (assistant, user) exchanges, never x_1."""

@@ -135,7 +135,7 @@ class _Refine(Stream):
 
         def run():
             start = time.perf_counter()
-            out = self.refine(self.engine.text_model, requests, critic_tokens=cfg.critic_tokens,
+            out = self.refine(self.engine.words_model, requests, critic_tokens=cfg.critic_tokens,
                               rewrite_tokens=cfg.rewrite_tokens)
             return dict(zip(failed, out)), time.perf_counter() - start
 

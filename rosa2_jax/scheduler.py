@@ -24,15 +24,18 @@ folded with n, exactly as the turn engine does, so under greedy decoding both en
 from __future__ import annotations
 
 import dataclasses
+import threading
 import time
 from collections import deque
-from concurrent.futures import FIRST_COMPLETED, Future, wait
+from concurrent.futures import Future
+from queue import Empty, SimpleQueue
 from typing import Any, Callable, Iterable
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
+from rosa2_jax.adapt.text_models import LocalTextModel
 from rosa2_jax.engine import Session, SessionEngine
 from rosa2_jax.kernels.lora_matmul import kernel_supported
 from rosa2_jax.methods import Failure, Stream, session_seed
@@ -51,11 +54,27 @@ class _Waiting:
     results: dict[Stream, Any] = dataclasses.field(default_factory=dict)
 
 
+@dataclasses.dataclass(eq=False)  # hashed by identity
+class _TextRequest:
+    """A text model's greedy requests from a worker thread, decoded in the engine's rows; `future` gets the
+    generations, in order."""
+
+    prompts: list[list[int]]
+    max_tokens: int
+    future: Future = dataclasses.field(default_factory=Future)
+    gens: list = dataclasses.field(default_factory=list)
+    left: int = 0
+
+    def __post_init__(self):
+        self.gens, self.left = [None] * len(self.prompts), len(self.prompts)
+
+
 @dataclasses.dataclass
 class SchedulerStats:
     """What the decode batch did: occupancy = generated / row_steps."""
 
     generated: int = 0  # tokens sampled by running rows
+    text_generated: int = 0  # of which text-model requests (Words critiques and rewrites)
     row_steps: int = 0  # decode steps x rows
     prefilled: int = 0  # prompt tokens computed
     reused: int = 0  # prompt tokens taken from a session's kept cache
@@ -74,34 +93,83 @@ class TokenEngine(SessionEngine):
     On a mesh, rows and pool are split over its `data` axis."""
 
     def __init__(self, model, cfg, text_model=None):
+        self.text_inbox: SimpleQueue[_TextRequest] = SimpleQueue()  # from worker threads
+        self.wake = threading.Event()  # set by a text request or a finished host job
+        self.stopped = threading.Event()  # the run is over: text requests are refused
         super().__init__(model, cfg, text_model)
-        if self.pool_size < cfg.slots:
-            raise ValueError(f"sessions={self.pool_size} must be at least slots={cfg.slots}")
+        if self.sessions < cfg.slots:
+            raise ValueError(f"sessions={self.sessions} must be at least slots={cfg.slots}")
+        if self._text_in_rows():
+            self.words_model = text_model.in_rows(self._decode_text)
         self.lora_kernel = kernel_supported(self.mesh)
         self.stats = SchedulerStats()
 
     def _pool_size(self) -> int:
-        size = self.cfg.sessions or 2 * self.cfg.slots
-        return -(-size // self.data) * self.data
+        """The sessions, then one block of the mesh's data extent whose last slot is the base weights (its
+        adapter is never reset or updated, so it stays zero): text-model requests decode with it."""
+        self.sessions = -(-(self.cfg.sessions or 2 * self.cfg.slots) // self.data) * self.data
+        self.base_slot = self.sessions + self.data - 1
+        return self.sessions + self.data
+
+    def _text_in_rows(self) -> bool:
+        return isinstance(self.text_model, LocalTextModel) and self.text_model.model is self.model
+
+    def _host_workers(self) -> int:
+        return self.sessions if self._text_in_rows() else 1
+
+    def _decode_text(self, prompts: list[list[int]], max_tokens: int) -> list[Generation]:
+        """Called on a worker thread: queue the prompts for the rows and wait for their generations."""
+        if max_tokens > self.max_new:
+            raise ValueError(f"a text request of {max_tokens} tokens exceeds the rows' {self.max_new}")
+        request = _TextRequest(prompts, max_tokens)
+        self.text_inbox.put(request)
+        self.wake.set()
+        if self.stopped.is_set():  # the run ended (or failed) before taking it
+            self._refuse_text_requests([])
+        return request.future.result()
+
+    def _refuse_text_requests(self, pending: Iterable[_TextRequest]) -> None:
+        """Fail every text request not yet answered, so that no worker thread waits for a run that is over."""
+        pending = set(pending)
+        while True:
+            try:
+                pending.add(self.text_inbox.get_nowait())
+            except Empty:
+                break
+        for request in pending:
+            if not request.future.done():
+                request.future.set_exception(RuntimeError("the engine stopped before decoding this text request"))
+
+    @property
+    def max_new(self) -> int:
+        """Tokens a row can generate: the policy's max_new_tokens, or a Words request's if that is longer."""
+        n = self.cfg.sampling.max_new_tokens
+        return max(n, self.cfg.critic_tokens, self.cfg.rewrite_tokens) if self._text_in_rows() else n
 
     # ------------------------------------------------------------------ device calls
     def _fit(self, prefill_extent: int = 0) -> None:
         """Size the rows' cache to the longest occupied row's prompt + max_new_tokens + 1 (and a prefill's
         padded extent), bucketed so that a sweep compiles a few programs. It shrinks too: every decode step's
         attention reads every slot, so a cache sized for a long turn that has left slows all the others."""
-        needed = max([n for n, i in zip(self.row_need, self.row_slot) if i is not None] + [prefill_extent, 1])
+        needed = max([n for row, n in enumerate(self.row_need) if self._occupied(row)] + [prefill_extent, 1])
         if bucket_length(needed) != self.rows.capacity:
             self.rows = resize_rows(self.rows, capacity=bucket_length(needed))
 
-    def _prefill(self, row: int, slot: int, prompt: list[int], key: jax.Array) -> None:
-        """Put session `slot`'s turn into `row`: its kept cache where the prompt extends it, the rest prefilled."""
+    def _occupied(self, row: int) -> bool:
+        return self.row_slot[row] is not None or self.row_text[row] is not None
+
+    def _prefill(self, row: int, slot: int, prompt: list[int], key: jax.Array, limit: int | None = None,
+                 greedy: bool = False) -> None:
+        """Put session `slot`'s turn into `row`: its kept cache where the prompt extends it, the rest prefilled.
+        The row then generates at most `limit` tokens (default max_new_tokens), greedily if `greedy`."""
         saved, reuse = None, 0
         if slot in self.kept:
             saved, tokens = self.kept.pop(slot)
             reuse = min(_common_prefix(tokens, prompt), len(prompt) - 1)
         chunk = self.cfg.prefill_chunk
         starts = range(reuse, len(prompt), chunk)
-        self.row_need[row] = len(prompt) + self.cfg.sampling.max_new_tokens + 1
+        limit = limit or self.cfg.sampling.max_new_tokens
+        self.row_need[row] = len(prompt) + limit + 1
         self._fit(max(self.row_need[row], *(s + bucket_length(len(prompt[s: s + chunk])) for s in starts)))
         if reuse:
             self.rows = put_row_cache(self.rows, jnp.int32(row), saved)
@@ -112,7 +180,8 @@ class TokenEngine(SessionEngine):
             padded[: len(piece)] = piece
             self.rows = prefill_row(self.model.params, self.rows, jnp.int32(row), jnp.asarray(padded),
                                     jnp.int32(len(piece)), jnp.int32(s), key, inputs.get("adapters"),
-                                    inputs.get("hidden_offset"), jnp.int32(slot), cfg=self.model.cfg,
+                                    inputs.get("hidden_offset"), jnp.int32(slot), jnp.int32(limit),
+                                    jnp.bool_(greedy), cfg=self.model.cfg,
                                     fresh=s == 0, lora_kernel=self.lora_kernel)
         self.stats.reused += reuse
         self.stats.prefilled += len(prompt) - reuse
@@ -120,7 +189,7 @@ class TokenEngine(SessionEngine):
     def _decode(self) -> None:
         self._fit()
         inputs = self._generation_inputs()
-        sessions = jnp.asarray([slot if slot is not None else 0 for slot in self.row_slot], jnp.int32)
+        sessions = jnp.asarray([self.base_slot if slot is None else slot for slot in self.row_slot], jnp.int32)
         self.rows, generated, steps = decode_chunk(
             self.model.params, self.rows, inputs.get("adapters"), inputs.get("hidden_offset"), sessions,
             cfg=self.model.cfg, sampling=self.cfg.sampling, stop_ids=self.sampler.stop_ids,
@@ -132,27 +201,42 @@ class TokenEngine(SessionEngine):
     # ------------------------------------------------------------------ the whole run
     def run(self, problems: Iterable[Problem], on_finish: Callable[[Session], None]) -> None:
         cfg = self.cfg
-        self.rows = empty_rows(self.model.cfg, cfg.slots, bucket_length(1), cfg.sampling.max_new_tokens,
+        self.rows = empty_rows(self.model.cfg, cfg.slots, bucket_length(1), self.max_new,
                                self.model.params["embed"].dtype, self.sampler.pad_id)
         self.row_slot: list[int | None] = [None] * cfg.slots  # the pool slot generating in each row
+        self.row_text: list[tuple[_TextRequest, int] | None] = [None] * cfg.slots  # or a text request's prompt
         self.row_need = [0] * cfg.slots  # cache slots each row's turn needs: prompt + max_new_tokens + 1
         self.kept: dict[int, tuple[Any, list[int]]] = {}  # pool slot -> (its row's cache, the tokens it holds)
-        run = _Run(deque(problems), on_finish, free=deque(range(self.pool_size)))
+        self.stopped.clear()
+        run = _Run(deque(problems), on_finish, free=deque(range(self.sessions)))
+        try:
+            self._run(run)
+        finally:
+            self.stopped.set()
+            self._refuse_text_requests([r for r, _ in run.text_ready] + [t[0] for t in self.row_text if t])
+
+    def _run(self, run: "_Run") -> None:
+        cfg = self.cfg
         while run.queue or run.sessions:
             while run.free and run.queue:  # admit new problems into the pool
                 i = run.free.popleft()
                 s = self._admit(i, run.queue.popleft())
                 if s.error:
-                    on_finish(s)
+                    run.on_finish(s)
                     run.free.appendleft(i)
                 else:
                     run.sessions[i] = s
                     run.ready.append(i)
-            for row in range(cfg.slots):  # refill stopped rows
-                if self.row_slot[row] is None and run.ready:
+            while not self.text_inbox.empty():
+                request = self.text_inbox.get()
+                run.text_ready.extend((request, j) for j in range(len(request.prompts)))
+            for row in range(cfg.slots):  # refill stopped rows; text requests first, since sessions wait on them
+                if not self._occupied(row) and run.text_ready:
+                    self._start_text(row, *run.text_ready.popleft())
+                elif not self._occupied(row) and run.ready:
                     self._start_turn(run, row, run.ready.popleft())
-            running = [i for i in self.row_slot if i is not None]
-            if running:
+            if any(map(self._occupied, range(cfg.slots))):
+                running = [i for i in self.row_slot if i is not None]
                 t0 = time.perf_counter()
                 self._decode()
                 seconds = time.perf_counter() - t0
@@ -165,11 +249,19 @@ class TokenEngine(SessionEngine):
                 run.charge(list(results), seconds)
                 self._deliver(run, stream, results, seconds)
             self._start_host_jobs(run)
-            stuck = all(i is None for i in self.row_slot) and not run.ready
-            if run.weights_queue and (len(run.weights_queue) >= cfg.slots or stuck):
+            idle = not any(map(self._occupied, range(cfg.slots))) and not run.ready and not run.text_ready
+            if run.weights_queue and (len(run.weights_queue) >= cfg.slots or idle):
                 self._weights_step(run)
-            elif stuck and run.host_jobs and not (run.free and run.queue):
-                wait([f for _, f in run.host_jobs], return_when=FIRST_COMPLETED)
+            elif idle and run.host_jobs and not (run.free and run.queue):
+                self.wake.wait()  # for a host job to finish or to ask for text
+                self.wake.clear()
+
+    def _start_text(self, row: int, request: _TextRequest, j: int) -> None:
+        """Put prompt j of a text request into `row`, on the base weights, decoded greedily."""
+        self._prefill(row, self.base_slot, request.prompts[j], jax.random.key(0), limit=request.max_tokens,
+                      greedy=True)
+        jax.block_until_ready(self.rows.length)
+        self.row_text[row] = (request, j)
 
     def _start_turn(self, run: "_Run", row: int, i: int) -> None:
         s = run.sessions[i]
@@ -186,18 +278,29 @@ class TokenEngine(SessionEngine):
     def _collect(self, run: "_Run") -> None:
         """Judge the rows that stopped; end, or start the streams of, their sessions."""
         done, count = jax.device_get((self.rows.done, self.rows.count))
-        stopped = [row for row, i in enumerate(self.row_slot) if i is not None and done[row]]
+        stopped = [row for row in range(self.cfg.slots) if self._occupied(row) and done[row]]
         if not stopped:
             return
         out = jax.device_get(self.rows.out[jnp.asarray(stopped)])
         gens, rows = {}, {}
         for k, row in enumerate(stopped):
-            i = self.row_slot[row]
             tokens = out[k, : count[row]].tolist()
-            stop = bool(tokens) and tokens[-1] in self.sampler.stop_ids
-            gens[i] = Generation(tokens, "stop" if stop else "length", len(run.prompts[i]))
+            finish = "stop" if tokens and tokens[-1] in self.sampler.stop_ids else "length"
+            if self.row_text[row] is not None:
+                request, j = self.row_text[row]
+                self.row_text[row] = None
+                request.gens[j] = Generation(tokens, finish, len(request.prompts[j]))
+                request.left -= 1
+                self.stats.text_generated += len(tokens)
+                if not request.left:
+                    request.future.set_result(request.gens)
+                continue
+            i = self.row_slot[row]
+            gens[i] = Generation(tokens, finish, len(run.prompts[i]))
             rows[i] = row
             self.row_slot[row] = None
+        if not gens:
+            return
         now = time.perf_counter()
         ended, failed = self.judge({i: run.sessions[i] for i in gens}, {i: run.prompts[i] for i in gens}, gens)
         timing = {i: {"generate_s": now - run.turn_start.pop(i), "update_s": 0.0, "words_s": 0.0} for i in gens}
@@ -226,9 +329,11 @@ class TokenEngine(SessionEngine):
         """Start each host stream's queued failures as one job, if that stream has none in flight. Failures that
         arrive while a job runs wait for it and go together in the next, so that the text model generates for
         many sessions at once (about the cost of one on a memory-bound decode) instead of one after another."""
-        busy = {st for st, _ in run.host_jobs}
+        busy = set() if self._text_in_rows() else {st for st, _ in run.host_jobs}
         for st in [st for st in run.host_queue if st not in busy]:
-            run.host_jobs.append((st, st.start(run.host_queue.pop(st))))
+            future = st.start(run.host_queue.pop(st))
+            future.add_done_callback(lambda _: self.wake.set())
+            run.host_jobs.append((st, future))
 
     def _deliver(self, run: "_Run", stream: Stream, results: dict[int, Any], seconds: float) -> None:
         """Hand a stream's results to their waiting sessions; those with every result go on."""
@@ -273,7 +378,8 @@ class _Run:
     turn_start: dict[int, float] = dataclasses.field(default_factory=dict)
     waiting: dict[int, _Waiting] = dataclasses.field(default_factory=dict)
     weights_queue: dict[int, Failure] = dataclasses.field(default_factory=dict)
-    host_jobs: list[tuple[Stream, Future]] = dataclasses.field(default_factory=list)  # at most one per stream
+    host_jobs: list[tuple[Stream, Future]] = dataclasses.field(default_factory=list)
+    text_ready: deque[tuple[_TextRequest, int]] = dataclasses.field(default_factory=deque)  # prompts for rows
     host_queue: dict[Stream, dict[int, Failure]] = dataclasses.field(default_factory=dict)  # waiting for a job
 
     def charge(self, slots: list[int], seconds: float) -> None:

@@ -27,13 +27,14 @@ def model(tmp_path_factory):
     return load_model(str(tiny_chat_model(tmp_path_factory.mktemp("scheduler") / "model")))
 
 
-def run(model, scheduler: str, method: str, slots: int = 2, sessions: int = 3):
+def run(model, scheduler: str, method: str, slots: int = 2, sessions: int = 3, critic=None):
     # 2 rows, 3 sessions in the pool, 5 tokens per decode call: rows stop mid-call and sessions change rows.
+    # The critic is the policy itself unless another loaded model is given.
     cfg = EngineConfig(method=method, max_turns=3, slots=slots, sampling=SamplingConfig(max_new_tokens=10),
-                       max_context=512, critic_tokens=8, rewrite_tokens=8, sessions=sessions, decode_steps=5,
+                       max_context=512, critic_tokens=12, rewrite_tokens=8, sessions=sessions, decode_steps=5,
                        switch_turn=2)
     problems = [Problem(f"p{i}", f"Which is right? (A) {i} (B) {i + 1}", "B", "choice") for i in range(5)]
-    engine = SCHEDULERS[scheduler](model, cfg, make_text_model("local", model=model))
+    engine = SCHEDULERS[scheduler](model, cfg, make_text_model("local", model=critic or model))
     finished = []
     try:
         engine.run(problems, finished.append)
@@ -69,11 +70,21 @@ def test_greedy_records_equal_the_turn_engines(model, method):
     if method in ("rosa", "rosa2"):
         assert stats.updates > 0 and stats.reused == 0
         assert any(t.step_norm_sq for r in token for t in r.turns)
+    words = any(k.needs_text_model for k in METHODS[method].all_streams(engine.cfg))
+    # The policy's own critic decodes in the rows, beside the turns (12 critic tokens: longer than a turn).
+    assert (stats.text_generated > 0) == words
 
 
-def test_words_jobs_run_one_at_a_time_and_take_every_failure_queued_meanwhile(model, monkeypatch):
-    """With a slow text model, failures pile up while a Words job runs: the next job takes them all (one
-    batched generation instead of one after another), and the records stay the turn engine's."""
+@pytest.fixture(scope="module")
+def critic(tmp_path_factory):
+    """Another model as critic (--text_model=local:<spec>): it generates on its own, not in the rows."""
+    return load_model(str(tiny_chat_model(tmp_path_factory.mktemp("critic") / "model", seed=1)))
+
+
+def test_words_jobs_run_one_at_a_time_and_take_every_failure_queued_meanwhile(model, critic, monkeypatch):
+    """With a text model apart from the policy and slow, failures pile up while a Words job runs: the next
+    job takes them all (one batched generation instead of one after another), and the records stay the turn
+    engine's."""
     jobs, sizes = [], []
     start = methods.Words.start
     refine = methods.Words.refine
@@ -90,11 +101,49 @@ def test_words_jobs_run_one_at_a_time_and_take_every_failure_queued_meanwhile(mo
 
     monkeypatch.setattr(methods.Words, "refine", staticmethod(slow_refine))
     monkeypatch.setattr(methods.Words, "start", watched_start)
-    token, _ = run(model, "token", "words", slots=4, sessions=5)
+    token, engine = run(model, "token", "words", slots=4, sessions=5, critic=critic)
+    monkeypatch.undo()
+    turn, _ = run(model, "turn", "words", slots=4, sessions=5, critic=critic)
+    assert max(sizes) > 1, sizes
+    assert engine.stats.text_generated == 0
+    assert trajectory(token) == trajectory(turn)
+
+
+def test_the_policys_own_critic_starts_every_failures_words_job_at_once(model, monkeypatch):
+    """When the critic is the policy, its requests decode in the rows: a failure's Words job starts as soon as
+    the turn is judged, beside jobs still in flight, and a critique of one session shares decode calls with
+    other sessions' turns. Records stay the turn engine's."""
+    in_flight, overlapped = [], []
+    start = methods.Words.start
+
+    def watched_start(self, failed):
+        overlapped.append(any(not job.done() for job in in_flight))
+        in_flight.append(start(self, failed))
+        return in_flight[-1]
+
+    monkeypatch.setattr(methods.Words, "start", watched_start)
+    token, engine = run(model, "token", "words", slots=4, sessions=5)
     monkeypatch.undo()
     turn, _ = run(model, "turn", "words", slots=4, sessions=5)
-    assert max(sizes) > 1, sizes
+    assert any(overlapped), "no Words job started while another was in flight"
+    assert engine.stats.text_generated > 0
+    assert engine.stats.generated > engine.stats.text_generated  # the turns shared the rows
     assert trajectory(token) == trajectory(turn)
+
+
+def test_a_failed_run_refuses_its_pending_text_requests(model):
+    """A worker thread waiting on a text request is never left hanging when the run stops."""
+    cfg = EngineConfig(method="words", max_turns=2, slots=2, sampling=SamplingConfig(max_new_tokens=10),
+                       max_context=512, critic_tokens=12, rewrite_tokens=8)
+    engine = TokenEngine(model, cfg, make_text_model("local", model=model))
+    ask = engine.pool.submit(engine.words_model.complete, [[{"role": "user", "content": "hi"}]], max_tokens=4,
+                             temperature=0.0)
+    too_long = Problem("p0", "Which? " * 200 + "(A) 1 (B) 2", "B", "choice")  # refused at admission
+    with pytest.raises(ZeroDivisionError):
+        engine.run([too_long], lambda s: 1 / 0)
+    with pytest.raises(RuntimeError, match="engine stopped"):
+        ask.result(timeout=60)
+    engine.close()
 
 
 def test_a_weights_step_runs_only_as_many_rows_as_its_failures_need(model, monkeypatch):

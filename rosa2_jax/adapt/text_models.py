@@ -16,7 +16,7 @@ import dataclasses
 import os
 import re
 from concurrent.futures import ThreadPoolExecutor
-from typing import Protocol, Sequence
+from typing import Callable, Protocol, Sequence
 
 from rosa2_jax.errors import Rosa2Error
 from rosa2_jax.model.tokenizer import Message
@@ -41,13 +41,23 @@ class TextModel(Protocol):
 
 
 class LocalTextModel:
-    """The policy's own base weights as critic and rewriter (spec 6 item 13)."""
+    """The policy's own base weights as critic and rewriter (spec 6 item 13).
 
-    def __init__(self, model, *, seed: int = 0, max_prompt_tokens: int | None = None):
+    Greedy requests go to `rows` when it is set: a function (prompts, max_tokens) -> generations that
+    decodes them elsewhere, e.g. in the token engine's decode rows beside the policy's turns
+    (`scheduler.TokenEngine`). Otherwise, and for sampled requests, they run as one `generate` call."""
+
+    def __init__(self, model, *, seed: int = 0, max_prompt_tokens: int | None = None,
+                 rows: Callable[[list[list[int]], int], list] | None = None):
         self.model = model
         self.seed = seed
         self.max_prompt_tokens = max_prompt_tokens
+        self.rows = rows
         self.name = f"local:{model.source}"
+
+    def in_rows(self, rows: Callable[[list[list[int]], int], list]) -> "LocalTextModel":
+        """The same text model, its greedy requests decoded by `rows`."""
+        return LocalTextModel(self.model, seed=self.seed, max_prompt_tokens=self.max_prompt_tokens, rows=rows)
 
     def complete(self, conversations, *, max_tokens: int, temperature: float) -> list[Completion]:
         from rosa2_jax.model.generation import SamplingConfig
@@ -66,9 +76,12 @@ class LocalTextModel:
                 prompts.append(ids)
                 index.append(i)
         if prompts:
-            sampling = SamplingConfig(max_new_tokens=max_tokens, temperature=temperature,
-                                      top_p=0.8 if temperature > 0 else 1.0)
-            gens = sampler.generate(prompts, sampling, seeds=[self.seed + i for i in index])
+            if temperature == 0 and self.rows is not None:
+                gens = self.rows(prompts, max_tokens)
+            else:
+                sampling = SamplingConfig(max_new_tokens=max_tokens, temperature=temperature,
+                                          top_p=0.8 if temperature > 0 else 1.0)
+                gens = sampler.generate(prompts, sampling, seeds=[self.seed + i for i in index])
             for i, g in zip(index, gens):
                 results[i] = Completion(sampler.decode(g.tokens).strip())
         return results

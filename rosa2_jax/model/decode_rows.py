@@ -5,7 +5,9 @@ here has its own length: a row's tokens sit in cache slots [0, length) with RoPE
 session's cached history can be put back into any row and only its new tokens prefilled (prefix reuse).
 
 - `prefill_row` writes a chunk of a session's prompt into one row (after its cached prefix, if any) and
-  leaves the row ready to decode: the next-token logits, the turn's PRNG key, count 0.
+  leaves the row ready to decode: the next-token logits, the turn's PRNG key, count 0, its own token limit
+  and whether it decodes greedily (a text model's request, e.g. a Words critique, shares the rows with
+  sampled policy turns).
 - `decode_chunk` runs up to `steps` decode steps for every row at once and returns after the step in which
   a row stops, so that the host refills it. Row b samples its n-th token of the turn with fold_in(key_b, n), as `generate_padded`
   does, so a session's tokens do not depend on its row or on the other rows.
@@ -37,6 +39,8 @@ class DecodeRows:
     logits: Float[Array, "B V"]  # next-token logits
     keys: jax.Array  # [B] the turn's PRNG key
     count: Int[Array, "B"]  # tokens generated this turn
+    limit: Int[Array, "B"]  # the row's max new tokens (at most N)
+    greedy: Bool[Array, "B"]  # argmax instead of the sampling config (text-model requests)
     done: Bool[Array, "B"]  # the row's turn has ended (stop token, max_new_tokens) or the row is empty
     out: Int[Array, "B N"]  # this turn's tokens; only the first `count` are meaningful
 
@@ -59,7 +63,8 @@ def empty_rows(cfg: ModelConfig, batch: int, capacity: int, max_new_tokens: int,
         cache=KVCache.empty(cfg, batch, capacity, dtype), length=jnp.zeros((batch,), jnp.int32),
         logits=jnp.zeros((batch, cfg.vocab_size), jnp.float32),
         keys=jax.vmap(jax.random.key)(jnp.zeros((batch,), jnp.uint32)),
-        count=jnp.zeros((batch,), jnp.int32), done=jnp.ones((batch,), bool),
+        count=jnp.zeros((batch,), jnp.int32), limit=jnp.full((batch,), max_new_tokens, jnp.int32),
+        greedy=jnp.zeros((batch,), bool), done=jnp.ones((batch,), bool),
         out=jnp.full((batch, max_new_tokens), pad_id, jnp.int32))
 
 
@@ -118,6 +123,8 @@ def prefill_row(
     adapters: LoraAdapters | None,
     offsets: Float[Array, "P d"] | None,
     session: Int[Array, ""],
+    limit: Int[Array, ""] | None = None,
+    greedy: Bool[Array, ""] | None = None,
     *,
     cfg: ModelConfig,
     fresh: bool,
@@ -125,7 +132,8 @@ def prefill_row(
 ) -> DecodeRows:
     """Prefill tokens[:num_new] into `row` at slots [start, start + num_new), attending to the row's slots
     below `start` (its cached prefix; `fresh` = none, start 0). Slots from `start` on are dropped first.
-    The row is then ready to decode its turn with `key`; `session` indexes the pool's adapters / offsets."""
+    The row is then ready to decode its turn with `key`, at most `limit` tokens (default N), greedily if
+    `greedy` (default: the sampling config); `session` indexes the pool's adapters / offsets."""
     c = rows.cache
     T, S = tokens.shape[0], rows.capacity
     keep = c.valid[row] & (jnp.arange(S) < start)
@@ -141,7 +149,9 @@ def prefill_row(
                       c.valid.at[row].set(one_row.valid[0])),
         length=rows.length.at[row].set(start + num_new),
         logits=rows.logits.at[row].set(lm_logits(params, last, cfg).astype(jnp.float32)),
-        keys=rows.keys.at[row].set(key), count=rows.count.at[row].set(0), done=rows.done.at[row].set(False))
+        keys=rows.keys.at[row].set(key), count=rows.count.at[row].set(0),
+        limit=rows.limit.at[row].set(rows.out.shape[1] if limit is None else limit),
+        greedy=rows.greedy.at[row].set(False if greedy is None else greedy), done=rows.done.at[row].set(False))
 
 
 @functools.partial(jax.jit, static_argnames=("cfg", "sampling", "stop_ids", "pad_id", "steps", "lora_kernel"),
@@ -177,11 +187,14 @@ def decode_chunk(
         i, rows, generated = state
         running = ~rows.done
         step_keys = jax.vmap(jax.random.fold_in)(rows.keys, rows.count)
-        tok = jnp.where(running, sample_logits(rows.logits, step_keys, sampling), pad_id)
+        tok = sample_logits(rows.logits, step_keys, sampling)
+        if sampling.temperature > 0:  # the sampled rows' draws are the same with or without greedy rows beside
+            tok = jnp.where(rows.greedy, jnp.argmax(rows.logits, axis=-1).astype(jnp.int32), tok)
+        tok = jnp.where(running, tok, pad_id)
         at_count = running[:, None] & (jnp.arange(N)[None] == rows.count[:, None])
         out = jnp.where(at_count, tok[:, None], rows.out)
         count = rows.count + running
-        done = rows.done | jnp.isin(tok, stop) | (count >= N)
+        done = rows.done | jnp.isin(tok, stop) | (count >= rows.limit)
         # The sampled token is fed even when it ends the turn: the cache then holds the whole turn, which
         # the session's next turn reuses. Rows not running write an invalid slot past their length.
         hidden, cache = decoder_hidden(params, tok[:, None], rows.length[:, None], running[:, None], cfg=cfg,
