@@ -30,7 +30,7 @@ from rosa2_jax.adapt.text_models import make_text_model
 from rosa2_jax.checkpoint import load_model
 from rosa2_jax.distributed import ProcessInfo, barrier, initialize, process_info, share
 from rosa2_jax.engine import REWARDS, EngineConfig, Session
-from rosa2_jax.scheduler import SCHEDULERS
+from rosa2_jax.scheduler import SCHEDULERS, TokenEngine
 from rosa2_jax.methods import ADAPTERS, METHODS, PRESETS, WeightsPreset
 from rosa2_jax.model.sharding import make_mesh
 from rosa2_jax.runs import RECORDS, drop_torn_tail, merge_records, read_records, records_path
@@ -233,6 +233,8 @@ def run_sweep(run_dir: Path, info: ProcessInfo) -> dict | None:
                 engine.run(work, finish)
             finally:
                 engine.close()
+            if isinstance(engine, TokenEngine):  # where the round's time went
+                bar.write(f"{method}, {len(work)} problems: {engine.stats}")
     wall = time.time() - start
     barrier("sweep finished")
     if not info.is_main:

@@ -87,6 +87,11 @@ class SchedulerStats:
     def occupancy(self) -> float:
         return self.generated / max(self.row_steps, 1)
 
+    def __str__(self) -> str:
+        return (f"decode {self.decode_s:.0f} s, {self.generated:,} tokens ({self.text_generated:,} for the text model), "
+                f"occupancy {self.occupancy:.2f}; prefill {self.prefill_s:.0f} s, {self.prefilled:,} tokens "
+                f"({self.reused:,} reused); {self.updates} Weights steps {self.update_s:.0f} s")
+
 
 class TokenEngine(SessionEngine):
     """Runs `cfg.method` with `cfg.slots` decode rows and a pool of `cfg.sessions` sessions (0: twice the rows).
