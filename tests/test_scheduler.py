@@ -227,6 +227,36 @@ def test_a_decode_call_returns_in_the_step_a_row_stops(model):
     np.testing.assert_array_equal(np.asarray(rows.out[1]), np.asarray(reference.out[1]))
 
 
+def test_a_greedy_row_beside_sampled_rows_decodes_its_argmax_and_stops_at_its_own_limit(model):
+    """A text request's row (greedy, 5 tokens) decoded beside sampled policy rows (T = 0.7, top-p 0.8):
+    it gives `generate`'s greedy continuation, and the sampled rows draw the tokens they draw with no
+    greedy row beside them."""
+    cfg, params = model.cfg, model.params
+    rng = np.random.default_rng(2)
+    prompts = [rng.integers(3, cfg.vocab_size, n).tolist() for n in (20, 13, 27)]
+    sampled = SamplingConfig(max_new_tokens=12, temperature=0.7, top_p=0.8)
+
+    def decode(greedy_row: int | None):
+        rows = empty_rows(cfg, 3, 256, 12, params["embed"].dtype, 0)
+        for row, prompt in enumerate(prompts):
+            padded = np.zeros(64, np.int32)
+            padded[: len(prompt)] = prompt
+            text = row == greedy_row
+            rows = prefill_row(params, rows, jnp.int32(row), jnp.asarray(padded), jnp.int32(len(prompt)),
+                               jnp.int32(0), jax.random.key(row), None, None, jnp.int32(0),
+                               jnp.int32(5 if text else 12), jnp.bool_(text), cfg=cfg, fresh=True)
+        while not bool(jnp.all(rows.done)):
+            rows, *_ = decode_chunk(params, rows, None, None, jnp.zeros(3, jnp.int32), cfg=cfg, sampling=sampled,
+                                    stop_ids=(), pad_id=0, steps=4)
+        return [np.asarray(rows.out[r, : int(rows.count[r])]).tolist() for r in range(3)]
+
+    alone, beside = decode(None), decode(1)
+    greedy = generate(params, cfg, [prompts[1]], SamplingConfig(max_new_tokens=5), stop_token_ids=(), pad_id=0)[0]
+    assert beside[1] == greedy.tokens and len(beside[1]) == 5
+    assert beside[1] != alone[1][:5], "the sampled draw of row 1 should differ from its argmax here"
+    assert [beside[0], beside[2]] == [alone[0], alone[2]] and len(alone[0]) == 12
+
+
 def test_pool_smaller_than_the_decode_batch_is_refused(model):
     with pytest.raises(ValueError, match="sessions=2 must be at least slots=4"):
         TokenEngine(model, EngineConfig(method="baseline", slots=4, sessions=2))
