@@ -153,7 +153,7 @@ class TokenEngine(SessionEngine):
 
     # ------------------------------------------------------------------ device calls
     def _fit(self, prefill_extent: int = 0) -> None:
-        """Size the rows' cache to the longest occupied row's prompt + max_new_tokens + 1 (and a prefill's
+        """Size the rows' cache to the longest occupied row's prompt + token limit + 1 (and a prefill's
         padded extent), bucketed so that a sweep compiles a few programs. It shrinks too: every decode step's
         attention reads every slot, so a cache sized for a long turn that has left slows all the others."""
         needed = max([n for row, n in enumerate(self.row_need) if self._occupied(row)] + [prefill_extent, 1])
@@ -210,7 +210,7 @@ class TokenEngine(SessionEngine):
                                self.model.params["embed"].dtype, self.sampler.pad_id)
         self.row_slot: list[int | None] = [None] * cfg.slots  # the pool slot generating in each row
         self.row_text: list[tuple[_TextRequest, int] | None] = [None] * cfg.slots  # or a text request's prompt
-        self.row_need = [0] * cfg.slots  # cache slots each row's turn needs: prompt + max_new_tokens + 1
+        self.row_need = [0] * cfg.slots  # cache slots each row's turn needs: prompt + its token limit + 1
         self.kept: dict[int, tuple[Any, list[int]]] = {}  # pool slot -> (its row's cache, the tokens it holds)
         self.stopped.clear()
         run = _Run(deque(problems), on_finish, free=deque(range(self.sessions)))
