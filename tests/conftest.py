@@ -61,6 +61,15 @@ def hf_logits(model, ids: list[int]) -> np.ndarray:
         return model(torch.tensor([ids])).logits[0].float().numpy()
 
 
+@pytest.fixture(autouse=True, scope="module")
+def _release_compiled_programs():
+    """Drop the module's compiled programs when it ends. XLA:CPU maps memory for every executable it keeps, and
+    one process compiling the whole suite's programs reaches the kernel's limit of 65,530 mappings
+    (vm.max_map_count), after which a compile aborts or segfaults."""
+    yield
+    jax.clear_caches()
+
+
 @pytest.fixture(scope="session")
 def rng():
     return np.random.RandomState(1234)
