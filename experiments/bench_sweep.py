@@ -21,11 +21,9 @@ import time
 
 from absl import app, flags, logging
 
-import jax.numpy as jnp
-
-from experiments.common import define_model_flags, define_sampling_flags, model_from_flags, sampling_from_flags
+from experiments.common import (define_model_flags, define_sampling_flags, local_critic, model_from_flags,
+                                sampling_from_flags)
 from rosa2_jax.adapt.text_models import make_text_model
-from rosa2_jax.checkpoint import load_model
 from rosa2_jax.engine import EngineConfig, SessionEngine
 from rosa2_jax.methods import METHODS, PRESETS
 from rosa2_jax.scheduler import TokenEngine
@@ -97,8 +95,7 @@ def measure(engine_cls, model, text_model, method, problems) -> dict:
 def main(_):
     logging.set_verbosity(logging.WARNING)
     model = model_from_flags()
-    critics = {spec: make_text_model("local", model=load_model(spec.partition(":")[2], dtype=jnp.dtype(FLAGS.dtype),
-                                                               cache_dir=FLAGS.cache_dir) if ":" in spec else model)
+    critics = {spec: make_text_model("local", model=local_critic(spec.partition(":")[2], model))
                for spec in FLAGS.text_models}
     problems, _ = load_problems(FLAGS.dataset, limit=FLAGS.num_problems, seed=0, cache_dir=FLAGS.cache_dir)
     engines = {"turn": MeasuredTurnEngine, "token": TokenEngine}

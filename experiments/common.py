@@ -22,8 +22,14 @@ def define_model_flags(default: str = "smollm2-135m-instruct") -> None:
     flags.DEFINE_string("cache_dir", None, "model/data cache (default $ROSA2_CACHE or ~/.cache/rosa2_jax)")
 
 
-def model_from_flags(mesh: Mesh | None = None) -> LoadedModel:
-    return load_model(FLAGS.model, dtype=jnp.dtype(FLAGS.dtype), cache_dir=FLAGS.cache_dir, mesh=mesh)
+def model_from_flags(mesh: Mesh | None = None, spec: str | None = None) -> LoadedModel:
+    """`--model` (or `spec`, e.g. a critic's), loaded with the run's dtype and cache."""
+    return load_model(spec or FLAGS.model, dtype=jnp.dtype(FLAGS.dtype), cache_dir=FLAGS.cache_dir, mesh=mesh)
+
+
+def local_critic(spec: str, policy: LoadedModel, mesh: Mesh | None = None) -> LoadedModel:
+    """The model behind `--text_model=local[:<model spec>]`: the policy itself, or another model loaded beside it."""
+    return model_from_flags(mesh, spec) if spec else policy
 
 
 def define_sampling_flags(*, max_new_tokens: int, temperature: float, top_p: float) -> None:

@@ -18,7 +18,6 @@ import time
 from pathlib import Path
 
 import jax
-import jax.numpy as jnp
 from absl import app, flags, logging
 from jax.sharding import Mesh
 from tqdm.auto import tqdm
@@ -27,7 +26,6 @@ from experiments import common
 from experiments.common import define_model_flags, define_sampling_flags, model_from_flags, sampling_from_flags
 from rosa2_jax.adapt.rosa import RESIDUALS, TILTS
 from rosa2_jax.adapt.text_models import make_text_model
-from rosa2_jax.checkpoint import load_model
 from rosa2_jax.distributed import ProcessInfo, barrier, initialize, process_info, share
 from rosa2_jax.engine import REWARDS, EngineConfig, Session
 from rosa2_jax.scheduler import SCHEDULERS, TokenEngine
@@ -143,8 +141,8 @@ def text_model_from_flags(policy, mesh: Mesh):
         raise app.UsageError(f"--text_model={FLAGS.text_model!r}: use local, local:<model spec>, openai or rule")
     if kind == "rule" and FLAGS.reward == "model":
         raise app.UsageError("--reward=model needs a text model that can judge: --text_model=local[:spec] or openai")
-    critic = load_model(spec, dtype=jnp.dtype(FLAGS.dtype), cache_dir=FLAGS.cache_dir, mesh=mesh) if spec else policy
-    return make_text_model(kind, model=critic, url=FLAGS.text_model_url, name=FLAGS.text_model_name)
+    return make_text_model(kind, model=common.local_critic(spec, policy, mesh), url=FLAGS.text_model_url,
+                           name=FLAGS.text_model_name)
 
 
 # Flags that change how a run is scheduled or where it runs, never a problem's trajectory.

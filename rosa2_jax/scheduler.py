@@ -62,11 +62,10 @@ class _TextRequest:
     prompts: list[list[int]]
     max_tokens: int
     future: Future = dataclasses.field(default_factory=Future)
-    gens: list = dataclasses.field(default_factory=list)
-    left: int = 0
+    gens: list = dataclasses.field(default_factory=list)  # None where a prompt is still decoding
 
     def __post_init__(self):
-        self.gens, self.left = [None] * len(self.prompts), len(self.prompts)
+        self.gens = [None] * len(self.prompts)
 
 
 @dataclasses.dataclass
@@ -135,15 +134,18 @@ class TokenEngine(SessionEngine):
 
     def _refuse_text_requests(self, pending: Iterable[_TextRequest]) -> None:
         """Fail every text request not yet answered, so that no worker thread waits for a run that is over."""
-        pending = set(pending)
-        while True:
-            try:
-                pending.add(self.text_inbox.get_nowait())
-            except Empty:
-                break
-        for request in pending:
+        for request in {*pending, *self._take_text_requests()}:
             if not request.future.done():
                 request.future.set_exception(RuntimeError("the engine stopped before decoding this text request"))
+
+    def _take_text_requests(self) -> list[_TextRequest]:
+        """The text requests the worker threads have queued since the last call."""
+        taken = []
+        while True:
+            try:
+                taken.append(self.text_inbox.get_nowait())
+            except Empty:
+                return taken
 
     @property
     def max_new(self) -> int:
@@ -232,8 +234,7 @@ class TokenEngine(SessionEngine):
                 else:
                     run.sessions[i] = s
                     run.ready.append(i)
-            while not self.text_inbox.empty():
-                request = self.text_inbox.get()
+            for request in self._take_text_requests():
                 run.text_ready.extend((request, j) for j in range(len(request.prompts)))
             for row in range(cfg.slots):  # refill stopped rows; text requests first, since sessions wait on them
                 if not self._occupied(row) and run.text_ready:
@@ -295,9 +296,8 @@ class TokenEngine(SessionEngine):
                 request, j = self.row_text[row]
                 self.row_text[row] = None
                 request.gens[j] = Generation(tokens, finish, len(request.prompts[j]))
-                request.left -= 1
                 self.stats.text_generated += len(tokens)
-                if not request.left:
+                if None not in request.gens:
                     request.future.set_result(request.gens)
                 continue
             i = self.row_slot[row]
@@ -331,9 +331,11 @@ class TokenEngine(SessionEngine):
             run.host_queue.setdefault(st, {}).update(mine)
 
     def _start_host_jobs(self, run: "_Run") -> None:
-        """Start each host stream's queued failures as one job, if that stream has none in flight. Failures that
-        arrive while a job runs wait for it and go together in the next, so that the text model generates for
-        many sessions at once (about the cost of one on a memory-bound decode) instead of one after another."""
+        """Start each host stream's queued failures as one job. A text model apart from the policy has one job in
+        flight per stream: failures that arrive while it runs wait and go together in the next, so that it
+        generates for many sessions at once (about the cost of one on a memory-bound decode) instead of one after
+        another. The policy's own critic decodes in the rows, which batch every job's requests, so its jobs
+        start at once."""
         busy = set() if self._text_in_rows() else {st for st, _ in run.host_jobs}
         for st in [st for st in run.host_queue if st not in busy]:
             future = st.start(run.host_queue.pop(st))
