@@ -55,9 +55,9 @@ flags.DEFINE_integer("decode_steps", 16,
 flags.DEFINE_integer("prefill_chunk", 512, "--scheduler=token: longest prompt piece prefilled in one call")
 flags.DEFINE_integer("seed", 0, "problem subsample, adapter init and sampling seed")
 flags.DEFINE_string("run_dir", "runs/default", "output folder (resumable)")
-flags.DEFINE_integer("problems_per_round", 0, "run the methods in turn on blocks of this many problems (0 = each "
-                     "method on every problem before the next), so that a study stopped at any point has every "
-                     "method on the same problems")
+flags.DEFINE_integer("problems_per_round", 0, "admit the problems in blocks of this many, every method on a "
+                     "block before the next block (0 = one block), so that a study stopped at any point has every "
+                     "method on nearly the same problems")
 # devices and processes
 flags.DEFINE_list("mesh", None, "DATA,MODEL: this process's device mesh, session slots split over DATA and "
                   "weights tensor-parallel over MODEL (default: every local device on DATA)")
@@ -198,7 +198,12 @@ def run_sweep(run_dir: Path, info: ProcessInfo) -> dict | None:
     done = {(r["method"], r["problem_id"]) for r in read_records(run_dir)}
     barrier("records read")
     todo = {m: share([p for p in problems if (m, p.id) not in done], info) for m in FLAGS.methods}
-    total = sum(len(v) for v in todo.values())
+    # One engine runs every method: its rows hold sessions of several methods at once, so that no method's
+    # last sessions decode alone. Blocks only order the admissions.
+    block = FLAGS.problems_per_round or len(problems)
+    block_of = {p.id: k // block for k, p in enumerate(problems)}
+    work = sorted(((m, p) for m in FLAGS.methods for p in todo[m]), key=lambda mp: block_of[mp[1].id])
+    total = len(work)
     if done:
         print(f"resuming {run_dir}: {len(done)} problem runs already finished")
     if info.count > 1:
@@ -209,30 +214,25 @@ def run_sweep(run_dir: Path, info: ProcessInfo) -> dict | None:
     start = time.time()
     with open(own_records, "a") as out, tqdm(total=total, desc="problems", unit="problem",
                                              position=info.index if info.count > 1 else None) as bar:
-        block = FLAGS.problems_per_round or len(problems)
-        for method, round_problems in ((m, problems[lo: lo + block]) for lo in range(0, len(problems), block)
-                                       for m in FLAGS.methods):
-            ids = {p.id for p in round_problems}
-            work = [p for p in todo[method] if p.id in ids]
-            if not work:
-                continue
-            # A problem's trajectory does not depend on its slot, so small runs use only the slots they
-            # fill (rounded up to split evenly over the mesh's data axis).
+        if work:
+            # A problem's trajectory does not depend on its slot, so small runs use only the slots they fill
+            # (rounded up to split evenly over the mesh's data axis).
             slots = -(-min(FLAGS.slots, len(work)) // data_size) * data_size
-            engine = SCHEDULERS[FLAGS.scheduler](model, engine_config(method, slots, model.cfg.num_layers), text_model)
+            engine = SCHEDULERS[FLAGS.scheduler](model, engine_config(work[0][0], slots, model.cfg.num_layers),
+                                                 text_model)
 
-            def finish(session: Session, method=method):
-                out.write(json.dumps(session.record(method, FLAGS.dataset).to_json()) + "\n")
+            def finish(session: Session):
+                out.write(json.dumps(session.record(FLAGS.dataset).to_json()) + "\n")
                 out.flush()
                 bar.update(1)
-                bar.set_postfix(method=method)
+                bar.set_postfix(method=session.method)
 
             try:
                 engine.run(work, finish)
             finally:
                 engine.close()
-            if isinstance(engine, TokenEngine):  # where the round's time went
-                bar.write(f"{method}, {len(work)} problems: {engine.stats}")
+            if isinstance(engine, TokenEngine):  # where the run's time went
+                bar.write(str(engine.stats))
     wall = time.time() - start
     barrier("sweep finished")
     if not info.is_main:

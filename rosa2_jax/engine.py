@@ -7,7 +7,7 @@ advance (write the streams' results and the next user message). A slot is refill
 ends (solved, or K turns), so the batch stays full.
 
 A method is a row of `methods.METHODS`: the streams (`methods.Stream` subclasses) it runs after a failed
-turn.
+turn. Each session carries its method, so one engine can run several methods' sessions side by side.
 
 Every random choice of a session (adapter init, sampling) is seeded from (seed, problem id, turn), so a
 problem's trajectory does not depend on which slot it lands in or what else shares its batch.
@@ -73,14 +73,15 @@ class EngineConfig:
         if self.reward not in REWARDS:
             raise ValueError(f"unknown reward {self.reward!r}; choose from {REWARDS}")
 
-    def streams(self, turn: int) -> tuple[type[Stream], ...]:
-        """The streams that adapt a session after it failed `turn`."""
-        return METHODS[self.method].streams_at(turn, self)
+
+
+Work = Problem | tuple[str, Problem]  # a problem run with `EngineConfig.method`, or (method, problem)
 
 
 @dataclasses.dataclass
 class Session:
     problem: Problem
+    method: str
     system_prompt: str
     messages: list[dict] = dataclasses.field(default_factory=list)  # user/assistant turns, system prompt apart
     turn: int = 0
@@ -90,15 +91,16 @@ class Session:
     seconds: float = 0.0
     error: str | None = None
 
-    def record(self, method: str, dataset: str) -> ProblemRecord:
-        return ProblemRecord(method, dataset, self.problem.id, self.problem.answer, self.solved_at, self.turns,
+    def record(self, dataset: str) -> ProblemRecord:
+        return ProblemRecord(self.method, dataset, self.problem.id, self.problem.answer, self.solved_at, self.turns,
                              self.seconds, self.error)
 
 
 # ---------------------------------------------------------------------- the engine
 class SessionEngine:
-    """Runs `cfg.method` over problems. On a mesh (the one `model` was loaded onto, load_model(mesh=)) the
-    slots are split over its `data` axis: `cfg.slots` must be a multiple of it."""
+    """Runs `cfg.method` over problems, or any methods given with them (`Work`). On a mesh (the one `model` was
+    loaded onto, load_model(mesh=)) the slots are split over its `data` axis: `cfg.slots` must be a multiple
+    of it."""
 
     def __init__(self, model: LoadedModel, cfg: EngineConfig, text_model: TextModel | None = None):
         self.model, self.cfg, self.text_model = model, cfg, text_model
@@ -108,16 +110,36 @@ class SessionEngine:
         self.data = self.mesh.shape["data"] if self.mesh is not None else 1  # devices the slots are split over
         if cfg.slots % self.data:
             raise ValueError(f"slots={cfg.slots} must be a multiple of the mesh's data axis ({self.data})")
-        kinds = METHODS[cfg.method].all_streams(cfg)
-        if any(k.needs_text_model for k in kinds) and text_model is None:
-            raise ValueError(f"method {cfg.method!r} needs a text model")
         if cfg.reward == "model" and text_model is None:
             raise ValueError("the model-based reward needs a text model to judge the answers")
         self.pool_size = self._pool_size()
         self.window = -(-cfg.sampling.max_new_tokens // cfg.rosa.position_chunk) * cfg.rosa.position_chunk
         self.max_prompt = (cfg.max_context or model.cfg.max_position_embeddings) - cfg.sampling.max_new_tokens
         self.pool = ThreadPoolExecutor(max_workers=self._host_workers(), thread_name_prefix="words")
-        self.streams = {kind: kind.create(self) for kind in kinds}
+        self.streams: dict[type[Stream], Stream] = {}
+        self._add_streams(cfg.method)
+
+    def _add_streams(self, method: str) -> None:
+        """Create the streams `method` runs that this engine does not have yet."""
+        if method not in METHODS:
+            raise ValueError(f"unknown method {method!r}; choose from {tuple(METHODS)}")
+        kinds = METHODS[method].all_streams(self.cfg)
+        if any(k.needs_text_model for k in kinds) and self.text_model is None:
+            raise ValueError(f"method {method!r} needs a text model")
+        for kind in kinds:
+            if kind not in self.streams:
+                self.streams[kind] = kind.create(self)
+
+    def _streams_after(self, s: Session) -> set[Stream]:
+        """The streams that adapt session `s` after its failed current turn."""
+        return {self.streams[kind] for kind in METHODS[s.method].streams_at(s.turn, self.cfg)}
+
+    def _work(self, items: Iterable[Work]) -> deque[tuple[str, Problem]]:
+        """(method, problem) pairs, every method's streams created before the run starts."""
+        work = deque(item if isinstance(item, tuple) else (self.cfg.method, item) for item in items)
+        for method in dict.fromkeys(m for m, _ in work):
+            self._add_streams(method)
+        return work
 
     def _pool_size(self) -> int:
         """Sessions held at once (the streams keep this many adapters): here one per slot."""
@@ -181,8 +203,8 @@ class SessionEngine:
         """Every stream on the failed sessions it applies to. Host streams are submitted first so that they
         run on the worker thread while the device streams run here (Alg. 1 steps A and B)."""
         joins = []
-        for kind, stream in sorted(self.streams.items(), key=lambda ks: ks[1].on_device):
-            mine = {i: f for i, f in failed.items() if kind in self.cfg.streams(f.session.turn)}
+        for stream in sorted(self.streams.values(), key=lambda st: st.on_device):
+            mine = {i: f for i, f in failed.items() if stream in self._streams_after(f.session)}
             if mine:
                 joins.append((stream, stream.start(mine)))
         outcomes, timing = [], {"update_s": 0.0, "words_s": 0.0}
@@ -224,9 +246,10 @@ class SessionEngine:
         return ended
 
     # ------------------------------------------------------------------ the whole run
-    def _admit(self, slot: int, problem: Problem) -> Session:
-        """A new session in `slot`; its `error` is set instead when its first turn cannot fit."""
-        s = Session(problem, self.cfg.system_prompt)
+    def _admit(self, slot: int, method: str, problem: Problem) -> Session:
+        """A new session in `slot`; its `error` is set instead when its first turn cannot fit. Every stream
+        resets its state of the slot, so a session never inherits the adapter of another method's session."""
+        s = Session(problem, method, self.cfg.system_prompt)
         s.messages.append({"role": "user", "content": problem.question})
         needed = len(self._prompt_ids(s))
         if needed > self.max_prompt:  # later turns trim down to x_1, so only x_1 can overflow
@@ -237,13 +260,13 @@ class SessionEngine:
             stream.reset(slot, s)
         return s
 
-    def run(self, problems: Iterable[Problem], on_finish: Callable[[Session], None]) -> None:
-        queue = deque(problems)
+    def run(self, problems: Iterable[Work], on_finish: Callable[[Session], None]) -> None:
+        queue = self._work(problems)
         slots: dict[int, Session] = {}
         while queue or slots:
             for i in range(self.cfg.slots):
                 while i not in slots and queue:
-                    s = self._admit(i, queue.popleft())
+                    s = self._admit(i, *queue.popleft())
                     if s.error:
                         on_finish(s)
                     else:

@@ -14,8 +14,10 @@ Every decode call runs up to `decode_steps` tokens for all rows and returns as s
 is refilled before the next call with a ready session (its new tokens prefilled in chunks of at most
 `prefill_chunk`). A session whose weights did not change keeps its KV cache while it waits and prefills
 only what its next prompt adds (the longest common prefix of the cached tokens and the new prompt is
-reused). A Weights step runs when its bucket is full, or when nothing else can proceed. Words jobs run one at
-a time on the worker thread; the failures that arrive while one runs go together in the next.
+reused). A Weights step runs when its bucket is full, or when a row would otherwise decode empty. A Words
+job starts on the worker threads as soon as a session fails (beside another job if the critic is the policy,
+whose requests decode in the rows; else one at a time, the failures queued meanwhile going together).
+The rows may hold sessions of several methods at once (`engine.Work`).
 
 Trajectories do not depend on scheduling: a session samples its n-th token of a turn with the turn's seed
 folded with n, exactly as the turn engine does, so under greedy decoding both engines write the same records.
@@ -36,7 +38,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from rosa2_jax.adapt.text_models import LocalTextModel
-from rosa2_jax.engine import Session, SessionEngine
+from rosa2_jax.engine import Session, SessionEngine, Work
 from rosa2_jax.kernels.lora_matmul import kernel_supported
 from rosa2_jax.methods import Failure, Stream, session_seed
 from rosa2_jax.model.decode_rows import decode_chunk, empty_rows, prefill_row, put_row_cache, resize_rows, row_cache
@@ -206,8 +208,9 @@ class TokenEngine(SessionEngine):
         self.stats.row_steps += int(steps) * self.cfg.slots
 
     # ------------------------------------------------------------------ the whole run
-    def run(self, problems: Iterable[Problem], on_finish: Callable[[Session], None]) -> None:
+    def run(self, problems: Iterable[Work], on_finish: Callable[[Session], None]) -> None:
         cfg = self.cfg
+        work = self._work(problems)
         self.rows = empty_rows(self.model.cfg, cfg.slots, bucket_length(1), self.max_new,
                                self.model.params["embed"].dtype, self.sampler.pad_id)
         self.row_slot: list[int | None] = [None] * cfg.slots  # the pool slot generating in each row
@@ -215,7 +218,7 @@ class TokenEngine(SessionEngine):
         self.row_need = [0] * cfg.slots  # cache slots each row's turn needs: prompt + its token limit + 1
         self.kept: dict[int, tuple[Any, list[int]]] = {}  # pool slot -> (its row's cache, the tokens it holds)
         self.stopped.clear()
-        run = _Run(deque(problems), on_finish, free=deque(range(self.sessions)))
+        run = _Run(work, on_finish, free=deque(range(self.sessions)))
         try:
             self._run(run)
         finally:
@@ -227,7 +230,7 @@ class TokenEngine(SessionEngine):
         while run.queue or run.sessions:
             while run.free and run.queue:  # admit new problems into the pool
                 i = run.free.popleft()
-                s = self._admit(i, run.queue.popleft())
+                s = self._admit(i, *run.queue.popleft())
                 if s.error:
                     run.on_finish(s)
                     run.free.appendleft(i)
@@ -255,10 +258,14 @@ class TokenEngine(SessionEngine):
                 run.charge(list(results), seconds)
                 self._deliver(run, stream, results, seconds)
             self._start_host_jobs(run)
-            idle = not any(map(self._occupied, range(cfg.slots))) and not run.ready and not run.text_ready
-            if run.weights_queue and (len(run.weights_queue) >= cfg.slots or idle):
+            occupied = [self._occupied(row) for row in range(cfg.slots)]
+            nothing_ready = not run.ready and not run.text_ready and not (run.free and run.queue)
+            idle = nothing_ready and not any(occupied)
+            # A row that nothing can fill would decode empty: the queued Weights step goes first, so that its
+            # sessions fill it (beside other methods' sessions, the bucket may never fill).
+            if run.weights_queue and (len(run.weights_queue) >= cfg.slots or (nothing_ready and not all(occupied))):
                 self._weights_step(run)
-            elif idle and run.host_jobs and not (run.free and run.queue):
+            elif idle and run.host_jobs:
                 self.wake.wait()  # for a host job to finish or to ask for text
                 self.wake.clear()
 
@@ -316,7 +323,7 @@ class TokenEngine(SessionEngine):
             run.free.append(i)
         host: dict[Stream, dict[int, Failure]] = {}
         for i, f in failed.items():
-            streams = {self.streams[k] for k in self.cfg.streams(f.session.turn)}
+            streams = self._streams_after(f.session)
             if not any(st.changes_weights for st in streams):  # the cache stays valid for the next turn
                 self.kept[i] = (row_cache(self.rows, jnp.int32(rows[i])), run.prompts[i] + f.tokens)
             run.waiting[i] = _Waiting(f, streams, timing=timing[i])
@@ -376,7 +383,7 @@ class _Run:
     engine's `row_slot`), or waiting for its streams (`waiting`, with a Weights step queued or Words jobs
     on the worker thread)."""
 
-    queue: deque[Problem]
+    queue: deque[tuple[str, Problem]]  # (method, problem) not yet admitted
     on_finish: Callable[[Session], None]
     free: deque[int]  # pool slots without a session
     sessions: dict[int, Session] = dataclasses.field(default_factory=dict)

@@ -85,7 +85,7 @@ def test_a_new_adaptation_is_one_stream_class_and_one_methods_row(tmp_path, monk
         engine.run(problems, finished.append)
     finally:
         engine.close()
-    records = [s.record("hint+rosa", "toy") for s in finished]
+    records = [s.record("toy") for s in finished]
     assert sorted(r.problem_id for r in records) == ["p0", "p1", "p2"]
     two_turns = [r for r in records if len(r.turns) == 2]
     assert two_turns, "the tiny random model should fail some turn 1"

@@ -27,20 +27,22 @@ def model(tmp_path_factory):
     return load_model(str(tiny_chat_model(tmp_path_factory.mktemp("scheduler") / "model")))
 
 
-def run(model, scheduler: str, method: str, slots: int = 2, sessions: int = 3, critic=None):
+PROBLEMS = [Problem(f"p{i}", f"Which is right? (A) {i} (B) {i + 1}", "B", "choice") for i in range(5)]
+
+
+def run(model, scheduler: str, method: str, slots: int = 2, sessions: int = 3, critic=None, problems=PROBLEMS,
+        sampling=SamplingConfig(max_new_tokens=10)):
     # 2 rows, 3 sessions in the pool, 5 tokens per decode call: rows stop mid-call and sessions change rows.
     # The critic is the policy itself unless another loaded model is given.
-    cfg = EngineConfig(method=method, max_turns=3, slots=slots, sampling=SamplingConfig(max_new_tokens=10),
-                       max_context=512, critic_tokens=12, rewrite_tokens=8, sessions=sessions, decode_steps=5,
-                       switch_turn=2)
-    problems = [Problem(f"p{i}", f"Which is right? (A) {i} (B) {i + 1}", "B", "choice") for i in range(5)]
+    cfg = EngineConfig(method=method, max_turns=3, slots=slots, sampling=sampling, max_context=512, critic_tokens=12,
+                       rewrite_tokens=8, sessions=sessions, decode_steps=5, switch_turn=2)
     engine = SCHEDULERS[scheduler](model, cfg, make_text_model("local", model=critic or model))
     finished = []
     try:
         engine.run(problems, finished.append)
     finally:
         engine.close()
-    records = sorted((s.record(method, "toy") for s in finished), key=lambda r: r.problem_id)
+    records = sorted((s.record("toy") for s in finished), key=lambda r: (r.method, r.problem_id))
     return records, engine
 
 
@@ -49,14 +51,14 @@ def trajectory(records):
                                           t.step_norm_sq is None) for t in r.turns]) for r in records]
 
 
+def step_norms(records):
+    return [t.step_norm_sq for r in records for t in r.turns if t.step_norm_sq is not None]
+
+
 @pytest.mark.parametrize("method", list(METHODS))
 def test_greedy_records_equal_the_turn_engines(model, method):
     turn, _ = run(model, "turn", method)
     token, engine = run(model, "token", method)
-
-    def step_norms(records):
-        return [t.step_norm_sq for r in records for t in r.turns if t.step_norm_sq is not None]
-
     assert trajectory(token) == trajectory(turn)
     # ||Δθ||² to 5 significant digits. A session's update bucket (and so its padded shape) depends on when
     # its Words job finished, so the float32 sums may differ in the last bits; the steps are the same.
@@ -73,6 +75,22 @@ def test_greedy_records_equal_the_turn_engines(model, method):
     words = any(k.needs_text_model for k in METHODS[method].all_streams(engine.cfg))
     # The policy's own critic decodes in the rows, beside the turns (12 critic tokens: longer than a turn).
     assert (stats.text_generated > 0) == words
+
+
+@pytest.mark.parametrize("temperature", [0.0, 0.7])
+def test_one_engine_running_every_method_writes_each_methods_records(model, temperature):
+    """Sessions of all methods share the rows and the pool (a slot goes from a rosa session to a baseline one,
+    whose adapter must be reset), yet each writes the records of its method's run alone; sampled ones too,
+    since a session's draws depend only on its seed and its own logits."""
+    sampling = SamplingConfig(max_new_tokens=10, temperature=temperature, top_p=0.8)
+    alone = {m: run(model, "token", m, sampling=sampling)[0] for m in METHODS}
+    problems = [(m, p) for p in PROBLEMS for m in METHODS]  # interleaved: every row and slot sees every method
+    together, engine = run(model, "token", "baseline", problems=problems, sampling=sampling)
+    for m in METHODS:
+        mine = [r for r in together if r.method == m]
+        assert trajectory(mine) == trajectory(alone[m]), m
+        np.testing.assert_allclose(step_norms(mine), step_norms(alone[m]), rtol=1e-5)
+    assert engine.stats.updates > 0 and engine.stats.text_generated > 0
 
 
 @pytest.fixture(scope="module")

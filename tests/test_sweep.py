@@ -171,10 +171,12 @@ def test_hidden_offset_sweep_applies_the_offset_in_generation(setup, tmp_path):
 
 
 def test_methods_take_turns_on_blocks_of_problems(setup, tmp_path):
-    """--problems_per_round: a run stopped after the first block has every method on the same problems."""
+    """--problems_per_round: the problems are admitted block by block, every method on a block before the
+    next block. With one row on one device (and one turn) sessions finish in the order they were admitted, so
+    a run stopped after the first block has every method on the same problems."""
     _, model, data = setup
     cmd = sweep_cmd(model, data, tmp_path / "run") + ["--methods=baseline,words", "--max_turns=1",
-                                                      "--problems_per_round=2"]
+                                                      "--problems_per_round=2", "--slots=1", "--mesh=1,1"]
     proc = run(cmd)
     assert proc.returncode == 0, proc.stderr[-3000:]
     records = [json.loads(line) for line in (tmp_path / "run" / "records.jsonl").read_text().splitlines()]
@@ -182,5 +184,5 @@ def test_methods_take_turns_on_blocks_of_problems(setup, tmp_path):
     assert len(order) == 12
     blocks = [order[i: i + 4] for i in range(0, 12, 4)]
     for block in blocks:  # each block: the same two problems under both methods, baseline first
-        assert [m for m, _ in block] == ["baseline", "baseline", "words", "words"]
+        assert [m for m, _ in block] == ["baseline", "baseline", "words", "words"], order
         assert {p for m, p in block if m == "baseline"} == {p for m, p in block if m == "words"}
