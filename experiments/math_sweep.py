@@ -226,13 +226,15 @@ def run_sweep(run_dir: Path, info: ProcessInfo) -> dict | None:
                 out.flush()
                 bar.update(1)
                 bar.set_postfix(method=session.method)
+                if isinstance(engine, TokenEngine) and bar.n % 16 == 0:  # where the time went so far
+                    bar.write(f"after {bar.n} problems: {engine.stats}")
 
             try:
                 engine.run(work, finish)
             finally:
                 engine.close()
-            if isinstance(engine, TokenEngine):  # where the run's time went
-                bar.write(str(engine.stats))
+            if isinstance(engine, TokenEngine):
+                bar.write(f"all {bar.n} problems: {engine.stats}")
     wall = time.time() - start
     barrier("sweep finished")
     if not info.is_main:
