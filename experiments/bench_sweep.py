@@ -12,6 +12,9 @@ token engine decodes in its rows) or `local:<model spec>` (another loaded copy, 
 
     python -m experiments.bench_sweep --model=qwen2.5-coder-0.5b-instruct --methods=words --schedulers=token \
         --text_models=local,local:qwen2.5-coder-0.5b-instruct
+
+`--together` also runs all the methods in one token engine, as the sweep does, against their runs one after
+another.
 """
 
 from __future__ import annotations
@@ -45,6 +48,8 @@ flags.DEFINE_list("schedulers", ["turn", "token"], "engines to time")
 flags.DEFINE_bool("warmup", True, "first run every engine and method on two problems, so that the timed runs "
                   "compile little (--nowarmup counts compilation in both, which weighs on the token engine's "
                   "larger set of programs)")
+flags.DEFINE_bool("together", False, "also run every method in one token engine, as the sweep does, and compare "
+                  "its wall time with the methods' token-engine runs one after another")
 flags.DEFINE_string("out", None, "also write the figures to this JSON file")
 
 
@@ -65,6 +70,7 @@ class MeasuredTurnEngine(SessionEngine):
 
 
 def measure(engine_cls, model, text_model, method, problems) -> dict:
+    """Run `problems` (or engine.Work pairs, whose own method wins over `method`) and return the figures."""
     preset = PRESETS["fast"]
     cfg = EngineConfig(method=method, max_turns=FLAGS.max_turns, slots=FLAGS.slots, sampling=sampling_from_flags(),
                        rosa=preset.rosa(), lora=preset.lora(model.cfg.num_layers), max_context=FLAGS.max_context,
@@ -92,6 +98,10 @@ def measure(engine_cls, model, text_model, method, problems) -> dict:
     return figures
 
 
+def _figures(r: dict) -> str:
+    return " ".join(f"{k}={v:.3g}" if isinstance(v, float) else f"{k}={v}" for k, v in r.items())
+
+
 def main(_):
     logging.set_verbosity(logging.WARNING)
     model = model_from_flags()
@@ -113,12 +123,22 @@ def main(_):
         label = method if critic is None else f"{method}[{critic}]"
         for name in FLAGS.schedulers:
             results[f"{label}/{name}"] = r = measure(engines[name], model, text_model, method, problems)
-            print(f"{label:9s} {name:5s} " + " ".join(f"{k}={v:.3g}" if isinstance(v, float) else f"{k}={v}"
-                                                    for k, v in r.items()), flush=True)
+            print(f"{label:9s} {name:5s} {_figures(r)}", flush=True)
         if {"turn", "token"} <= set(FLAGS.schedulers):
             turn, token = results[f"{label}/turn"], results[f"{label}/token"]
             print(f"{label}: token/turn problems per hour {token['problems_per_hour'] / turn['problems_per_hour']:.2f}x, "
                   f"useful tokens/s {token['useful_tokens_per_s'] / turn['useful_tokens_per_s']:.2f}x")
+    if FLAGS.together:
+        if "token" not in FLAGS.schedulers or len(critics) > 1:
+            raise app.UsageError("--together compares with the token engine's runs of one critic")
+        text_model = next(iter(critics.values()))
+        for some in ([problems[:2]] if FLAGS.warmup else []) + [problems]:
+            r = measure(TokenEngine, model, text_model, FLAGS.methods[0], [(m, p) for m in FLAGS.methods for p in some])
+        results["together"] = r
+        apart = sum(results[f"{m}/token"]["wall_s"] for m in FLAGS.methods)
+        print(f"together  token {_figures(r)}")
+        print(f"together: {apart:.0f} s one method after another, {r['wall_s']:.0f} s in one engine: "
+              f"{apart / r['wall_s']:.2f}x", flush=True)
     if FLAGS.out:
         with open(FLAGS.out, "w") as f:
             json.dump({"flags": {k: FLAGS[k].value for k in ("model", "dataset", "num_problems", "max_turns", "slots",

@@ -11,6 +11,7 @@ from absl import flags
 from jax.sharding import Mesh
 
 from rosa2_jax.checkpoint import LoadedModel, load_model
+from rosa2_jax.fetch import cache_root
 from rosa2_jax.model.generation import SamplingConfig
 
 FLAGS = flags.FLAGS
@@ -25,6 +26,13 @@ def define_model_flags(default: str = "smollm2-135m-instruct") -> None:
 def model_from_flags(mesh: Mesh | None = None, spec: str | None = None) -> LoadedModel:
     """`--model` (or `spec`, e.g. a critic's), loaded with the run's dtype and cache."""
     return load_model(spec or FLAGS.model, dtype=jnp.dtype(FLAGS.dtype), cache_dir=FLAGS.cache_dir, mesh=mesh)
+
+
+def keep_compiled_programs() -> None:
+    """Keep XLA's compiled programs in <cache>/xla, so that a resumed sweep loads its decode and update programs
+    instead of compiling them again (the 0.5B's Weights step can take minutes to compile here)."""
+    jax.config.update("jax_compilation_cache_dir", str(cache_root(FLAGS.cache_dir) / "xla"))
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 1.0)
 
 
 def local_critic(spec: str, policy: LoadedModel, mesh: Mesh | None = None) -> LoadedModel:

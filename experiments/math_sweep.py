@@ -257,6 +257,7 @@ def run_sweep(run_dir: Path, info: ProcessInfo) -> dict | None:
 
 def main(_):
     logging.set_verbosity(logging.WARNING)
+    common.keep_compiled_programs()
     wants_distributed = FLAGS.distributed or any(
         v is not None for v in (FLAGS.coordinator_address, FLAGS.num_processes, FLAGS.process_id))
     info = (initialize(FLAGS.coordinator_address, FLAGS.num_processes, FLAGS.process_id) if wants_distributed
