@@ -74,7 +74,6 @@ class EngineConfig:
             raise ValueError(f"unknown reward {self.reward!r}; choose from {REWARDS}")
 
 
-
 Work = Problem | tuple[str, Problem]  # a problem run with `EngineConfig.method`, or (method, problem)
 
 
@@ -202,9 +201,10 @@ class SessionEngine:
     def adapt(self, failed: dict[int, Failure]) -> tuple[list[tuple[Stream, dict[int, Any]]], dict[str, float]]:
         """Every stream on the failed sessions it applies to. Host streams are submitted first so that they
         run on the worker thread while the device streams run here (Alg. 1 steps A and B)."""
+        wanted = {i: self._streams_after(f.session) for i, f in failed.items()}
         joins = []
         for stream in sorted(self.streams.values(), key=lambda st: st.on_device):
-            mine = {i: f for i, f in failed.items() if stream in self._streams_after(f.session)}
+            mine = {i: f for i, f in failed.items() if stream in wanted[i]}
             if mine:
                 joins.append((stream, stream.start(mine)))
         outcomes, timing = [], {"update_s": 0.0, "words_s": 0.0}
