@@ -37,6 +37,9 @@ from rosa2_jax.tasks.report import write_report
 from rosa2_jax.tasks.rewards import EQUIVALENCES
 
 FLAGS = flags.FLAGS
+# --remat=auto stores a Weights pass's activations up to this many tokens: ~2.2 MB a token on the 0.5B with the
+# fast preset, so ~4.5 GB (BUILD_NOTES.md, "Weights steps on long histories").
+AUTO_STORED_TOKENS = 2048
 # The no-flag run is the smallest that shows the method at work in 15 minutes on 2 CPU cores: a model
 # that boxes its answers and solves some problems only after turn 1 (BUILD_NOTES.md, "Item 4").
 define_model_flags(default="qwen2.5-coder-0.5b-instruct")
@@ -97,7 +100,9 @@ flags.DEFINE_integer("lora_rank", 8, "LoRA rank")
 flags.DEFINE_float("lora_alpha", 16.0, "LoRA alpha")
 flags.DEFINE_list("lora_targets", None, "LoRA targets from q,k,v,o,gate,up,down (default: the preset's)")
 flags.DEFINE_enum("remat", "auto", ["auto", "on", "off"], "recompute activations in the ROSA update (less memory, "
-                  "~30% slower); auto = on when slots x max_context exceeds 4096 tokens")
+                  f"~20% slower); auto = on for a pass of more than {AUTO_STORED_TOKENS} tokens (sessions x row)")
+flags.DEFINE_integer("update_batch", 1, "sessions per vmapped pass of a Weights step, passes one after another (0 = "
+                     "the whole bucket at once: faster on an accelerator with memory to spare; on a CPU the same speed)")
 # words stream
 flags.DEFINE_string("text_model", "local", "critic/rewriter engine: local (the policy's own base weights), "
                     "local:<model spec> (another local model, e.g. local:qwen2.5-coder-0.5b-instruct), openai, rule")
@@ -127,7 +132,8 @@ def engine_config(method: str, slots: int, num_layers: int) -> EngineConfig:
         method=method, max_turns=FLAGS.max_turns, slots=slots,
         sampling=sampling_from_flags(),
         rosa=preset.rosa(beta=FLAGS.beta, tilt=FLAGS.tilt, residual=FLAGS.residual, damping=FLAGS.damping,
-                         remat=FLAGS.remat == "on" or (FLAGS.remat == "auto" and slots * FLAGS.max_context > 4096)),
+                         remat=FLAGS.remat != "off", session_batch=FLAGS.update_batch,
+                         store_up_to=AUTO_STORED_TOKENS if FLAGS.remat == "auto" else 0),
         lora=lora, adapter=preset.adapter,
         switch_turn=FLAGS.switch_turn, switch_first=FLAGS.switch_first, seed=FLAGS.seed,
         equivalence=FLAGS.equivalence, boxed_only=FLAGS.boxed_only, reward=FLAGS.reward,
@@ -146,7 +152,7 @@ def text_model_from_flags(policy, mesh: Mesh):
 
 
 # Flags that change how a run is scheduled or where it runs, never a problem's trajectory.
-SCHEDULING_FLAGS = {"methods", "num_problems", "problems_per_round", "slots", "scheduler", "sessions",
+SCHEDULING_FLAGS = {"methods", "num_problems", "problems_per_round", "slots", "scheduler", "sessions", "update_batch",
                     "decode_steps", "prefill_chunk", "mesh", "distributed",
                     "coordinator_address", "num_processes", "process_id", "run_dir", "cache_dir"}
 

@@ -1,5 +1,7 @@
 """The ROSA update against explicit Jacobians, dense solves and its own guarantees."""
 
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -199,6 +201,31 @@ def test_vmapped_update_equals_loop_of_single_sessions(tiny, tilt, residual):
                 np.testing.assert_allclose(x[0], y[s], atol=1e-5, rtol=0)
             assert int(single_stats.cg_iters[0]) == int(stats.cg_iters[s])
             np.testing.assert_allclose(single_stats.kl_after[0], stats.kl_after[s], rtol=1e-5)
+
+
+def test_sessions_in_passes_with_stored_activations_equal_one_vmap(tiny):
+    """`session_batch` runs the bucket's sessions in passes (lax.map) and `store_up_to` stores a small pass's
+    activations instead of recomputing them: the same step per session as one recomputing vmap (float64, as
+    above; a pass of 3 sessions leaves one of 1, so the remainder is covered)."""
+    cfg, params = tiny
+    rosa = RosaConfig(position_chunk=CHUNK)
+    assert rosa.for_pass(3, 24).remat
+    passes = dataclasses.replace(rosa, session_batch=2, store_up_to=48)
+    assert not passes.for_pass(3, 24).remat and passes.for_pass(3, 25).remat  # 2 sessions x 24 tokens fit
+    with jax.enable_x64(True):
+        params64 = jax.tree.map(lambda x: jnp.asarray(x, jnp.float64), params)
+        ad = perturbed_adapters(cfg, LoraConfig(rank=2, alpha=4.0, targets=("q", "k", "v", "o")), 3, seed=7)
+        ad = LoraAdapters(jax.tree.map(lambda x: jnp.asarray(x, jnp.float64), ad.factors), ad.scale)
+        batch = make_batch(cfg, 4, [-1.0, -1.0, -1.0], [True, False, True])
+        batch = batch.replace(reward=batch.reward.astype(jnp.float64))
+        whole, whole_stats = rosa_update(params64, ad, batch, cfg=cfg, rosa=rosa)
+        split, split_stats = rosa_update(params64, ad, batch, cfg=cfg, rosa=passes)
+    for x, y in zip(jax.tree.leaves(whole.factors), jax.tree.leaves(split.factors)):
+        np.testing.assert_allclose(x, y, atol=1e-5, rtol=0)
+    np.testing.assert_array_equal(whole.factors["q"][1][1], ad.factors["q"][1][1])  # inactive: kept
+    np.testing.assert_array_equal(whole_stats.cg_iters, split_stats.cg_iters)
+    np.testing.assert_allclose(whole_stats.kl_after, split_stats.kl_after, rtol=1e-5)
+    assert np.all(np.asarray(whole_stats.updated) == [True, False, True])
 
 
 def test_float32_batched_update_reaches_the_same_objective_as_the_loop(tiny):

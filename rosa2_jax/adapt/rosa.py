@@ -47,16 +47,25 @@ class RosaConfig:
     max_step_norm: float = 1.0  # trust region on ||Δθ||
     position_chunk: int = 64  # positions per pass through the LM head
     remat: bool = True  # recompute layer activations in the JVP/VJP instead of storing them
+    store_up_to: int = 0  # with remat, still store them in a pass of at most this many tokens (sessions x row)
     head_top_k: int = 0  # head metric inside CG on each row's top-k tokens + its sampled one (0 = exact)
     backtrack: int = 0  # halve a step that raises KL(p*||p) up to this many times, else keep the adapter
+    session_batch: int = 0  # sessions solved together in one vmap, chunks one after another (0 = all at once)
 
     def __post_init__(self):
         if self.tilt not in TILTS or self.residual not in RESIDUALS:
             raise ValueError(f"tilt must be one of {TILTS} and residual one of {RESIDUALS}; got {self}")
         if self.damping_mode not in ("relative", "fixed") or self.beta <= 0:
             raise ValueError(f"damping_mode must be relative|fixed and beta > 0; got {self}")
-        if self.head_top_k < 0 or self.backtrack < 0 or self.cg_iters < 1:
-            raise ValueError(f"head_top_k and backtrack must be >= 0 and cg_iters >= 1; got {self}")
+        if min(self.head_top_k, self.backtrack, self.session_batch, self.store_up_to) < 0 or self.cg_iters < 1:
+            raise ValueError("head_top_k, backtrack, session_batch and store_up_to must be >= 0 and cg_iters >= 1; "
+                             f"got {self}")
+
+    def for_pass(self, sessions: int, tokens: int) -> "RosaConfig":
+        """This config for a batch of `sessions` rows of `tokens`: remat decided for one pass (session_batch
+        rows at a time)."""
+        rows = self.session_batch if 0 < self.session_batch < sessions else sessions
+        return dataclasses.replace(self, remat=self.remat and rows * tokens > self.store_up_to)
 
 
 @struct.dataclass
@@ -396,17 +405,23 @@ def _session_update(params, theta: LoraAdapters, tokens, valid, response_len, re
 
 
 def _over_sessions(session_fn, params, theta, batch: UpdateBatch, rosa: RosaConfig):
-    """vmap a one-session update over the batch's sessions (params shared)."""
+    """vmap a one-session update over the batch's sessions (params shared), `rosa.session_batch` sessions at a
+    time (`lax.map`): a session's update is big matmuls over its whole history, so on a CPU the chunks cost
+    what one vmap does, and only one chunk's activations are alive at once (which lets them be stored)."""
     if batch.window % rosa.position_chunk:
         raise ValueError(f"window {batch.window} must be a multiple of position_chunk {rosa.position_chunk}")
-    return jax.vmap(session_fn, in_axes=(None, 0, 0, 0, 0, 0, 0))(
-        params, theta, batch.tokens, batch.valid, batch.response_len, batch.reward, batch.active)
+    xs = (theta, batch.tokens, batch.valid, batch.response_len, batch.reward, batch.active)
+    one = functools.partial(session_fn, params)
+    if 0 < rosa.session_batch < batch.tokens.shape[0]:
+        return jax.lax.map(lambda x: one(*x), xs, batch_size=rosa.session_batch)
+    return jax.vmap(one)(*xs)
 
 
 @functools.partial(jax.jit, static_argnames=("cfg", "rosa"))
 def rosa_update(params: Params, adapters: LoraAdapters, batch: UpdateBatch, *, cfg: ModelConfig,
                 rosa: RosaConfig) -> tuple[LoraAdapters, UpdateStats]:
     """One ROSA step for every session (vmapped); only active sessions change."""
+    rosa = rosa.for_pass(*batch.tokens.shape)
     fn = functools.partial(_session_update, cfg=cfg, rosa=rosa, window=batch.window)
     return _over_sessions(fn, params, adapters, batch, rosa)
 
