@@ -13,6 +13,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import resource
+import signal
 import sys
 import time
 from pathlib import Path
@@ -235,9 +236,18 @@ def run_sweep(run_dir: Path, info: ProcessInfo) -> dict | None:
                 if isinstance(engine, TokenEngine) and bar.n % 16 == 0:  # where the time went so far
                     bar.write(f"after {bar.n} problems: {engine.stats}")
 
+            def drain(signum, frame):
+                left = engine.stop_admitting()
+                bar.write(f"{signal.Signals(signum).name}: finishing the sessions in flight and admitting none of "
+                          f"the {left} problem runs left (rerun the same command to do them)")
+
+            # `kill -USR1 <pid>` ends a run without losing the sessions in flight (a session's state is not
+            # saved between runs, so a kill loses them).
+            previous = signal.signal(signal.SIGUSR1, drain)
             try:
                 engine.run(work, finish)
             finally:
+                signal.signal(signal.SIGUSR1, previous)
                 engine.close()
             if isinstance(engine, TokenEngine):
                 bar.write(f"all {bar.n} problems: {engine.stats}")

@@ -117,6 +117,7 @@ class SessionEngine:
         self.pool = ThreadPoolExecutor(max_workers=self._host_workers(), thread_name_prefix="words")
         self.streams: dict[type[Stream], Stream] = {}
         self._add_streams(cfg.method)
+        self.queue: deque[tuple[str, Problem]] = deque()  # the running run's problems not admitted yet
 
     def _add_streams(self, method: str) -> None:
         """Create the streams `method` runs that this engine does not have yet."""
@@ -260,8 +261,15 @@ class SessionEngine:
             stream.reset(slot, s)
         return s
 
+    def stop_admitting(self) -> int:
+        """Admit no more of the running run's problems: it returns once the sessions in flight have finished
+        (safe from a signal handler). Returns how many problems were left out."""
+        left = len(self.queue)
+        self.queue.clear()
+        return left
+
     def run(self, problems: Iterable[Work], on_finish: Callable[[Session], None]) -> None:
-        queue = self._work(problems)
+        queue = self.queue = self._work(problems)
         slots: dict[int, Session] = {}
         while queue or slots:
             for i in range(self.cfg.slots):

@@ -210,7 +210,7 @@ class TokenEngine(SessionEngine):
     # ------------------------------------------------------------------ the whole run
     def run(self, problems: Iterable[Work], on_finish: Callable[[Session], None]) -> None:
         cfg = self.cfg
-        work = self._work(problems)
+        work = self.queue = self._work(problems)
         self.rows = empty_rows(self.model.cfg, cfg.slots, bucket_length(1), self.max_new,
                                self.model.params["embed"].dtype, self.sampler.pad_id)
         self.row_slot: list[int | None] = [None] * cfg.slots  # the pool slot generating in each row

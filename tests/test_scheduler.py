@@ -275,6 +275,28 @@ def test_a_greedy_row_beside_sampled_rows_decodes_its_argmax_and_stops_at_its_ow
     assert [beside[0], beside[2]] == [alone[0], alone[2]] and len(alone[0]) == 12
 
 
+@pytest.mark.parametrize("scheduler", list(SCHEDULERS))
+def test_stop_admitting_finishes_the_sessions_in_flight_and_admits_no_more(model, scheduler):
+    cfg = EngineConfig(method="baseline", max_turns=2, slots=2, sessions=3, sampling=SamplingConfig(max_new_tokens=10),
+                       max_context=512, decode_steps=5)
+    engine = SCHEDULERS[scheduler](model, cfg)
+    in_flight = 3 if scheduler == "token" else 2  # the pool, or the rows of the turn engine
+    finished, left_out = [], []
+
+    def finish(session):
+        finished.append(session)
+        if len(finished) == 1:
+            left_out.append(engine.stop_admitting())
+
+    try:
+        engine.run(PROBLEMS, finish)
+    finally:
+        engine.close()
+    assert left_out == [len(PROBLEMS) - in_flight]
+    assert sorted(s.problem.id for s in finished) == [p.id for p in PROBLEMS[:in_flight]]
+    assert all(s.error is None for s in finished)
+
+
 def test_pool_smaller_than_the_decode_batch_is_refused(model):
     with pytest.raises(ValueError, match="sessions=2 must be at least slots=4"):
         TokenEngine(model, EngineConfig(method="baseline", slots=4, sessions=2))

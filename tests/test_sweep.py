@@ -114,6 +114,33 @@ def test_killed_run_resumes_to_the_same_results(setup, full_run):
         run_dir, [json.loads(line) for line in (run_dir / "records.jsonl").read_text().splitlines()])
 
 
+def test_drained_run_finishes_its_sessions_in_flight_and_resumes_to_the_same_results(setup, full_run):
+    """SIGUSR1 stops the admissions: the run finishes the sessions it holds, writes the summary of what is done,
+    exits 0, and the same command does the rest."""
+    base, model, data = setup
+    run_dir = base / "drained"
+    proc = subprocess.Popen(sweep_cmd(model, data, run_dir), cwd=ROOT, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True)
+    records = run_dir / "records.jsonl"
+    deadline = time.time() + 600
+    while time.time() < deadline and proc.poll() is None:
+        if records.exists() and len(records.read_text().splitlines()) >= 2:
+            break
+        time.sleep(0.2)
+    proc.send_signal(signal.SIGUSR1)
+    out, _ = proc.communicate(timeout=600)
+    assert proc.returncode == 0, out[-3000:]
+    assert "SIGUSR1: finishing the sessions in flight" in out
+    drained = [json.loads(line) for line in records.read_text().splitlines()]
+    assert 2 <= len(drained) < 36 and len({(r["method"], r["problem_id"]) for r in drained}) == len(drained)
+    summary = json.loads((run_dir / "summary.json").read_text())  # of what is done (not every method ran)
+    assert summary["methods"] == json.loads(json.dumps(summarize(drained, 3)))
+    resumed = run(sweep_cmd(model, data, run_dir))
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert f"{len(drained)} problem runs already finished" in resumed.stdout
+    assert outcomes(run_dir) == outcomes(full_run[0])
+
+
 def test_resuming_with_other_settings_is_refused(setup, full_run):
     base, model, data = setup
     run_dir = full_run[0]
