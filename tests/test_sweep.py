@@ -89,56 +89,50 @@ def test_every_method_runs_and_summary_matches_records(full_run):
             assert "update" in turns[1] and "refine" not in turns[1]
 
 
-def test_killed_run_resumes_to_the_same_results(setup, full_run):
-    base, model, data = setup
-    run_dir = base / "killed"
-    proc = subprocess.Popen(sweep_cmd(model, data, run_dir), cwd=ROOT, stdout=subprocess.DEVNULL,
-                            stderr=subprocess.DEVNULL, start_new_session=True)
-    records = run_dir / "records.jsonl"
+def wait_for_records(proc, records: Path, count: int) -> None:
     deadline = time.time() + 600
     while time.time() < deadline and proc.poll() is None:
-        if records.exists() and len(records.read_text().splitlines()) >= 14:
-            break
+        if records.exists() and len(records.read_text().splitlines()) >= count:
+            return
         time.sleep(0.2)
+
+
+def test_killed_then_drained_run_resumes_to_the_same_results(setup, full_run):
+    """A kill loses only the sessions in flight (and a torn last line); SIGUSR1 loses nothing: the run
+    finishes the sessions it holds, admits no more, writes the summary of what is done and exits 0. The same
+    command then does the rest, to the records of a run never stopped."""
+    base, model, data = setup
+    run_dir = base / "killed"
+    records = run_dir / "records.jsonl"
+    proc = subprocess.Popen(sweep_cmd(model, data, run_dir), cwd=ROOT, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL, start_new_session=True)
+    wait_for_records(proc, records, 14)
     os.killpg(proc.pid, signal.SIGKILL)
     proc.wait()
     partial = len(records.read_text().splitlines())
     assert 0 < partial < 36, "the run should have been killed mid-way"
     with open(records, "a") as f:  # a torn write, as a kill during json.dumps would leave
         f.write('{"method": "rosa", "problem_')
-    resumed = run(sweep_cmd(model, data, run_dir))
-    assert resumed.returncode == 0, resumed.stderr[-3000:]
-    assert "already finished" in resumed.stdout
-    assert outcomes(run_dir) == outcomes(full_run[0])
-    assert_summary_is_recomputed_from_records(
-        run_dir, [json.loads(line) for line in (run_dir / "records.jsonl").read_text().splitlines()])
 
-
-def test_drained_run_finishes_its_sessions_in_flight_and_resumes_to_the_same_results(setup, full_run):
-    """SIGUSR1 stops the admissions: the run finishes the sessions it holds, writes the summary of what is done,
-    exits 0, and the same command does the rest."""
-    base, model, data = setup
-    run_dir = base / "drained"
     proc = subprocess.Popen(sweep_cmd(model, data, run_dir), cwd=ROOT, stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, text=True)
-    records = run_dir / "records.jsonl"
-    deadline = time.time() + 600
-    while time.time() < deadline and proc.poll() is None:
-        if records.exists() and len(records.read_text().splitlines()) >= 2:
-            break
-        time.sleep(0.2)
+    wait_for_records(proc, records, partial + 2)
     proc.send_signal(signal.SIGUSR1)
     out, _ = proc.communicate(timeout=600)
     assert proc.returncode == 0, out[-3000:]
-    assert "SIGUSR1: finishing the sessions in flight" in out
+    assert "already finished" in out and "SIGUSR1: finishing the sessions in flight" in out
     drained = [json.loads(line) for line in records.read_text().splitlines()]
-    assert 2 <= len(drained) < 36 and len({(r["method"], r["problem_id"]) for r in drained}) == len(drained)
-    summary = json.loads((run_dir / "summary.json").read_text())  # of what is done (not every method ran)
+    assert partial + 2 <= len(drained) < 36
+    assert len({(r["method"], r["problem_id"]) for r in drained}) == len(drained)
+    summary = json.loads((run_dir / "summary.json").read_text())  # of what is done
     assert summary["methods"] == json.loads(json.dumps(summarize(drained, 3)))
+
     resumed = run(sweep_cmd(model, data, run_dir))
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert f"{len(drained)} problem runs already finished" in resumed.stdout
     assert outcomes(run_dir) == outcomes(full_run[0])
+    assert_summary_is_recomputed_from_records(
+        run_dir, [json.loads(line) for line in records.read_text().splitlines()])
 
 
 def test_resuming_with_other_settings_is_refused(setup, full_run):
