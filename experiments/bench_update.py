@@ -15,8 +15,9 @@ the same parameters as `paper`).
 A variant is a preset name (`paper`, `fast`) optionally followed by overrides joined with `-`:
 `L<N>` the last N layers (`all` every layer), `k<K>` the head metric's top-k (`k0` exact), `cg<N>`
 CG iterations, `bt<N>` backtracking halvings, `tr<X>` the trust region on ||Δθ||, `linear` LoRA on every
-linear layer (not only q, v), `nr` activations stored instead of recomputed (--noremat for one variant), `hidden` the hidden-state offset. `L4` = paper with LoRA
-on the last 4 layers only.
+linear layer (not only q, v), `nr` activations stored instead of recomputed (--noremat for one variant),
+`pb<N>` the sessions solved in passes of N (the sweep's --update_batch), `hidden` the hidden-state offset.
+`L4` = paper with LoRA on the last 4 layers only; `fast-pb1-nr` = the sweep's step on a short history.
 """
 
 from __future__ import annotations
@@ -55,15 +56,17 @@ flags.DEFINE_string("reference", None, "an earlier --out of the same model and s
                     "the same)")
 
 
-def parse_variant(name: str) -> tuple[WeightsPreset, bool]:
-    """(preset, remat) of a variant name."""
+def parse_variant(name: str) -> tuple[WeightsPreset, dict]:
+    """(preset, RosaConfig fields outside the preset) of a variant name."""
     base, *overrides = name.split("-")
     if base not in PRESETS:
         base, overrides = "paper", [base] + overrides
-    preset, remat = PRESETS[base], FLAGS.remat
+    preset, solver = PRESETS[base], {"remat": FLAGS.remat}
     for o in overrides:
         if o == "nr":
-            remat = False
+            solver["remat"] = False
+        elif o[:2] == "pb" and o[2:].isdigit():
+            solver["session_batch"] = int(o[2:])
         elif o == "linear":
             preset = dataclasses.replace(preset, lora_targets=LORA_TARGETS)
         elif o == "hidden":
@@ -82,7 +85,7 @@ def parse_variant(name: str) -> tuple[WeightsPreset, bool]:
             preset = dataclasses.replace(preset, max_step_norm=float(o[2:]))
         else:
             raise app.UsageError(f"variant {name!r}: unknown part {o!r} (see the module doc)")
-    return preset, remat
+    return preset, solver
 
 
 def real_sessions(model, count: int, history: int):
@@ -111,9 +114,9 @@ def timed_compiled(jitted, *args, **static):
     return compiled, best_time(call, repeats=1), out
 
 
-def run_variant(model, preset: WeightsPreset, remat: bool, batch: UpdateBatch, S: int):
+def run_variant(model, preset: WeightsPreset, solver: dict, batch: UpdateBatch, S: int):
     cfg, params = model.cfg, model.params
-    rosa = preset.rosa(remat=remat)
+    rosa = preset.rosa(**solver)
     if preset.adapter == "hidden":
         theta = jnp.zeros((S, cfg.hidden_size), jnp.float32)
         compiled, seconds, (new, stats) = timed_compiled(
@@ -181,10 +184,10 @@ def main(_):
                             jnp.full((S,), T, jnp.int32), jnp.full((S,), -1.0, jnp.float32), jnp.ones((S,), bool),
                             window=T)
         ref, ref_deltas = references.get(S), None
-        for name, (preset, remat) in variants.items():
+        for name, (preset, solver) in variants.items():
             if name == "paper" and ref is not None:
                 continue
-            seconds, mem, stats, deltas = run_variant(model, preset, remat, batch, S)
+            seconds, mem, stats, deltas = run_variant(model, preset, solver, batch, S)
             per_session = {k: np.asarray(getattr(stats, k)).tolist() for k in PER_SESSION}
             if name == "paper":
                 ref, ref_deltas = {k: np.asarray(v) for k, v in per_session.items()}, deltas
@@ -193,7 +196,7 @@ def main(_):
                                      f"against {stats.kl_before}); rerun the paper step")
             same = preset.adapter == "lora" and (preset.lora_layers, preset.lora_targets) == ("all", ("q", "v"))
             q = quality(stats, deltas if same else None, ref, ref_deltas)
-            row = {"sessions": S, "variant": name, "preset": dataclasses.asdict(preset), "remat": remat,
+            row = {"sessions": S, "variant": name, "preset": dataclasses.asdict(preset), **solver,
                    "s_per_session": seconds / S,
                    "generation_s": gen_s, "update_over_generation": seconds / gen_s, "peak_temp_bytes": mem,
                    "per_session": per_session} | q
@@ -206,13 +209,13 @@ def main(_):
         print(f"(S={S}: generating the turn took {gen_s:.1f} s)", flush=True)
     mem_rows = []
     if FLAGS.memory_response_lens:
-        name, (preset, remat) = list(variants.items())[-1]
+        name, (preset, solver) = list(variants.items())[-1]
         print(f"\nmemory against response length, {name}, S=1: | T | peak temp | T x V x 4 bytes |")
         for t_len in map(int, FLAGS.memory_response_lens):
             toks = jnp.asarray(np.random.RandomState(0).randint(100, cfg.vocab_size, (1, H + t_len)), jnp.int32)
             b = UpdateBatch(toks, jnp.ones(toks.shape, bool), jnp.full((1,), t_len, jnp.int32),
                             jnp.full((1,), -1.0, jnp.float32), jnp.ones((1,), bool), window=t_len)
-            rosa = preset.rosa(remat=remat)
+            rosa = preset.rosa(**solver)
             ad = init_adapters(cfg, preset.lora(cfg.num_layers), 1, jax.random.key(0))
             mem = int(rosa_update.lower(params, ad, b, cfg=cfg, rosa=rosa).compile().memory_analysis().temp_size_in_bytes)
             mem_rows.append({"response_len": t_len, "peak_temp_bytes": mem, "full_probs_bytes": t_len * cfg.vocab_size * 4})
