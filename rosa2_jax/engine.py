@@ -262,8 +262,8 @@ class SessionEngine:
         return s
 
     def stop_admitting(self) -> int:
-        """Admit no more of the running run's problems: it returns once the sessions in flight have finished
-        (safe from a signal handler). Returns how many problems were left out."""
+        """Admit no more of the running run's problems: `run` returns once the sessions in flight have
+        finished (safe from a signal handler). Returns how many problems were left out."""
         left = len(self.queue)
         self.queue.clear()
         return left

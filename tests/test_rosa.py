@@ -181,6 +181,15 @@ def _batched_and_looped(params, adapters, batch, cfg, rosa):
     return (batched, stats), looped
 
 
+def _float64_sessions(cfg, params, active):
+    """The tiny model, three perturbed adapters and a batch of three failed sessions, all in float64."""
+    params64 = jax.tree.map(lambda x: jnp.asarray(x, jnp.float64), params)
+    ad = perturbed_adapters(cfg, LoraConfig(rank=2, alpha=4.0, targets=("q", "k", "v", "o")), 3, seed=7)
+    ad = LoraAdapters(jax.tree.map(lambda x: jnp.asarray(x, jnp.float64), ad.factors), ad.scale)
+    batch = make_batch(cfg, 4, [-1.0, -1.0, -1.0], active)
+    return params64, ad, batch.replace(reward=batch.reward.astype(jnp.float64))
+
+
 @pytest.mark.parametrize("tilt,residual", [("token", "prob"), ("suffix", "prob"), ("token", "logit")])
 def test_vmapped_update_equals_loop_of_single_sessions(tiny, tilt, residual):
     """In float64, so that the check is about batching: in float32 the batched GEMMs round in another
@@ -189,11 +198,7 @@ def test_vmapped_update_equals_loop_of_single_sessions(tiny, tilt, residual):
     cfg, params = tiny
     rosa = RosaConfig(position_chunk=CHUNK, tilt=tilt, residual=residual)
     with jax.enable_x64(True):
-        params64 = jax.tree.map(lambda x: jnp.asarray(x, jnp.float64), params)
-        ad = perturbed_adapters(cfg, LoraConfig(rank=2, alpha=4.0, targets=("q", "k", "v", "o")), 3, seed=7)
-        ad = LoraAdapters(jax.tree.map(lambda x: jnp.asarray(x, jnp.float64), ad.factors), ad.scale)
-        batch = make_batch(cfg, 4, [-1.0, -1.0, -1.0], [True, True, True])
-        batch = batch.replace(reward=batch.reward.astype(jnp.float64))
+        params64, ad, batch = _float64_sessions(cfg, params, [True, True, True])
         (batched, stats), looped = _batched_and_looped(params64, ad, batch, cfg, rosa)
         assert batched.factors["q"][0].dtype == jnp.float64
         for s, (single, single_stats) in enumerate(looped):
@@ -213,11 +218,7 @@ def test_sessions_in_passes_with_stored_activations_equal_one_vmap(tiny):
     passes = dataclasses.replace(rosa, session_batch=2, store_up_to=48)
     assert not passes.for_pass(3, 24).remat and passes.for_pass(3, 25).remat  # 2 sessions x 24 tokens fit
     with jax.enable_x64(True):
-        params64 = jax.tree.map(lambda x: jnp.asarray(x, jnp.float64), params)
-        ad = perturbed_adapters(cfg, LoraConfig(rank=2, alpha=4.0, targets=("q", "k", "v", "o")), 3, seed=7)
-        ad = LoraAdapters(jax.tree.map(lambda x: jnp.asarray(x, jnp.float64), ad.factors), ad.scale)
-        batch = make_batch(cfg, 4, [-1.0, -1.0, -1.0], [True, False, True])
-        batch = batch.replace(reward=batch.reward.astype(jnp.float64))
+        params64, ad, batch = _float64_sessions(cfg, params, [True, False, True])
         whole, whole_stats = rosa_update(params64, ad, batch, cfg=cfg, rosa=rosa)
         split, split_stats = rosa_update(params64, ad, batch, cfg=cfg, rosa=passes)
     for x, y in zip(jax.tree.leaves(whole.factors), jax.tree.leaves(split.factors)):
