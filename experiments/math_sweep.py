@@ -237,9 +237,8 @@ def run_sweep(run_dir: Path, info: ProcessInfo) -> dict | None:
                     bar.write(f"after {bar.n} problems: {engine.stats}")
 
             def drain(signum, frame):
-                left = engine.stop_admitting()
-                bar.write(f"{signal.Signals(signum).name}: finishing the sessions in flight and admitting none of "
-                          f"the {left} problem runs left (rerun the same command to do them)")
+                engine.stop_admitting()
+                bar.write(f"{signal.Signals(signum).name}: finishing the sessions in flight and admitting no more")
 
             # `kill -USR1 <pid>` ends a run without losing the sessions in flight (a session's state is not
             # saved between runs, so a kill loses them).
@@ -249,6 +248,9 @@ def run_sweep(run_dir: Path, info: ProcessInfo) -> dict | None:
             finally:
                 signal.signal(signal.SIGUSR1, previous)
                 engine.close()
+            if not engine.admitting:
+                bar.write(f"stopped early: {len(engine.queue)} problem runs were not admitted "
+                          "(rerun the same command to do them)")
             if isinstance(engine, TokenEngine):
                 bar.write(f"all {bar.n} problems: {engine.stats}")
     wall = time.time() - start

@@ -118,6 +118,8 @@ class SessionEngine:
         self.streams: dict[type[Stream], Stream] = {}
         self._add_streams(cfg.method)
         self.queue: deque[tuple[str, Problem]] = deque()  # the running run's problems not admitted yet
+        # Cleared by stop_admitting and never set again, so a stop that comes before `run` also holds.
+        self.admitting = True
 
     def _add_streams(self, method: str) -> None:
         """Create the streams `method` runs that this engine does not have yet."""
@@ -261,19 +263,21 @@ class SessionEngine:
             stream.reset(slot, s)
         return s
 
-    def stop_admitting(self) -> int:
-        """Admit no more of the running run's problems: `run` returns once the sessions in flight have
-        finished (safe from a signal handler). Returns how many problems were left out."""
-        left = len(self.queue)
-        self.queue.clear()
-        return left
+    def stop_admitting(self) -> None:
+        """Admit no more problems, now or in a later `run`: `run` returns once the sessions in flight have
+        finished, leaving the problems it did not admit in `self.queue` (safe from a signal handler)."""
+        self.admitting = False
+
+    def _admissible(self) -> bool:
+        """Whether the running run has problems left to admit."""
+        return bool(self.queue) and self.admitting
 
     def run(self, problems: Iterable[Work], on_finish: Callable[[Session], None]) -> None:
         queue = self.queue = self._work(problems)
         slots: dict[int, Session] = {}
-        while queue or slots:
+        while self._admissible() or slots:
             for i in range(self.cfg.slots):
-                while i not in slots and queue:
+                while i not in slots and self._admissible():
                     s = self._admit(i, *queue.popleft())
                     if s.error:
                         on_finish(s)

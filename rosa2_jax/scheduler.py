@@ -227,8 +227,8 @@ class TokenEngine(SessionEngine):
 
     def _run(self, run: "_Run") -> None:
         cfg = self.cfg
-        while run.queue or run.sessions:
-            while run.free and run.queue:  # admit new problems into the pool
+        while self._admissible() or run.sessions:
+            while run.free and self._admissible():  # admit new problems into the pool
                 i = run.free.popleft()
                 s = self._admit(i, *run.queue.popleft())
                 if s.error:
@@ -259,7 +259,7 @@ class TokenEngine(SessionEngine):
                 self._deliver(run, stream, results, seconds)
             self._start_host_jobs(run)
             occupied = [self._occupied(row) for row in range(cfg.slots)]
-            nothing_ready = not run.ready and not run.text_ready and not (run.free and run.queue)
+            nothing_ready = not run.ready and not run.text_ready and not (run.free and self._admissible())
             idle = nothing_ready and not any(occupied)
             # A row that nothing can fill would decode empty: the queued Weights step goes first, so that its
             # sessions fill it (beside other methods' sessions, the bucket may never fill).

@@ -281,20 +281,35 @@ def test_stop_admitting_finishes_the_sessions_in_flight_and_admits_no_more(model
                        max_context=512, decode_steps=5)
     engine = SCHEDULERS[scheduler](model, cfg)
     in_flight = 3 if scheduler == "token" else 2  # the pool, or the rows of the turn engine
-    finished, left_out = [], []
+    finished = []
 
     def finish(session):
         finished.append(session)
         if len(finished) == 1:
-            left_out.append(engine.stop_admitting())
+            engine.stop_admitting()
 
     try:
         engine.run(PROBLEMS, finish)
     finally:
         engine.close()
-    assert left_out == [len(PROBLEMS) - in_flight]
+    assert [p.id for _, p in engine.queue] == [p.id for p in PROBLEMS[in_flight:]]
     assert sorted(s.problem.id for s in finished) == [p.id for p in PROBLEMS[:in_flight]]
     assert all(s.error is None for s in finished)
+
+
+@pytest.mark.parametrize("scheduler", list(SCHEDULERS))
+def test_a_stop_before_the_run_starts_admits_nothing(model, scheduler):
+    # A signal can land after the handler is installed and before `run` takes its work.
+    cfg = EngineConfig(method="baseline", max_turns=2, slots=2, sessions=3, sampling=SamplingConfig(max_new_tokens=10),
+                       max_context=512)
+    engine = SCHEDULERS[scheduler](model, cfg)
+    engine.stop_admitting()
+    finished = []
+    try:
+        engine.run(PROBLEMS, finished.append)
+    finally:
+        engine.close()
+    assert finished == [] and [p.id for _, p in engine.queue] == [p.id for p in PROBLEMS]
 
 
 def test_pool_smaller_than_the_decode_batch_is_refused(model):

@@ -133,7 +133,7 @@ def test_killed_then_drained_run_resumes_to_the_same_results(setup, full_run):
     out, _ = proc.communicate(timeout=600)
     assert proc.returncode == 0, out[-3000:]
     assert "already finished" in out
-    left = int(re.search(r"SIGUSR1: finishing the sessions in flight and admitting none of the (\d+)", out)[1])
+    left = int(re.search(r"stopped early: (\d+) problem runs were not admitted", out)[1])
     drained = written_records(run_dir)
     # Every run admitted before the signal is finished, none after it (how many were still queued depends on
     # the machine's speed; a signal after the last admission leaves none).
