@@ -22,10 +22,14 @@ flags.DEFINE_string("run_dir", None, "a sweep's folder (config.json + records*.j
 
 def main(_):
     run_dir = Path(FLAGS.run_dir)
+    if not (run_dir / "config.json").is_file():
+        raise app.UsageError(f"{run_dir} is not a sweep's folder: it has no config.json (experiments.math_sweep "
+                             "--run_dir=DIR writes one when it starts)")
     config = json.loads((run_dir / "config.json").read_text())
     records = [r for r in read_records(run_dir) if r["method"] in config["methods"]]
+    # Not the sweep's own figures (wall time, memory): those belong to a run, and this is a rewrite.
     _, md = write_report(run_dir, records, config["max_turns"],
-                         {"model": config["model"], "dataset": config["dataset"], "complete": False})
+                         {"model": config["model"], "dataset": config["dataset"], "written_by": "experiments.report"})
     print(md)
 
 

@@ -84,18 +84,22 @@ def test_behaviour_counts_on_a_hand_built_session():
                          refine=words("Re-check the step where you add the 2 boxes, not 12.5"),
                          update={"logp_before": -0.8, "logp_after": -0.9}, step_norm_sq=0.4),
              turn_record(turn=3, response="so \\boxed{7}", extracted="7",
-                         refine={"status": "fallback:leak", "message": "7", "critique": "c"}),
+                         refine={"status": "fallback:leak", "message": "7", "critique": "c"},
+                         update={"logp_before": -0.5, "logp_after": -0.5, "rejected": True}, step_norm_sq=0.0),
              turn_record(turn=4, response="no box", extracted=None)]
     s = summarize_method([rec(None) | {"turns": turns}], max_turns=4)
     assert s["answer_kept_rate"] == 1 / 2  # 12 -> 12 kept, 12 -> 7 not; 7 -> None not counted
     assert s["response_repeated_rate"] == 1 / 3
-    assert s["failed_logp_drop"] == pytest.approx((0.5 + 0.1) / 2)
-    assert s["mean_step_norm_sq"] == pytest.approx(0.3)
+    assert s["failed_logp_drop"] == pytest.approx((0.5 + 0.1 + 0.0) / 3)
+    # The refused step counts as 0 in the mean over all steps and not at all in the mean over kept ones.
+    assert s["mean_step_norm_sq"] == pytest.approx((0.2 + 0.4 + 0.0) / 3)
+    assert s["mean_applied_step_norm_sq"] == pytest.approx((0.2 + 0.4) / 2)
     # Of the two rewrites used (the fallback is not): "12" is bare and states the failed answer 12; the
     # instruction mentions 12.5 and 2, neither of which is the failed answer 12.
     assert s["rewrite_bare_rate"] == 1 / 2 and s["rewrite_states_failed_answer_rate"] == 1 / 2
     empty = summarize_method([rec(1)], max_turns=4)
     assert empty["answer_kept_rate"] is None and empty["failed_logp_drop"] is None
+    assert empty["mean_applied_step_norm_sq"] is None
 
 
 def test_summary_splits_methods():

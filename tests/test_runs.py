@@ -1,9 +1,13 @@
-"""The record store on its own: torn lines, duplicates across process files, merging."""
+"""The record store on its own: torn lines, duplicates across process files, merging; a folder's report."""
 
 import json
+import subprocess
+import sys
+from pathlib import Path
 
 from rosa2_jax.distributed import ProcessInfo
 from rosa2_jax.runs import RECORDS, drop_torn_tail, merge_records, read_records, records_path
+from rosa2_jax.tasks.metrics import compare_methods, summarize
 
 
 def line(method, pid, solved_at=1):
@@ -47,3 +51,26 @@ def test_merge_folds_process_files_into_one_and_loses_nothing(tmp_path):
     assert [json.loads(x) for x in (tmp_path / RECORDS).read_text().splitlines()] == merged
     assert {(r["problem_id"], r["solved_at"]) for r in merged} == {("p1", 1), ("p2", 1), ("p3", 1)}
     assert merge_records(tmp_path) == merged  # merging a merged folder changes nothing
+
+
+def test_report_of_a_folder_is_computed_from_its_records_alone(tmp_path):
+    root = Path(__file__).resolve().parents[1]
+    cmd = [sys.executable, "-m", "experiments.report", f"--run_dir={tmp_path}"]
+    missing = subprocess.run(cmd, cwd=root, capture_output=True, text=True, timeout=300)
+    assert missing.returncode != 0 and "has no config.json" in missing.stderr + missing.stdout
+
+    (tmp_path / "config.json").write_text(json.dumps({"methods": ["rosa", "words"], "max_turns": 3,
+                                                      "model": "m", "dataset": "d"}))
+    # A method the config does not run, a second copy of a problem, and a torn last line are left out.
+    (tmp_path / RECORDS).write_text(line("rosa", "p1", 1) + line("words", "p1", None) + line("rosa", "p2", 3)
+                                    + line("words", "p2", 2) + line("switch", "p1", 1) + '{"torn')
+    (tmp_path / "records.process-1.jsonl").write_text(line("rosa", "p1", None))
+    done = subprocess.run(cmd, cwd=root, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    kept = [json.loads(line(*r)) for r in [("rosa", "p1", 1), ("words", "p1", None), ("rosa", "p2", 3),
+                                           ("words", "p2", 2)]]
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    assert summary["methods"] == json.loads(json.dumps(summarize(kept, 3)))
+    assert summary["comparisons"] == json.loads(json.dumps(compare_methods(kept)))
+    assert summary["methods"]["rosa"]["accuracy"] == 1.0 and summary["methods"]["words"]["accuracy"] == 0.5
+    assert (tmp_path / "summary.md").is_file() and (tmp_path / "accuracy_by_turn.png").is_file()

@@ -57,6 +57,10 @@ def _rate(flags: list[bool]) -> float | None:
     return sum(flags) / len(flags) if flags else None
 
 
+def _mean(values: list[float]) -> float | None:
+    return sum(values) / len(values) if values else None
+
+
 def _is_bare(message: str) -> bool:
     """A rewrite with no word of three or more letters besides the box instruction the Words step appends:
     a number or an expression ("144", "2x + 5", "200 + 100 = 300"), not an instruction."""
@@ -77,8 +81,10 @@ def _behaviour(records: list[ProblemRecord]) -> dict:
       (logp_before - logp_after; > 0: the step made the failed answer less likely);
     - rewrite_bare_rate / rewrite_states_failed_answer_rate: of the Words rewrites used (status refined),
       the share that is a bare number or expression, and the share that contains the failed answer;
-    - mean_step_norm_sq: ||Δθ||² over every Weights step (paper Theorem 4.1: lower for ROSA2 than ROSA)."""
-    kept, repeated, drops, norms, bare, states = [], [], [], [], [], []
+    - mean_step_norm_sq: ||Δθ||² over every Weights step (paper Theorem 4.1: lower for ROSA2 than ROSA), a step
+      the KL safeguard refused counting as 0 (the adapter did not move); mean_applied_step_norm_sq: over the
+      steps it kept, so that a method refusing more steps does not look smaller for it."""
+    kept, repeated, drops, norms, applied, bare, states = [], [], [], [], [], [], []
     for r in records:
         for before, after in zip(r.turns, r.turns[1:]):
             if before.extracted is not None and after.extracted is not None:
@@ -89,12 +95,14 @@ def _behaviour(records: list[ProblemRecord]) -> dict:
                 drops.append(t.update["logp_before"] - t.update["logp_after"])
             if t.step_norm_sq is not None:
                 norms.append(t.step_norm_sq)
+                if not (t.update or {}).get("rejected"):
+                    applied.append(t.step_norm_sq)
             if t.refine is not None and t.refine["status"] == "refined":
                 bare.append(_is_bare(t.refine["message"]))
                 states.append(_states(t.refine["message"], t.extracted))
     return {"answer_kept_rate": _rate(kept), "response_repeated_rate": _rate(repeated),
-            "failed_logp_drop": sum(drops) / len(drops) if drops else None,
-            "mean_step_norm_sq": sum(norms) / len(norms) if norms else None,
+            "failed_logp_drop": _mean(drops),
+            "mean_step_norm_sq": _mean(norms), "mean_applied_step_norm_sq": _mean(applied),
             "rewrite_bare_rate": _rate(bare), "rewrite_states_failed_answer_rate": _rate(states)}
 
 

@@ -42,13 +42,16 @@ def behaviour_table(summary: dict) -> str:
     def pct(x):
         return "-" if x is None else f"{100 * x:.0f}%"
 
+    def num(x):
+        return "-" if x is None else f"{x:.3g}"
+
     lines = ["| method | later turns keeping the answer | repeating the response word for word | failed answer's "
              "log-prob drop per step | rewrites that are a bare number | rewrites containing the failed answer | "
-             "mean ‖Δθ‖² |",
+             "mean ‖Δθ‖² (all steps / kept steps) |",
              "|---|---|---|---|---|---|---|"]
     for m, s in summary.items():
         drop = "-" if s["failed_logp_drop"] is None else f"{s['failed_logp_drop']:+.3f}"
-        norm = "-" if s["mean_step_norm_sq"] is None else f"{s['mean_step_norm_sq']:.3g}"
+        norm = f"{num(s['mean_step_norm_sq'])} / {num(s['mean_applied_step_norm_sq'])}"
         lines.append(f"| {m} | {pct(s['answer_kept_rate'])} | {pct(s['response_repeated_rate'])} | {drop} | "
                      f"{pct(s['rewrite_bare_rate'])} | {pct(s['rewrite_states_failed_answer_rate'])} | {norm} |")
     return "\n".join(lines)
