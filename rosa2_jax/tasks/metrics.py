@@ -53,11 +53,8 @@ def summarize_method(records: Iterable[Record], max_turns: int) -> dict:
     }
 
 
-def _rate(flags: list[bool]) -> float | None:
-    return sum(flags) / len(flags) if flags else None
-
-
-def _mean(values: list[float]) -> float | None:
+def _mean(values: list[float] | list[bool]) -> float | None:
+    """The mean, or None with nothing to count; of flags, the share that hold."""
     return sum(values) / len(values) if values else None
 
 
@@ -100,10 +97,10 @@ def _behaviour(records: list[ProblemRecord]) -> dict:
             if t.refine is not None and t.refine["status"] == "refined":
                 bare.append(_is_bare(t.refine["message"]))
                 states.append(_states(t.refine["message"], t.extracted))
-    return {"answer_kept_rate": _rate(kept), "response_repeated_rate": _rate(repeated),
+    return {"answer_kept_rate": _mean(kept), "response_repeated_rate": _mean(repeated),
             "failed_logp_drop": _mean(drops),
             "mean_step_norm_sq": _mean(norms), "mean_applied_step_norm_sq": _mean(applied),
-            "rewrite_bare_rate": _rate(bare), "rewrite_states_failed_answer_rate": _rate(states)}
+            "rewrite_bare_rate": _mean(bare), "rewrite_states_failed_answer_rate": _mean(states)}
 
 
 def _weights_step_counts(records: list[ProblemRecord]) -> dict:
