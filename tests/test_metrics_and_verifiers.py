@@ -94,6 +94,8 @@ def test_behaviour_counts_on_a_hand_built_session():
     # The refused step counts as 0 in the mean over all steps and not at all in the mean over kept ones.
     assert s["mean_step_norm_sq"] == pytest.approx((0.2 + 0.4 + 0.0) / 3)
     assert s["mean_applied_step_norm_sq"] == pytest.approx((0.2 + 0.4) / 2)
+    assert s["mean_step_norm_sq_by_turn"] == [0.2, 0.4, 0.0, None]
+    assert s["mean_applied_step_norm_sq_by_turn"] == [0.2, 0.4, None, None]
     # Of the two rewrites used (the fallback is not): "12" is bare and states the failed answer 12; the
     # instruction mentions 12.5 and 2, neither of which is the failed answer 12.
     assert s["rewrite_bare_rate"] == 1 / 2 and s["rewrite_states_failed_answer_rate"] == 1 / 2

@@ -69,6 +69,7 @@ def test_every_method_runs_and_summary_matches_records(full_run):
     assert len(records) == 36 and len({(r["method"], r["problem_id"]) for r in records}) == 36
     assert_summary_is_recomputed_from_records(run_dir, records)
     assert (run_dir / "accuracy_by_turn.png").stat().st_size > 0
+    assert (run_dir / "step_norm_by_turn.png").stat().st_size > 0
     assert "| method |" in stdout
     config = json.loads((run_dir / "config.json").read_text())  # every flag of the run, shared ones too
     assert config["max_new_tokens"] == 12 and config["model"].endswith("model") and config["max_turns"] == 3

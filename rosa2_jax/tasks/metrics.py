@@ -46,6 +46,7 @@ def summarize_method(records: Iterable[Record], max_turns: int) -> dict:
         "accuracy_by_turn_ci95": [list(wilson_interval(k, n)) for k in by_turn],
         "seconds_per_problem": sum(r.seconds for r in records) / n if n else 0.0,
         "mean_step_norm_sq_by_turn": _mean_by_turn(records, max_turns, "step_norm_sq"),
+        "mean_applied_step_norm_sq_by_turn": _mean_by_turn(records, max_turns, "step_norm_sq", _step_kept),
         **_weights_step_counts(records),
         **_words_fallback_counts(records),
         "mean_semantic_shift_by_turn": _mean_by_turn(records, max_turns, "semantic_shift"),
@@ -92,7 +93,7 @@ def _behaviour(records: list[ProblemRecord]) -> dict:
                 drops.append(t.update["logp_before"] - t.update["logp_after"])
             if t.step_norm_sq is not None:
                 norms.append(t.step_norm_sq)
-                if not (t.update or {}).get("rejected"):
+                if _step_kept(t):
                     applied.append(t.step_norm_sq)
             if t.refine is not None and t.refine["status"] == "refined":
                 bare.append(_is_bare(t.refine["message"]))
@@ -120,12 +121,19 @@ def _words_fallback_counts(records: list[ProblemRecord]) -> dict:
             "words_leak_fallback_rate": fallbacks.count("fallback:leak") / len(statuses) if statuses else 0.0}
 
 
-def _mean_by_turn(records: list[ProblemRecord], max_turns: int, key: str) -> list[float | None]:
+def _step_kept(turn) -> bool:
+    """The turn's Weights step, if any, was not refused by the KL safeguard."""
+    return not (turn.update or {}).get("rejected")
+
+
+def _mean_by_turn(records: list[ProblemRecord], max_turns: int, key: str, counts_turn=lambda turn: True
+                  ) -> list[float | None]:
+    """Per turn, the mean of `key` over the turns that have it and that `counts_turn` accepts."""
     sums, counts = defaultdict(float), defaultdict(int)
     for r in records:
         for turn in r.turns:
             value = getattr(turn, key)
-            if value is not None:
+            if value is not None and counts_turn(turn):
                 sums[turn.turn] += value
                 counts[turn.turn] += 1
     return [sums[t] / counts[t] if counts[t] else None for t in range(1, max_turns + 1)]

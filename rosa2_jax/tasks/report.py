@@ -1,6 +1,7 @@
-"""A sweep's report, computed from its records alone: summary.json, summary.md and accuracy_by_turn.png
+"""A sweep's report, computed from its records alone: summary.json, summary.md, accuracy_by_turn.png
 (accuracy with 95% Wilson intervals, paired comparisons of methods, the Words fallback and Weights
-safeguard counts)."""
+safeguard counts) and, when a method took Weights steps, step_norm_by_turn.png (mean ||Δθ||² by turn, the
+study's view of the paper's Figure 3 / Theorem 4.1)."""
 
 from __future__ import annotations
 
@@ -57,20 +58,17 @@ def behaviour_table(summary: dict) -> str:
     return "\n".join(lines)
 
 
-def plot(summary: dict, path: Path, max_turns: int) -> None:
+def _figure():
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(6.5, 4.2))
-    turns = list(range(1, max_turns + 1))
-    for m, s in summary.items():
-        line, = ax.plot(turns, [100 * a for a in s["accuracy_by_turn"]], marker="o", label=f"{m} (n={s['problems']})")
-        lo, hi = zip(*s["accuracy_by_turn_ci95"])
-        ax.fill_between(turns, [100 * x for x in lo], [100 * x for x in hi], color=line.get_color(), alpha=0.12)
+    return plt, *plt.subplots(figsize=(6.5, 4.2))
+
+
+def _save(plt, fig, ax, path: Path, turns: list[int]) -> None:
     ax.set_xlabel("turn")
-    ax.set_ylabel("accuracy within turn (%), 95% Wilson band")
     ax.set_xticks(turns)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
@@ -79,8 +77,38 @@ def plot(summary: dict, path: Path, max_turns: int) -> None:
     plt.close(fig)
 
 
+def plot(summary: dict, path: Path, max_turns: int) -> None:
+    plt, fig, ax = _figure()
+    turns = list(range(1, max_turns + 1))
+    for m, s in summary.items():
+        line, = ax.plot(turns, [100 * a for a in s["accuracy_by_turn"]], marker="o", label=f"{m} (n={s['problems']})")
+        lo, hi = zip(*s["accuracy_by_turn_ci95"])
+        ax.fill_between(turns, [100 * x for x in lo], [100 * x for x in hi], color=line.get_color(), alpha=0.12)
+    ax.set_ylabel("accuracy within turn (%), 95% Wilson band")
+    _save(plt, fig, ax, path, turns)
+
+
+def plot_step_norms(summary: dict, path: Path, max_turns: int) -> None:
+    """Mean ||Δθ||² of the Weights steps taken after each turn's failed answer: solid over every step (a
+    refused step counts as 0), dashed over the steps the KL safeguard kept."""
+    plt, fig, ax = _figure()
+    turns = list(range(1, max_turns + 1))
+    nan = float("nan")
+    for m, s in summary.items():
+        if not s["weights_steps"]:
+            continue
+        every = [nan if x is None else x for x in s["mean_step_norm_sq_by_turn"]]
+        kept = [nan if x is None else x for x in s["mean_applied_step_norm_sq_by_turn"]]
+        line, = ax.plot(turns, every, marker="o", label=f"{m}, all {s['weights_steps']} steps")
+        ax.plot(turns, kept, marker="x", linestyle="--", color=line.get_color(),
+                label=f"{m}, {s['weights_steps'] - s['weights_steps_rejected']} kept")
+    ax.set_ylabel("mean ||Δθ||² of the Weights step after turn t")
+    _save(plt, fig, ax, path, turns)
+
+
 def write_report(run_dir: Path, records: list[dict], max_turns: int, run: dict) -> tuple[dict, str]:
-    """Write summary.json / summary.md / accuracy_by_turn.png; return (per-method summary, markdown)."""
+    """Write summary.json / summary.md / accuracy_by_turn.png (and step_norm_by_turn.png when a method took
+    Weights steps); return (per-method summary, markdown)."""
     summary = summarize(records, max_turns)
     comparisons = compare_methods(records)
     (run_dir / "summary.json").write_text(json.dumps({"methods": summary, "comparisons": comparisons, "run": run},
@@ -88,4 +116,6 @@ def write_report(run_dir: Path, records: list[dict], max_turns: int, run: dict) 
     md = table(summary) + "\n\n" + comparison_table(comparisons) + "\n\n" + behaviour_table(summary)
     (run_dir / "summary.md").write_text(md + "\n")
     plot(summary, run_dir / "accuracy_by_turn.png", max_turns)
+    if any(s["weights_steps"] for s in summary.values()):
+        plot_step_norms(summary, run_dir / "step_norm_by_turn.png", max_turns)
     return summary, md
