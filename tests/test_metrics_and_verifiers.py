@@ -86,10 +86,12 @@ def test_behaviour_counts_on_a_hand_built_session():
              turn_record(turn=3, response="so \\boxed{7}", extracted="7",
                          refine={"status": "fallback:leak", "message": "7", "critique": "c"},
                          update={"logp_before": -0.5, "logp_after": -0.5, "rejected": True}, step_norm_sq=0.0),
-             turn_record(turn=4, response="no box", extracted=None)]
+             turn_record(turn=4, response="no box", extracted=None, response_tokens=2)]
     s = summarize_method([rec(None) | {"turns": turns}], max_turns=4)
     assert s["answer_kept_rate"] == 1 / 2  # 12 -> 12 kept, 12 -> 7 not; 7 -> None not counted
     assert s["response_repeated_rate"] == 1 / 3
+    assert s["mean_response_tokens_first"] == 5 and s["mean_response_tokens_later"] == (5 + 5 + 2) / 3
+    assert s["mean_response_tokens_by_turn"] == [5, 5, 5, 2]
     assert s["failed_logp_drop"] == pytest.approx((0.5 + 0.1 + 0.0) / 3)
     # The refused step counts as 0 in the mean over all steps and not at all in the mean over kept ones.
     assert s["mean_step_norm_sq"] == pytest.approx((0.2 + 0.4 + 0.0) / 3)
@@ -102,6 +104,7 @@ def test_behaviour_counts_on_a_hand_built_session():
     empty = summarize_method([rec(1)], max_turns=4)
     assert empty["answer_kept_rate"] is None and empty["failed_logp_drop"] is None
     assert empty["mean_applied_step_norm_sq"] is None
+    assert empty["mean_response_tokens_first"] is None
 
 
 def test_summary_splits_methods():

@@ -50,6 +50,7 @@ def summarize_method(records: Iterable[Record], max_turns: int) -> dict:
         **_weights_step_counts(records),
         **_words_fallback_counts(records),
         "mean_semantic_shift_by_turn": _mean_by_turn(records, max_turns, "semantic_shift"),
+        "mean_response_tokens_by_turn": _mean_by_turn(records, max_turns, "response_tokens"),
         **_behaviour(records),
     }
 
@@ -75,6 +76,9 @@ def _behaviour(records: list[ProblemRecord]) -> dict:
     - answer_kept_rate: of the turns after the first, the share whose extracted answer equals the previous
       turn's (a session copying its own failed answer; turns without an answer on either side not counted);
     - response_repeated_rate: the share whose response is the previous turn's, word for word;
+    - mean_response_tokens_first / _later: the answers' length in tokens at turn 1 and at later turns (a
+      Weights step's window is its failed answer, so a method whose later answers are short takes steps on
+      a few tokens);
     - failed_logp_drop: mean over Weights steps of the drop of the failed response's mean token log-prob
       (logp_before - logp_after; > 0: the step made the failed answer less likely);
     - rewrite_bare_rate / rewrite_states_failed_answer_rate: of the Words rewrites used (status refined),
@@ -83,12 +87,14 @@ def _behaviour(records: list[ProblemRecord]) -> dict:
       the KL safeguard refused counting as 0 (the adapter did not move); mean_applied_step_norm_sq: over the
       steps it kept, so that a method refusing more steps does not look smaller for it."""
     kept, repeated, drops, norms, applied, bare, states = [], [], [], [], [], [], []
+    first_tokens, later_tokens = [], []
     for r in records:
         for before, after in zip(r.turns, r.turns[1:]):
             if before.extracted is not None and after.extracted is not None:
                 kept.append(before.extracted == after.extracted)
             repeated.append(before.response == after.response)
         for t in r.turns:
+            (first_tokens if t.turn == 1 else later_tokens).append(t.response_tokens)
             if t.update is not None and "logp_before" in t.update:
                 drops.append(t.update["logp_before"] - t.update["logp_after"])
             if t.step_norm_sq is not None:
@@ -99,6 +105,7 @@ def _behaviour(records: list[ProblemRecord]) -> dict:
                 bare.append(_is_bare(t.refine["message"]))
                 states.append(_states(t.refine["message"], t.extracted))
     return {"answer_kept_rate": _mean(kept), "response_repeated_rate": _mean(repeated),
+            "mean_response_tokens_first": _mean(first_tokens), "mean_response_tokens_later": _mean(later_tokens),
             "failed_logp_drop": _mean(drops),
             "mean_step_norm_sq": _mean(norms), "mean_applied_step_norm_sq": _mean(applied),
             "rewrite_bare_rate": _mean(bare), "rewrite_states_failed_answer_rate": _mean(states)}

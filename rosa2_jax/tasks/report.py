@@ -46,14 +46,15 @@ def behaviour_table(summary: dict) -> str:
     def num(x):
         return "-" if x is None else f"{x:.3g}"
 
-    lines = ["| method | later turns keeping the answer | repeating the response word for word | failed answer's "
-             "log-prob drop per step | rewrites that are a bare number | rewrites containing the failed answer | "
-             "mean ‖Δθ‖² (all steps / kept steps) |",
-             "|---|---|---|---|---|---|---|"]
+    lines = ["| method | later turns keeping the answer | repeating the response word for word | answer tokens "
+             "(turn 1 / later) | failed answer's log-prob drop per step | rewrites that are a bare number | "
+             "rewrites containing the failed answer | mean ‖Δθ‖² (all steps / kept steps) |",
+             "|---|---|---|---|---|---|---|---|"]
     for m, s in summary.items():
         drop = "-" if s["failed_logp_drop"] is None else f"{s['failed_logp_drop']:+.3f}"
         norm = f"{num(s['mean_step_norm_sq'])} / {num(s['mean_applied_step_norm_sq'])}"
-        lines.append(f"| {m} | {pct(s['answer_kept_rate'])} | {pct(s['response_repeated_rate'])} | {drop} | "
+        tokens = f"{num(s['mean_response_tokens_first'])} / {num(s['mean_response_tokens_later'])}"
+        lines.append(f"| {m} | {pct(s['answer_kept_rate'])} | {pct(s['response_repeated_rate'])} | {tokens} | {drop} | "
                      f"{pct(s['rewrite_bare_rate'])} | {pct(s['rewrite_states_failed_answer_rate'])} | {norm} |")
     return "\n".join(lines)
 
