@@ -32,7 +32,8 @@ from rosa2_jax.engine import REWARDS, EngineConfig, Session
 from rosa2_jax.scheduler import SCHEDULERS, TokenEngine
 from rosa2_jax.methods import ADAPTERS, METHODS, PRESETS, WeightsPreset
 from rosa2_jax.model.sharding import make_mesh
-from rosa2_jax.runs import RECORDS, drop_torn_tail, merge_records, read_records, records_path
+from rosa2_jax.runs import (RECORDS, drop_torn_tail, in_flight_path, merge_records, read_in_flight, read_records,
+                            records_path, write_in_flight)
 from rosa2_jax.tasks.data import load_problems
 from rosa2_jax.tasks.report import write_report
 from rosa2_jax.tasks.rewards import EQUIVALENCES
@@ -203,6 +204,7 @@ def run_sweep(run_dir: Path, info: ProcessInfo) -> dict | None:
     drop_torn_tail(own_records)
     # Every process reads the same files here (before anyone appends), so the shares are disjoint.
     done = {(r["method"], r["problem_id"]) for r in read_records(run_dir)}
+    snapshots = {key: row for key, row in read_in_flight(run_dir).items() if key not in done}
     barrier("records read")
     todo = {m: share([p for p in problems if (m, p.id) not in done], info) for m in FLAGS.methods}
     # One engine runs every method: its rows hold sessions of several methods at once, so that no method's
@@ -210,9 +212,14 @@ def run_sweep(run_dir: Path, info: ProcessInfo) -> dict | None:
     block = FLAGS.problems_per_round or len(problems)
     block_of = {p.id: k // block for k, p in enumerate(problems)}
     work = sorted(((m, p) for m in FLAGS.methods for p in todo[m]), key=lambda mp: block_of[mp[1].id])
+    # The sessions a stopped run left in flight go first, from their last finished turn.
+    restored = [Session.from_snapshot(snapshots[m, p.id], p) for m, p in work if (m, p.id) in snapshots]
+    work = restored + [(m, p) for m, p in work if (m, p.id) not in snapshots]
     total = len(work)
     if done:
         print(f"resuming {run_dir}: {len(done)} problem runs already finished")
+    if restored:
+        print(f"restoring {len(restored)} sessions in flight after {sum(s.turn for s in restored)} finished turns")
     if info.count > 1:
         print(f"process {info.index} of {info.count}: {total} problem runs to do", flush=True)
     model = model_from_flags(mesh)
@@ -225,12 +232,22 @@ def run_sweep(run_dir: Path, info: ProcessInfo) -> dict | None:
             # A problem's trajectory does not depend on its slot, so small runs use only the slots they fill
             # (rounded up to split evenly over the mesh's data axis).
             slots = -(-min(FLAGS.slots, len(work)) // data_size) * data_size
-            engine = SCHEDULERS[FLAGS.scheduler](model, engine_config(work[0][0], slots, model.cfg.num_layers),
+            first_method = work[0].method if isinstance(work[0], Session) else work[0][0]
+            engine = SCHEDULERS[FLAGS.scheduler](model, engine_config(first_method, slots, model.cfg.num_layers),
                                                  text_model)
+            own_in_flight = in_flight_path(run_dir, info)
+            in_flight = {(s.method, s.problem.id): snapshots[s.method, s.problem.id] for s in restored}
+            write_in_flight(own_in_flight, in_flight.values())  # this process's share, the rest dropped
+
+            def ready(session: Session):
+                in_flight[session.method, session.problem.id] = session.snapshot()
+                write_in_flight(own_in_flight, in_flight.values())
 
             def finish(session: Session):
                 out.write(json.dumps(session.record(FLAGS.dataset).to_json()) + "\n")
                 out.flush()
+                if in_flight.pop((session.method, session.problem.id), None) is not None:
+                    write_in_flight(own_in_flight, in_flight.values())
                 bar.update(1)
                 bar.set_postfix(method=session.method)
                 if isinstance(engine, TokenEngine) and bar.n % 16 == 0:  # where the time went so far
@@ -240,11 +257,11 @@ def run_sweep(run_dir: Path, info: ProcessInfo) -> dict | None:
                 engine.stop_admitting()
                 bar.write(f"{signal.Signals(signum).name}: finishing the sessions in flight and admitting no more")
 
-            # `kill -USR1 <pid>` ends a run without losing the sessions in flight (a session's state is not
-            # saved between runs, so a kill loses them).
+            # `kill -USR1 <pid>` ends a run without losing a turn; a kill loses the turns in progress (their
+            # sessions go on from the last finished turn).
             previous = signal.signal(signal.SIGUSR1, drain)
             try:
-                engine.run(work, finish)
+                engine.run(work, finish, ready)
             finally:
                 signal.signal(signal.SIGUSR1, previous)
                 engine.close()

@@ -11,15 +11,23 @@ turn. Each session carries its method, so one engine can run several methods' se
 
 Every random choice of a session (adapter init, sampling) is seeded from (seed, problem id, turn), so a
 problem's trajectory does not depend on which slot it lands in or what else shares its batch.
+
+Between two turns a session is whole in `Session.snapshot()` (JSON): a run can be stopped anywhere and its
+sessions in flight go on from their last finished turn (`run(on_ready=)`, `Session.from_snapshot`). A
+snapshot holds no adapter: the Weights steps are run again from the judged tokens it keeps (`_replay`), which
+costs a step each instead of megabytes of LoRA factors per session.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import time
+import warnings
 from collections import deque
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Callable, Iterable
+
+import numpy as np
 
 from rosa2_jax.adapt.rosa import RosaConfig
 from rosa2_jax.adapt.text_models import TextModel
@@ -74,9 +82,6 @@ class EngineConfig:
             raise ValueError(f"unknown reward {self.reward!r}; choose from {REWARDS}")
 
 
-Work = Problem | tuple[str, Problem]  # a problem run with `EngineConfig.method`, or (method, problem)
-
-
 @dataclasses.dataclass
 class Session:
     problem: Problem
@@ -89,10 +94,31 @@ class Session:
     turns: list[TurnRecord] = dataclasses.field(default_factory=list)
     seconds: float = 0.0
     error: str | None = None
+    response_ids: list[list[int]] = dataclasses.field(default_factory=list)  # each judged turn's tokens
+    restored: bool = False  # from a snapshot: its adapter is rebuilt (`SessionEngine._replay`) when admitted
 
     def record(self, dataset: str) -> ProblemRecord:
         return ProblemRecord(self.method, dataset, self.problem.id, self.problem.answer, self.solved_at, self.turns,
                              self.seconds, self.error)
+
+    def snapshot(self) -> dict[str, Any]:
+        """The session between two turns, as JSON: everything its next turns depend on."""
+        return {"method": self.method, "problem_id": self.problem.id, "system_prompt": self.system_prompt,
+                "messages": [dict(m) for m in self.messages], "turn": self.turn, "solved_at": self.solved_at,
+                "previous_feedback": self.previous_feedback, "turns": [t.to_json() for t in self.turns],
+                "seconds": self.seconds, "response_ids": [list(ids) for ids in self.response_ids]}
+
+    @classmethod
+    def from_snapshot(cls, row: dict[str, Any], problem: Problem) -> "Session":
+        if row["problem_id"] != problem.id:
+            raise ValueError(f"a snapshot of problem {row['problem_id']!r} cannot restore problem {problem.id!r}")
+        return cls(problem, row["method"], row["system_prompt"], [dict(m) for m in row["messages"]], row["turn"],
+                   row["solved_at"], row["previous_feedback"], [TurnRecord.from_json(t) for t in row["turns"]],
+                   row["seconds"], response_ids=[list(ids) for ids in row["response_ids"]], restored=True)
+
+
+Work = Problem | tuple[str, Problem] | Session  # a problem run with `EngineConfig.method`, (method, problem), or a
+# session restored from its snapshot
 
 
 # ---------------------------------------------------------------------- the engine
@@ -117,7 +143,8 @@ class SessionEngine:
         self.pool = ThreadPoolExecutor(max_workers=self._host_workers(), thread_name_prefix="words")
         self.streams: dict[type[Stream], Stream] = {}
         self._add_streams(cfg.method)
-        self.queue: deque[tuple[str, Problem]] = deque()  # the running run's problems not admitted yet
+        self.queue: deque[tuple[str, Problem] | Session] = deque()  # the running run's work not admitted yet
+        self.restoring: dict[int, Session] = {}  # restored sessions admitted since the last `_replay`
         # Cleared by stop_admitting and never set again, so a stop that comes before `run` also holds.
         self.admitting = True
 
@@ -136,10 +163,10 @@ class SessionEngine:
         """The streams that adapt session `s` after its failed current turn."""
         return {self.streams[kind] for kind in METHODS[s.method].streams_at(s.turn, self.cfg)}
 
-    def _work(self, items: Iterable[Work]) -> deque[tuple[str, Problem]]:
-        """(method, problem) pairs, every method's streams created before the run starts."""
-        work = deque(item if isinstance(item, tuple) else (self.cfg.method, item) for item in items)
-        for method in dict.fromkeys(m for m, _ in work):
+    def _work(self, items: Iterable[Work]) -> deque[tuple[str, Problem] | Session]:
+        """(method, problem) pairs and restored sessions, every method's streams created before the run starts."""
+        work = deque(item if isinstance(item, (tuple, Session)) else (self.cfg.method, item) for item in items)
+        for method in dict.fromkeys(w.method if isinstance(w, Session) else w[0] for w in work):
             self._add_streams(method)
         return work
 
@@ -159,6 +186,54 @@ class SessionEngine:
             if len(ids) <= self.max_prompt or len(messages) < 3:
                 return ids
             messages = messages[:1] + messages[3:]
+
+    def _failure_at(self, s: Session, record: TurnRecord) -> Failure | None:
+        """`s`'s failed turn `record.turn` as its Weights step saw it: the prompt rendered again from the history
+        up to that turn (the same ids: the same messages through the same template), the judged tokens as kept.
+        None if the prompt does not render to its record's length."""
+        t = record.turn
+        prompt = self._prompt_ids(dataclasses.replace(s, messages=s.messages[: 2 * t - 1],
+                                                      system_prompt=record.system_prompt))
+        if len(prompt) != record.prompt_tokens or len(s.response_ids) < t:
+            return None
+        return Failure(s, prompt, s.response_ids[t - 1], record.response, None)
+
+    def _replay(self) -> None:
+        """Rebuild the adapters of the sessions restored since the last call: their Weights steps again, in turn
+        order (round k runs every session's k-th step, in buckets of `slots`). Each step is checked against its
+        record (its prompt's length, ‖Δθ‖² to 1%): a session whose snapshot does not replay here (other code,
+        another machine's rounding in a step's safeguard) starts again from turn 1 with a warning, so that no
+        session goes on from a wrong adapter."""
+        if not self.restoring:
+            return
+        restored, self.restoring = self.restoring, {}
+        steps = {i: [t for t in s.turns if t.update is not None] for i, s in restored.items()}
+        stream = next((st for st in self.streams.values() if st.on_device), None)
+        for k in range(max(map(len, steps.values()), default=0)):
+            due = {i: (steps[i][k], self._failure_at(restored[i], steps[i][k])) for i in steps if len(steps[i]) > k}
+            for i in [i for i, (t, f) in due.items() if f is None]:
+                self._start_over(i, restored[i], f"turn {due.pop(i)[0].turn}'s prompt renders to another length")
+                del steps[i]
+            items = list(due.items())
+            for start in range(0, len(items), self.cfg.slots):
+                bucket = dict(items[start: start + self.cfg.slots])
+                results, _ = stream.start({i: f for i, (_, f) in bucket.items()}).result()
+                for i, (t, _) in bucket.items():
+                    again, then = results[i]["step_norm_sq"], t.update["step_norm_sq"]
+                    if not np.isclose(again, then, rtol=1e-2, atol=1e-8):
+                        self._start_over(i, restored[i], f"turn {t.turn}'s Weights step gives ||Δθ||² {again:.4g} "
+                                                         f"again, {then:.4g} in its record")
+                        del steps[i]
+
+    def _start_over(self, slot: int, s: Session, why: str) -> None:
+        """Put restored session `s` back to its first turn, in place (the engine holds it by slot)."""
+        warnings.warn(f"restoring {s.method} on {s.problem.id}: {why}; the session starts again from turn 1",
+                      RuntimeWarning, stacklevel=2)
+        fresh = self._new_session(s.method, s.problem)
+        for field in dataclasses.fields(Session):
+            setattr(s, field.name, getattr(fresh, field.name))
+        for stream in self.streams.values():
+            stream.reset(slot, s)
 
     def _generation_inputs(self) -> dict[str, Any]:
         """The streams' per-session state the policy generates with (adapters, hidden_offset)."""
@@ -188,6 +263,7 @@ class SessionEngine:
         ended, failed = [], {}
         for i, s in slots.items():
             verdict = rule[i]
+            s.response_ids.append(list(gens[i].tokens))
             s.turns.append(TurnRecord(turn=s.turn, user=s.messages[-1]["content"], system_prompt=s.system_prompt,
                                       response=texts[i], extracted=verdict.extracted, reward=acted[i].reward,
                                       response_tokens=len(gens[i].tokens), finish_reason=gens[i].finish_reason,
@@ -249,16 +325,23 @@ class SessionEngine:
         return ended
 
     # ------------------------------------------------------------------ the whole run
-    def _admit(self, slot: int, method: str, problem: Problem) -> Session:
-        """A new session in `slot`; its `error` is set instead when its first turn cannot fit. Every stream
-        resets its state of the slot, so a session never inherits the adapter of another method's session."""
-        s = Session(problem, method, self.cfg.system_prompt)
-        s.messages.append({"role": "user", "content": problem.question})
-        needed = len(self._prompt_ids(s))
-        if needed > self.max_prompt:  # later turns trim down to x_1, so only x_1 can overflow
-            s.error = (f"context overflow: the first turn needs {needed} tokens, the budget is {self.max_prompt} "
-                       "(context minus max_new_tokens); raise --max_context or lower --max_new_tokens")
-            return s
+    def _new_session(self, method: str, problem: Problem) -> Session:
+        return Session(problem, method, self.cfg.system_prompt, [{"role": "user", "content": problem.question}])
+
+    def _admit(self, slot: int, item: tuple[str, Problem] | Session) -> Session:
+        """A new or restored session in `slot`; a new one's `error` is set instead when its first turn cannot
+        fit. Every stream resets its state of the slot, so a session never inherits the adapter of another
+        method's session; a restored one's is rebuilt by the next `_replay`."""
+        if isinstance(item, Session):
+            s = self.restoring[slot] = item
+        else:
+            s = self._new_session(*item)
+            needed = len(self._prompt_ids(s))
+            if needed > self.max_prompt:  # later turns trim down to x_1, so only x_1 can overflow
+                s.error = (f"context overflow: the first turn needs {needed} tokens, the budget is "
+                           f"{self.max_prompt} (context minus max_new_tokens); raise --max_context or lower "
+                           "--max_new_tokens")
+                return s
         for stream in self.streams.values():
             stream.reset(slot, s)
         return s
@@ -272,20 +355,27 @@ class SessionEngine:
         """Whether the running run has problems left to admit."""
         return bool(self.queue) and self.admitting
 
-    def run(self, problems: Iterable[Work], on_finish: Callable[[Session], None]) -> None:
+    def run(self, problems: Iterable[Work], on_finish: Callable[[Session], None],
+            on_ready: Callable[[Session], None] = lambda s: None) -> None:
+        """Every problem to its end: `on_finish` gets each ended session, `on_ready` each session that failed a
+        turn and is ready for the next (where its snapshot can be taken)."""
         queue = self.queue = self._work(problems)
         slots: dict[int, Session] = {}
         while self._admissible() or slots:
             for i in range(self.cfg.slots):
                 while i not in slots and self._admissible():
-                    s = self._admit(i, *queue.popleft())
+                    s = self._admit(i, queue.popleft())
                     if s.error:
                         on_finish(s)
                     else:
                         slots[i] = s
+            self._replay()
             if slots:
-                for i in self.step(slots):
+                ended = self.step(slots)
+                for i in ended:
                     on_finish(slots.pop(i))
+                for s in slots.values():
+                    on_ready(s)
 
     def close(self):
         self.pool.shutdown(wait=True)

@@ -1,8 +1,11 @@
-"""The resumable record store of a sweep: one JSON line per finished (method, problem).
+"""The resumable record store of a sweep: one JSON line per finished (method, problem), and the snapshots of the
+sessions in flight.
 
 A record is appended and flushed as soon as its problem finishes, so a killed run loses at most the line
-being written; a rerun cuts that torn line and skips every finished problem. In a multi-process run each
-process appends to its own file, and process 0 merges them at the end.
+being written; a rerun cuts that torn line and skips every finished problem. The sessions not finished are
+in `in_flight.jsonl`, each as of its last finished turn (`engine.Session.snapshot`), rewritten whole at
+every turn's end: a rerun restores them, so a kill loses only the turns being generated or adapted. In a
+multi-process run each process writes its own files, and process 0 merges the records at the end.
 """
 
 from __future__ import annotations
@@ -10,15 +13,46 @@ from __future__ import annotations
 import json
 import os
 from pathlib import Path
+from typing import Iterable
 
 from rosa2_jax.distributed import ProcessInfo
 
 RECORDS = "records.jsonl"
+IN_FLIGHT = "in_flight.jsonl"
 
 
 def records_path(run_dir: Path, info: ProcessInfo) -> Path:
     """records.jsonl, or one file per process in a multi-process run (merged at the end)."""
     return run_dir / (RECORDS if info.count == 1 else f"records.process-{info.index}.jsonl")
+
+
+def in_flight_path(run_dir: Path, info: ProcessInfo) -> Path:
+    """in_flight.jsonl, or one file per process in a multi-process run."""
+    return run_dir / (IN_FLIGHT if info.count == 1 else f"in_flight.process-{info.index}.jsonl")
+
+
+def write_in_flight(path: Path, snapshots: Iterable[dict]) -> None:
+    """The sessions in flight, one snapshot per line, written whole and then renamed (a kill mid-write keeps
+    the previous file); no sessions, no file."""
+    lines = "".join(json.dumps(row) + "\n" for row in snapshots)
+    if not lines:
+        path.unlink(missing_ok=True)
+        return
+    partial = path.with_name(path.name + ".partial")
+    partial.write_text(lines)
+    os.replace(partial, path)
+
+
+def read_in_flight(run_dir: Path) -> dict[tuple[str, str], dict]:
+    """Every in_flight*.jsonl's snapshots by (method, problem); where two files hold one, the later turn."""
+    latest: dict[tuple[str, str], dict] = {}
+    for path in sorted(run_dir.glob("in_flight*.jsonl")):
+        for line in path.read_text().splitlines():
+            row = json.loads(line)
+            key = (row["method"], row["problem_id"])
+            if key not in latest or row["turn"] > latest[key]["turn"]:
+                latest[key] = row
+    return latest
 
 
 def read_records(run_dir: Path) -> list[dict]:

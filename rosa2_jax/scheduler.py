@@ -208,7 +208,8 @@ class TokenEngine(SessionEngine):
         self.stats.row_steps += int(steps) * self.cfg.slots
 
     # ------------------------------------------------------------------ the whole run
-    def run(self, problems: Iterable[Work], on_finish: Callable[[Session], None]) -> None:
+    def run(self, problems: Iterable[Work], on_finish: Callable[[Session], None],
+            on_ready: Callable[[Session], None] = lambda s: None) -> None:
         cfg = self.cfg
         work = self.queue = self._work(problems)
         self.rows = empty_rows(self.model.cfg, cfg.slots, bucket_length(1), self.max_new,
@@ -218,7 +219,7 @@ class TokenEngine(SessionEngine):
         self.row_need = [0] * cfg.slots  # cache slots each row's turn needs: prompt + its token limit + 1
         self.kept: dict[int, tuple[Any, list[int]]] = {}  # pool slot -> (its row's cache, the tokens it holds)
         self.stopped.clear()
-        run = _Run(work, on_finish, free=deque(range(self.sessions)))
+        run = _Run(work, on_finish, on_ready, free=deque(range(self.sessions)))
         try:
             self._run(run)
         finally:
@@ -230,13 +231,14 @@ class TokenEngine(SessionEngine):
         while self._admissible() or run.sessions:
             while run.free and self._admissible():  # admit new problems into the pool
                 i = run.free.popleft()
-                s = self._admit(i, *run.queue.popleft())
+                s = self._admit(i, run.queue.popleft())
                 if s.error:
                     run.on_finish(s)
                     run.free.appendleft(i)
                 else:
                     run.sessions[i] = s
                     run.ready.append(i)
+            self._replay()
             for request in self._take_text_requests():
                 run.text_ready.extend((request, j) for j in range(len(request.prompts)))
             for row in range(cfg.slots):  # refill stopped rows; text requests first, since sessions wait on them
@@ -364,6 +366,7 @@ class TokenEngine(SessionEngine):
         order = sorted(w.results, key=lambda st: st.on_device)
         self.advance({i: run.sessions[i]}, [], [(st, {i: w.results[st]}) for st in order], w.timing)
         run.ready.append(i)
+        run.on_ready(run.sessions[i])
 
     def _weights_step(self, run: "_Run") -> None:
         bucket = dict(list(run.weights_queue.items())[: self.cfg.slots])
@@ -383,8 +386,9 @@ class _Run:
     engine's `row_slot`), or waiting for its streams (`waiting`, with a Weights step queued or Words jobs
     on the worker thread)."""
 
-    queue: deque[tuple[str, Problem]]  # (method, problem) not yet admitted
+    queue: deque[tuple[str, Problem] | Session]  # (method, problem) or restored sessions not yet admitted
     on_finish: Callable[[Session], None]
+    on_ready: Callable[[Session], None]
     free: deque[int]  # pool slots without a session
     sessions: dict[int, Session] = dataclasses.field(default_factory=dict)
     ready: deque[int] = dataclasses.field(default_factory=deque)

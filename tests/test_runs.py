@@ -1,4 +1,5 @@
-"""The record store on its own: torn lines, duplicates across process files, merging; a folder's report."""
+"""The record store on its own: torn lines, duplicates across process files, merging, in-flight sessions; a
+folder's report."""
 
 import json
 import subprocess
@@ -6,7 +7,8 @@ import sys
 from pathlib import Path
 
 from rosa2_jax.distributed import ProcessInfo
-from rosa2_jax.runs import RECORDS, drop_torn_tail, merge_records, read_records, records_path
+from rosa2_jax.runs import (IN_FLIGHT, RECORDS, drop_torn_tail, in_flight_path, merge_records, read_in_flight,
+                            read_records, records_path, write_in_flight)
 from rosa2_jax.tasks.metrics import compare_methods, summarize
 
 
@@ -33,6 +35,20 @@ def test_a_torn_last_line_is_cut_and_complete_files_are_left_alone(tmp_path):
     path.write_text('{"method": "ro')  # the only line is torn
     drop_torn_tail(path)
     assert path.read_text() == ""
+
+
+def test_in_flight_sessions_are_rewritten_whole_and_the_latest_turn_wins(tmp_path):
+    own, other = in_flight_path(tmp_path, ProcessInfo(0, 1)), tmp_path / "in_flight.process-1.jsonl"
+    assert own == tmp_path / IN_FLIGHT and in_flight_path(tmp_path, ProcessInfo(1, 2)) == other
+    snap = lambda method, pid, turn: {"method": method, "problem_id": pid, "turn": turn}  # noqa: E731
+    write_in_flight(own, [snap("rosa", "p1", 1), snap("words", "p2", 2)])
+    write_in_flight(other, [snap("rosa", "p1", 3)])  # shares moved between processes: the later turn counts
+    assert read_in_flight(tmp_path) == {("rosa", "p1"): snap("rosa", "p1", 3), ("words", "p2"): snap("words", "p2", 2)}
+    write_in_flight(own, [snap("words", "p2", 3)])  # rewritten, not appended
+    assert read_in_flight(tmp_path)[("words", "p2")]["turn"] == 3 and own.read_text().count("\n") == 1
+    write_in_flight(own, [])
+    write_in_flight(other, [])
+    assert sorted(tmp_path.iterdir()) == [] and read_in_flight(tmp_path) == {}
 
 
 def test_read_keeps_the_first_copy_of_each_problem_and_skips_torn_lines(tmp_path):

@@ -2,6 +2,7 @@
 against a full prefill."""
 
 import functools
+import json
 import time
 
 import jax
@@ -14,7 +15,7 @@ from rosa2_jax import methods
 from rosa2_jax.adapt.rosa import rosa_update
 from rosa2_jax.adapt.text_models import make_text_model
 from rosa2_jax.checkpoint import load_model
-from rosa2_jax.engine import EngineConfig
+from rosa2_jax.engine import EngineConfig, Session
 from rosa2_jax.methods import METHODS
 from rosa2_jax.model.decode_rows import decode_chunk, empty_rows, prefill_row, put_row_cache, row_cache
 from rosa2_jax.model.generation import SamplingConfig, generate
@@ -30,13 +31,18 @@ def model(tmp_path_factory):
 PROBLEMS = [Problem(f"p{i}", f"Which is right? (A) {i} (B) {i + 1}", "B", "choice") for i in range(5)]
 
 
-def run(model, scheduler: str, method: str, slots: int = 2, sessions: int = 3, critic=None, problems=PROBLEMS,
-        sampling=SamplingConfig(max_new_tokens=10)):
+def make_engine(model, scheduler: str, method: str, slots: int = 2, sessions: int = 3, critic=None,
+                sampling=SamplingConfig(max_new_tokens=10)):
     # 2 rows, 3 sessions in the pool, 5 tokens per decode call: rows stop mid-call and sessions change rows.
     # The critic is the policy itself unless another loaded model is given.
     cfg = EngineConfig(method=method, max_turns=3, slots=slots, sampling=sampling, max_context=512, critic_tokens=12,
                        rewrite_tokens=8, sessions=sessions, decode_steps=5, switch_turn=2)
-    engine = SCHEDULERS[scheduler](model, cfg, make_text_model("local", model=critic or model))
+    return SCHEDULERS[scheduler](model, cfg, make_text_model("local", model=critic or model))
+
+
+def run(model, scheduler: str, method: str, slots: int = 2, sessions: int = 3, critic=None, problems=PROBLEMS,
+        sampling=SamplingConfig(max_new_tokens=10)):
+    engine = make_engine(model, scheduler, method, slots, sessions, critic, sampling)
     finished = []
     try:
         engine.run(problems, finished.append)
@@ -91,6 +97,61 @@ def test_one_engine_running_every_method_writes_each_methods_records(model, temp
         assert trajectory(mine) == trajectory(alone[m]), m
         np.testing.assert_allclose(step_norms(mine), step_norms(alone[m]), rtol=1e-5)
     assert engine.stats.updates > 0 and engine.stats.text_generated > 0
+
+
+class _Stopped(Exception):
+    """Ends a run from inside, as a kill would."""
+
+
+@pytest.mark.parametrize("scheduler", list(SCHEDULERS))
+def test_a_run_stopped_anywhere_goes_on_from_its_sessions_snapshots(model, scheduler):
+    """A run stopped mid-way, its sessions in flight restored from their last snapshots (JSON, with no adapter:
+    the Weights steps are run again) and its problems never admitted run next: each session writes the records
+    of a run never stopped, sampled ones too, and no restored turn is generated again."""
+    sampling = SamplingConfig(max_new_tokens=10, temperature=0.7, top_p=0.8)
+    # Every kind of stream: Words, Weights, the system prompt's, and both at once or by turn.
+    problems = [(m, p) for p in PROBLEMS[:3] for m in ("textgrad", "rosa2", "switch")]
+    whole, _ = run(model, scheduler, "baseline", problems=problems, sampling=sampling)
+
+    engine = make_engine(model, scheduler, "baseline", sampling=sampling)
+    finished, snapshots = [], {}
+
+    def ready(s):
+        snapshots[s.method, s.problem.id] = json.loads(json.dumps(s.snapshot()))
+        if len(snapshots) >= 3 and any("update" in t for t in snapshots[s.method, s.problem.id]["turns"]):
+            raise _Stopped  # a session with a Weights step behind it is in flight
+
+    with pytest.raises(_Stopped):
+        try:
+            engine.run(problems, finished.append, ready)
+        finally:
+            engine.close()
+    queued, first = list(engine.queue), len(finished)
+    in_flight = [row for key, row in snapshots.items() if key not in {(s.method, s.problem.id) for s in finished}]
+    assert any("update" in t for row in in_flight for t in row["turns"]) and queued
+    # One snapshot's answer tokens are tampered with: its replayed Weights step no longer gives its record's
+    # ||Δθ||², so that session starts again from turn 1 (with a warning) instead of going on from a wrong adapter.
+    tampered = next(row for row in in_flight if any("update" in t for t in row["turns"]))
+    tampered["response_ids"] = [ids[::-1] for ids in tampered["response_ids"]]
+    by_id = {p.id: p for p in PROBLEMS}
+    restored = [Session.from_snapshot(row, by_id[row["problem_id"]]) for row in in_flight]
+
+    engine = make_engine(model, scheduler, "baseline", sampling=sampling)
+    judged = []
+    judge = engine.judge
+    engine.judge = lambda slots, *a: judged.extend(slots.values()) or judge(slots, *a)
+    try:
+        with pytest.warns(RuntimeWarning, match=f"{tampered['problem_id']}: turn \\d's Weights step gives .* starts "
+                                                "again from turn 1"):
+            engine.run(restored + queued, finished.append)
+    finally:
+        engine.close()
+    records = sorted((s.record("toy") for s in finished), key=lambda r: (r.method, r.problem_id))
+    assert trajectory(records) == trajectory(whole)
+    np.testing.assert_allclose(step_norms(records), step_norms(whole), rtol=1e-5)
+    # The second run judged every turn of the sessions it finished, but for the turns restored.
+    kept_turns = sum(row["turn"] for row in in_flight if row is not tampered)
+    assert len(judged) == sum(len(s.turns) for s in finished[first:]) - kept_turns
 
 
 @pytest.fixture(scope="module")

@@ -101,29 +101,36 @@ def written_records(run_dir: Path) -> list[dict]:
     return [json.loads(line) for line in (run_dir / "records.jsonl").read_text().splitlines()]
 
 
-def wait_for_records(proc, records: Path, count: int) -> None:
+def wait_for_records(proc, records: Path, count: int, in_flight: Path | None = None) -> None:
+    """Until `count` records are written (and, if given, the in-flight file holds a session)."""
     deadline = time.time() + 600
     while time.time() < deadline and proc.poll() is None:
-        if complete_records(records) >= count:
+        if complete_records(records) >= count and (in_flight is None or in_flight.exists()):
             return
         time.sleep(0.05)
 
 
 def test_killed_then_drained_run_resumes_to_the_same_results(setup, full_run):
-    """A kill loses only the sessions in flight (and a torn last line); SIGUSR1 loses nothing: the run
-    finishes the sessions it holds, admits no more, writes the summary of what is done and exits 0. The same
-    command then does the rest, to the records of a run never stopped."""
+    """A kill loses only the turns in progress (and a torn last line): the sessions in flight go on from their
+    last finished turn. SIGUSR1 loses nothing: the run finishes the sessions it holds, admits no more, writes
+    the summary of what is done and exits 0. The same command then does the rest, to the records of a run
+    never stopped."""
     base, model, data = setup
     run_dir = base / "killed"
-    records = run_dir / "records.jsonl"
+    records, in_flight = run_dir / "records.jsonl", run_dir / "in_flight.jsonl"
     proc = subprocess.Popen(sweep_cmd(model, data, run_dir), cwd=ROOT, stdout=subprocess.DEVNULL,
                             stderr=subprocess.DEVNULL, start_new_session=True)
     # Killed early and drained at its first new record, so that problems are still queued when the signal lands.
-    wait_for_records(proc, records, 1)
+    wait_for_records(proc, records, 1, in_flight)
     os.killpg(proc.pid, signal.SIGKILL)
     proc.wait()
     partial = complete_records(records)
     assert 0 < partial < 36, "the run should have been killed mid-way"
+    kept = [json.loads(line) for line in in_flight.read_text().splitlines()]
+    assert kept and all(row["turn"] >= 1 for row in kept)
+    finished = {(r["method"], r["problem_id"]) for r in written_records(run_dir)}
+    unfinished = [row for row in kept if (row["method"], row["problem_id"]) not in finished]  # a kill can land
+    # between a record and the in-flight file that drops its session
     with open(records, "a") as f:  # a torn write, as a kill during json.dumps would leave
         f.write('{"method": "rosa", "problem_')
 
@@ -133,7 +140,7 @@ def test_killed_then_drained_run_resumes_to_the_same_results(setup, full_run):
     proc.send_signal(signal.SIGUSR1)
     out, _ = proc.communicate(timeout=600)
     assert proc.returncode == 0, out[-3000:]
-    assert "already finished" in out
+    assert "already finished" in out and f"restoring {len(unfinished)} sessions in flight" in out
     left = int(re.search(r"stopped early: (\d+) problem runs were not admitted", out)[1])
     drained = written_records(run_dir)
     # Every run admitted before the signal is finished, none after it (how many were still queued depends on
@@ -147,6 +154,7 @@ def test_killed_then_drained_run_resumes_to_the_same_results(setup, full_run):
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert f"{len(drained)} problem runs already finished" in resumed.stdout
     assert outcomes(run_dir) == outcomes(full_run[0])
+    assert not in_flight.exists()  # every session finished
     assert_summary_is_recomputed_from_records(run_dir, written_records(run_dir))
 
 
