@@ -107,6 +107,24 @@ def test_behaviour_counts_on_a_hand_built_session():
     assert empty["mean_response_tokens_first"] is None
 
 
+def test_later_weights_steps_are_split_by_the_failed_answers_length():
+    """Turn 1's step and refused steps are left out; a step's answer length picks its bucket."""
+    def step(turn, tokens, norm, rejected=False):
+        return turn_record(turn=turn, response_tokens=tokens, step_norm_sq=norm,
+                           update={"logp_before": 0.0, "logp_after": 0.0, "rejected": rejected})
+
+    sessions = [[step(1, 300, 9.0), step(2, 7, 0.1), step(3, 31, 0.3), step(4, 32, 0.5)],
+                [step(1, 8, 9.0), step(2, 100, 0.2), step(3, 400, 0.4), step(4, 150, 7.0, rejected=True)]]
+    s = summarize_method([rec(None) | {"turns": turns} for turns in sessions], max_turns=5)
+    split = s["later_applied_step_norm_sq_by_answer_tokens"]
+    assert list(split) == ["0-31", "32-99", "100+"]
+    assert split["0-31"] == {"mean": pytest.approx(0.2), "steps": 2}
+    assert split["32-99"] == {"mean": 0.5, "steps": 1}
+    assert split["100+"] == {"mean": pytest.approx(0.3), "steps": 2}
+    assert all(c == {"mean": None, "steps": 0} for c in
+               summarize_method([rec(1)], max_turns=5)["later_applied_step_norm_sq_by_answer_tokens"].values())
+
+
 def test_summary_splits_methods():
     out = summarize([rec(1, "a"), rec(None, "b")], max_turns=2)
     assert out["a"]["accuracy"] == 1.0 and out["b"]["accuracy"] == 0.0

@@ -18,6 +18,9 @@ from rosa2_jax.tasks.records import ProblemRecord
 from rosa2_jax.tasks.stats import paired_comparison, wilson_interval
 
 Record = ProblemRecord | dict
+# Failed-answer lengths in tokens, [low, high), for splitting the Weights steps: a step's window is its
+# failed answer, so methods whose answers differ in length are compared within a length.
+ANSWER_LENGTHS = ((0, 32), (32, 100), (100, None))
 
 
 def _read(records: Iterable[Record]) -> list[ProblemRecord]:
@@ -47,6 +50,7 @@ def summarize_method(records: Iterable[Record], max_turns: int) -> dict:
         "seconds_per_problem": sum(r.seconds for r in records) / n if n else 0.0,
         "mean_step_norm_sq_by_turn": _mean_by_turn(records, max_turns, "step_norm_sq"),
         "mean_applied_step_norm_sq_by_turn": _mean_by_turn(records, max_turns, "step_norm_sq", _step_kept),
+        "later_applied_step_norm_sq_by_answer_tokens": _later_steps_by_answer_length(records),
         **_weights_step_counts(records),
         **_words_fallback_counts(records),
         "mean_semantic_shift_by_turn": _mean_by_turn(records, max_turns, "semantic_shift"),
@@ -126,6 +130,18 @@ def _words_fallback_counts(records: list[ProblemRecord]) -> dict:
     return {"words_steps": len(statuses),
             "words_fallback_rate": len(fallbacks) / len(statuses) if statuses else 0.0,
             "words_leak_fallback_rate": fallbacks.count("fallback:leak") / len(statuses) if statuses else 0.0}
+
+
+def _later_steps_by_answer_length(records: list[ProblemRecord]) -> dict[str, dict]:
+    """The kept Weights steps after turns 2..K (turn 1's step is the same for every Weights method: the same
+    first answer), by the failed answer's length (ANSWER_LENGTHS): mean ||Δθ||² and the number of steps."""
+    split = {}
+    for low, high in ANSWER_LENGTHS:
+        norms = [t.step_norm_sq for r in records for t in r.turns
+                 if t.turn > 1 and t.step_norm_sq is not None and _step_kept(t)
+                 and low <= t.response_tokens and (high is None or t.response_tokens < high)]
+        split[f"{low}-{high - 1}" if high else f"{low}+"] = {"mean": _mean(norms), "steps": len(norms)}
+    return split
 
 
 def _step_kept(turn) -> bool:

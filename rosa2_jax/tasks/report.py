@@ -1,7 +1,8 @@
 """A sweep's report, computed from its records alone: summary.json, summary.md, accuracy_by_turn.png
 (accuracy with 95% Wilson intervals, paired comparisons of methods, the Words fallback and Weights
-safeguard counts) and, when a method took Weights steps, step_norm_by_turn.png (mean ||Δθ||² by turn, the
-study's view of the paper's Figure 3 / Theorem 4.1)."""
+safeguard counts, what the adaptation did, and the later Weights steps by failed-answer length) and, when a
+method took Weights steps, step_norm_by_turn.png (mean ||Δθ||² by turn, the study's view of the paper's
+Figure 3 / Theorem 4.1)."""
 
 from __future__ import annotations
 
@@ -56,6 +57,20 @@ def behaviour_table(summary: dict) -> str:
         tokens = f"{num(s['mean_response_tokens_first'])} / {num(s['mean_response_tokens_later'])}"
         lines.append(f"| {m} | {pct(s['answer_kept_rate'])} | {pct(s['response_repeated_rate'])} | {tokens} | {drop} | "
                      f"{pct(s['rewrite_bare_rate'])} | {pct(s['rewrite_states_failed_answer_rate'])} | {norm} |")
+    return "\n".join(lines)
+
+
+def step_length_table(summary: dict) -> str:
+    """Mean ‖Δθ‖² of the kept Weights steps after turn 1, by the failed answer's length (the step's window)."""
+    weights = {m: s["later_applied_step_norm_sq_by_answer_tokens"] for m, s in summary.items() if s["weights_steps"]}
+    if not weights:
+        return ""
+    lengths = list(next(iter(weights.values())))
+    lines = ["| kept ‖Δθ‖² after turns 2+ (steps) | " + " | ".join(f"answers of {k} tokens" for k in lengths) + " |",
+             "|---|" + "---|" * len(lengths)]
+    for m, split in weights.items():
+        cells = ["-" if c["mean"] is None else f"{c['mean']:.3g} ({c['steps']})" for c in split.values()]
+        lines.append(f"| {m} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 
@@ -114,7 +129,8 @@ def write_report(run_dir: Path, records: list[dict], max_turns: int, run: dict) 
     comparisons = compare_methods(records)
     (run_dir / "summary.json").write_text(json.dumps({"methods": summary, "comparisons": comparisons, "run": run},
                                                      indent=2))
-    md = table(summary) + "\n\n" + comparison_table(comparisons) + "\n\n" + behaviour_table(summary)
+    md = "\n\n".join(part for part in (table(summary), comparison_table(comparisons), behaviour_table(summary),
+                                         step_length_table(summary)) if part)
     (run_dir / "summary.md").write_text(md + "\n")
     plot(summary, run_dir / "accuracy_by_turn.png", max_turns)
     if any(s["weights_steps"] for s in summary.values()):
