@@ -32,7 +32,7 @@ from rosa2_jax.engine import REWARDS, EngineConfig, Session
 from rosa2_jax.scheduler import SCHEDULERS, TokenEngine
 from rosa2_jax.methods import ADAPTERS, METHODS, PRESETS, WeightsPreset
 from rosa2_jax.model.sharding import make_mesh
-from rosa2_jax.runs import (RECORDS, drop_torn_tail, in_flight_path, merge_records, read_in_flight, read_records,
+from rosa2_jax.runs import (ADAPTER_CACHE, RECORDS, drop_torn_tail, in_flight_path, merge_records, read_in_flight, read_records,
                             records_path, write_in_flight)
 from rosa2_jax.tasks.data import load_problems
 from rosa2_jax.tasks.report import write_report
@@ -233,8 +233,10 @@ def run_sweep(run_dir: Path, info: ProcessInfo) -> dict | None:
             # (rounded up to split evenly over the mesh's data axis).
             slots = -(-min(FLAGS.slots, len(work)) // data_size) * data_size
             first_method = work[0].method if isinstance(work[0], Session) else work[0][0]
+            # The adapters of sessions in flight, for a restart on this machine (not committed: a restore
+            # elsewhere runs their Weights steps again from in_flight.jsonl).
             engine = SCHEDULERS[FLAGS.scheduler](model, engine_config(first_method, slots, model.cfg.num_layers),
-                                                 text_model)
+                                                 text_model, adapter_cache=run_dir / ADAPTER_CACHE)
             own_in_flight = in_flight_path(run_dir, info)
             in_flight = {(s.method, s.problem.id): snapshots[s.method, s.problem.id] for s in restored}
             write_in_flight(own_in_flight, in_flight.values())  # this process's share, the rest dropped

@@ -15,16 +15,22 @@ problem's trajectory does not depend on which slot it lands in or what else shar
 Between two turns a session is whole in `Session.snapshot()` (JSON): a run can be stopped anywhere and its
 sessions in flight go on from their last finished turn (`run(on_ready=)`, `Session.from_snapshot`). A
 snapshot holds no adapter: the Weights steps are run again from the judged tokens it keeps (`_replay`), which
-costs a step each instead of megabytes of LoRA factors per session.
+costs a step each instead of megabytes of LoRA factors per session. With `adapter_cache` (a folder of this
+machine) each session's adapter is also saved after its Weights steps, and a restore on the same machine
+loads it instead of replaying.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import os
+import re
 import time
 import warnings
+import zipfile
 from collections import deque
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 from typing import Any, Callable, Iterable
 
 import numpy as np
@@ -33,7 +39,7 @@ from rosa2_jax.adapt.rosa import RosaConfig
 from rosa2_jax.adapt.text_models import TextModel
 from rosa2_jax.adapt.words import FEEDBACK_TEMPLATE
 from rosa2_jax.checkpoint import LoadedModel
-from rosa2_jax.methods import ADAPTERS, METHODS, Failure, Stream, session_seed
+from rosa2_jax.methods import ADAPTERS, METHODS, Failure, Stream, Weights, session_seed
 from rosa2_jax.model.generation import Generation, SamplingConfig
 from rosa2_jax.model.lora import LoraConfig
 from rosa2_jax.tasks.data import Problem
@@ -117,6 +123,11 @@ class Session:
                    row["seconds"], response_ids=[list(ids) for ids in row["response_ids"]], restored=True)
 
 
+def _step_norms(s: Session) -> np.ndarray:
+    """||Δθ||² of each Weights step `s` took so far: what its adapter is the result of."""
+    return np.asarray([t.update["step_norm_sq"] for t in s.turns if t.update is not None], np.float64)
+
+
 Work = Problem | tuple[str, Problem] | Session  # a problem run with `EngineConfig.method`, (method, problem), or a
 # session restored from its snapshot
 
@@ -127,8 +138,10 @@ class SessionEngine:
     loaded onto, load_model(mesh=)) the slots are split over its `data` axis: `cfg.slots` must be a multiple
     of it."""
 
-    def __init__(self, model: LoadedModel, cfg: EngineConfig, text_model: TextModel | None = None):
+    def __init__(self, model: LoadedModel, cfg: EngineConfig, text_model: TextModel | None = None,
+                 adapter_cache: Path | None = None):
         self.model, self.cfg, self.text_model = model, cfg, text_model
+        self.adapter_cache = adapter_cache  # where each session's adapter is saved after its Weights steps
         self.words_model = text_model  # what the Words streams call (the token engine decodes it in its rows)
         self.sampler = model.sampler
         self.mesh = model.mesh
@@ -207,8 +220,9 @@ class SessionEngine:
         if not self.restoring:
             return
         restored, self.restoring = self.restoring, {}
+        stream = self._weights()
+        restored = {i: s for i, s in restored.items() if stream is None or not self._load_adapter(stream, i, s)}
         steps = {i: [t for t in s.turns if t.update is not None] for i, s in restored.items()}
-        stream = next((st for st in self.streams.values() if st.on_device), None)
         for k in range(max(map(len, steps.values()), default=0)):
             due = {i: (steps[i][k], self._failure_at(restored[i], steps[i][k])) for i in steps if len(steps[i]) > k}
             for i in [i for i, (t, f) in due.items() if f is None]:
@@ -224,6 +238,45 @@ class SessionEngine:
                         self._start_over(i, restored[i], f"turn {t.turn}'s Weights step gives ||Δθ||² {again:.4g} "
                                                          f"again, {then:.4g} in its record")
                         del steps[i]
+
+    def _weights(self) -> Weights | None:
+        return next((st for st in self.streams.values() if isinstance(st, Weights)), None)
+
+    def _adapter_path(self, s: Session) -> Path | None:
+        if self.adapter_cache is None:
+            return None
+        return self.adapter_cache / re.sub(r"[^\w.-]", "_", f"{s.method}--{s.problem.id}.npz")
+
+    def _ready(self, slot: int, s: Session, on_ready: Callable[[Session], None]) -> None:
+        """Session `s` failed a turn and has its next message: save its adapter if a Weights step just moved it
+        (with the ||Δθ||² of every step so far, which a restore checks against the snapshot), then `on_ready`."""
+        path = self._adapter_path(s)
+        if path is not None and s.turns[-1].update is not None:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            partial = path.with_name(path.name + ".partial.npz")
+            np.savez(partial, **self._weights().state(slot), step_norms_sq=_step_norms(s))
+            os.replace(partial, path)
+        on_ready(s)
+
+    def _finished(self, s: Session, on_finish: Callable[[Session], None]) -> None:
+        on_finish(s)
+        if (path := self._adapter_path(s)) is not None:
+            path.unlink(missing_ok=True)
+
+    def _load_adapter(self, stream: Weights, slot: int, s: Session) -> bool:
+        """Put restored session `s`'s saved adapter into `slot`, if one was saved after the same steps."""
+        path = self._adapter_path(s)
+        if path is None or not path.exists() or not any(t.update is not None for t in s.turns):
+            return False
+        try:
+            with np.load(path) as saved:
+                state = {k: saved[k] for k in saved.files}
+        except (OSError, ValueError, zipfile.BadZipFile):  # a torn or foreign file: replay instead
+            return False
+        if not np.array_equal(state.pop("step_norms_sq"), _step_norms(s)):
+            return False
+        stream.load_state(slot, state)
+        return True
 
     def _start_over(self, slot: int, s: Session, why: str) -> None:
         """Put restored session `s` back to its first turn, in place (the engine holds it by slot)."""
@@ -373,9 +426,9 @@ class SessionEngine:
             if slots:
                 ended = self.step(slots)
                 for i in ended:
-                    on_finish(slots.pop(i))
-                for s in slots.values():
-                    on_ready(s)
+                    self._finished(slots.pop(i), on_finish)
+                for i, s in slots.items():
+                    self._ready(i, s, on_ready)
 
     def close(self):
         self.pool.shutdown(wait=True)

@@ -187,6 +187,13 @@ class Weights(Stream):
         return per-row stats."""
         raise NotImplementedError
 
+    def state(self, slot: int) -> dict[str, np.ndarray]:
+        """Pool slot `slot`'s adapter on the host (what `load_state` puts back)."""
+        raise NotImplementedError
+
+    def load_state(self, slot: int, state: dict[str, np.ndarray]) -> None:
+        raise NotImplementedError
+
     def start(self, failed):
         """One vmapped step on a bucket of `update_bucket` rows: the failed sessions, padded with inactive rows
         of other pool slots (each slot at most once, so writing the bucket back is unambiguous)."""
@@ -265,6 +272,23 @@ class LoraWeights(Weights):
     def generation_inputs(self):
         return {"adapters": self.adapters}
 
+    def state(self, slot):
+        """The adapted layers' factors (the layers below `first_layer` stay zero)."""
+        first = self.adapters.first_layer
+        return {f"{t}.{ab}": np.asarray(x[slot, first:]) for t, (a, b) in self.adapters.factors.items()
+                for ab, x in (("a", a), ("b", b))}
+
+    def load_state(self, slot, state):
+        first = self.adapters.first_layer
+        for t, (a, b) in self.adapters.factors.items():
+            for ab, x in (("a", a), ("b", b)):
+                want, got = (x.shape[1] - first, *x.shape[2:]), state[f"{t}.{ab}"].shape
+                if got != want:
+                    raise ValueError(f"adapter state {t}.{ab} has shape {got}, the pool's is {want}")
+        factors = {t: (a.at[slot, first:].set(state[f"{t}.a"]), b.at[slot, first:].set(state[f"{t}.b"]))
+                   for t, (a, b) in self.adapters.factors.items()}
+        self.adapters = shard_batch(self.adapters.replace(factors=factors), self.engine.mesh)
+
     def step(self, batch, slots):
         bucket, stats = rosa_update(self.engine.model.params, _take(self.adapters, slots), batch,
                                     cfg=self.engine.model.cfg, rosa=self.engine.cfg.rosa)
@@ -285,6 +309,14 @@ class HiddenOffsetWeights(Weights):
 
     def generation_inputs(self):
         return {"hidden_offset": self.offsets}
+
+    def state(self, slot):
+        return {"offset": np.asarray(self.offsets[slot])}
+
+    def load_state(self, slot, state):
+        if state["offset"].shape != self.offsets.shape[1:]:
+            raise ValueError(f"offset state has shape {state['offset'].shape}, the pool's is {self.offsets.shape[1:]}")
+        self.offsets = shard_batch(self.offsets.at[slot].set(state["offset"]), self.engine.mesh)
 
     def step(self, batch, slots):
         rosa = self.engine.cfg.rosa

@@ -4,7 +4,8 @@ sessions in flight.
 A record is appended and flushed as soon as its problem finishes, so a killed run loses at most the line
 being written; a rerun cuts that torn line and skips every finished problem. The sessions not finished are
 in `in_flight.jsonl`, each as of its last finished turn (`engine.Session.snapshot`), rewritten whole at
-every turn's end: a rerun restores them, so a kill loses only the turns being generated or adapted. In a
+every turn's end: a rerun restores them, so a kill loses only the turns being generated or adapted (their
+adapters come from `adapter_cache/` on the same machine, else from their Weights steps run again). In a
 multi-process run each process writes its own files, and process 0 merges the records at the end.
 """
 
@@ -19,6 +20,7 @@ from rosa2_jax.distributed import ProcessInfo
 
 RECORDS = "records.jsonl"
 IN_FLIGHT = "in_flight.jsonl"
+ADAPTER_CACHE = "adapter_cache"  # the engine's saved adapters of the sessions in flight (never committed)
 
 
 def records_path(run_dir: Path, info: ProcessInfo) -> Path:

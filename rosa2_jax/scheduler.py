@@ -98,11 +98,11 @@ class TokenEngine(SessionEngine):
     """Runs `cfg.method` with `cfg.slots` decode rows and a pool of `cfg.sessions` sessions (0: twice the rows).
     On a mesh, rows and pool are split over its `data` axis."""
 
-    def __init__(self, model, cfg, text_model=None):
+    def __init__(self, model, cfg, text_model=None, adapter_cache=None):
         self.text_inbox: SimpleQueue[_TextRequest] = SimpleQueue()  # from worker threads
         self.wake = threading.Event()  # set by a text request or a finished host job
         self.stopped = threading.Event()  # the run is over: text requests are refused
-        super().__init__(model, cfg, text_model)
+        super().__init__(model, cfg, text_model, adapter_cache)
         if self.sessions < cfg.slots:
             raise ValueError(f"sessions={self.sessions} must be at least slots={cfg.slots}")
         if self._text_in_rows():
@@ -321,7 +321,7 @@ class TokenEngine(SessionEngine):
         for i in ended:
             self.advance({i: run.sessions[i]}, [i], [], timing[i])
             self.kept.pop(i, None)
-            run.on_finish(run.sessions.pop(i))
+            self._finished(run.sessions.pop(i), run.on_finish)
             run.free.append(i)
         host: dict[Stream, dict[int, Failure]] = {}
         for i, f in failed.items():
@@ -366,7 +366,7 @@ class TokenEngine(SessionEngine):
         order = sorted(w.results, key=lambda st: st.on_device)
         self.advance({i: run.sessions[i]}, [], [(st, {i: w.results[st]}) for st in order], w.timing)
         run.ready.append(i)
-        run.on_ready(run.sessions[i])
+        self._ready(i, run.sessions[i], run.on_ready)
 
     def _weights_step(self, run: "_Run") -> None:
         bucket = dict(list(run.weights_queue.items())[: self.cfg.slots])

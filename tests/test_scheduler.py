@@ -3,7 +3,9 @@ against a full prefill."""
 
 import functools
 import json
+import re
 import time
+import warnings
 
 import jax
 import jax.numpy as jnp
@@ -15,10 +17,11 @@ from rosa2_jax import methods
 from rosa2_jax.adapt.rosa import rosa_update
 from rosa2_jax.adapt.text_models import make_text_model
 from rosa2_jax.checkpoint import load_model
-from rosa2_jax.engine import EngineConfig, Session
+from rosa2_jax.engine import EngineConfig, Session, SessionEngine
 from rosa2_jax.methods import METHODS
 from rosa2_jax.model.decode_rows import decode_chunk, empty_rows, prefill_row, put_row_cache, row_cache
 from rosa2_jax.model.generation import SamplingConfig, generate
+from rosa2_jax.model.lora import LoraConfig, parse_layers
 from rosa2_jax.scheduler import SCHEDULERS, TokenEngine
 from rosa2_jax.tasks.data import Problem
 
@@ -32,12 +35,12 @@ PROBLEMS = [Problem(f"p{i}", f"Which is right? (A) {i} (B) {i + 1}", "B", "choic
 
 
 def make_engine(model, scheduler: str, method: str, slots: int = 2, sessions: int = 3, critic=None,
-                sampling=SamplingConfig(max_new_tokens=10)):
+                sampling=SamplingConfig(max_new_tokens=10), adapter_cache=None):
     # 2 rows, 3 sessions in the pool, 5 tokens per decode call: rows stop mid-call and sessions change rows.
     # The critic is the policy itself unless another loaded model is given.
     cfg = EngineConfig(method=method, max_turns=3, slots=slots, sampling=sampling, max_context=512, critic_tokens=12,
                        rewrite_tokens=8, sessions=sessions, decode_steps=5, switch_turn=2)
-    return SCHEDULERS[scheduler](model, cfg, make_text_model("local", model=critic or model))
+    return SCHEDULERS[scheduler](model, cfg, make_text_model("local", model=critic or model), adapter_cache)
 
 
 def run(model, scheduler: str, method: str, slots: int = 2, sessions: int = 3, critic=None, problems=PROBLEMS,
@@ -103,17 +106,19 @@ class _Stopped(Exception):
     """Ends a run from inside, as a kill would."""
 
 
-@pytest.mark.parametrize("scheduler", list(SCHEDULERS))
-def test_a_run_stopped_anywhere_goes_on_from_its_sessions_snapshots(model, scheduler):
-    """A run stopped mid-way, its sessions in flight restored from their last snapshots (JSON, with no adapter:
-    the Weights steps are run again) and its problems never admitted run next: each session writes the records
-    of a run never stopped, sampled ones too, and no restored turn is generated again."""
+@pytest.mark.parametrize("scheduler,cached", [("turn", False), ("token", True)])
+def test_a_run_stopped_anywhere_goes_on_from_its_sessions_snapshots(model, scheduler, cached, tmp_path):
+    """A run stopped mid-way, its sessions in flight restored from their last snapshots (JSON, with no adapter)
+    and its problems never admitted run next: each session writes the records of a run never stopped, sampled
+    ones too, and no restored turn is generated again. The adapters come back by running the Weights steps
+    again, or, with an adapter cache, from the files saved after them (no step run again)."""
     sampling = SamplingConfig(max_new_tokens=10, temperature=0.7, top_p=0.8)
+    cache = tmp_path / "adapters" if cached else None
     # Every kind of stream: Words, Weights, the system prompt's, and both at once or by turn.
     problems = [(m, p) for p in PROBLEMS[:3] for m in ("textgrad", "rosa2", "switch")]
     whole, _ = run(model, scheduler, "baseline", problems=problems, sampling=sampling)
 
-    engine = make_engine(model, scheduler, "baseline", sampling=sampling)
+    engine = make_engine(model, scheduler, "baseline", sampling=sampling, adapter_cache=cache)
     finished, snapshots = [], {}
 
     def ready(s):
@@ -128,30 +133,68 @@ def test_a_run_stopped_anywhere_goes_on_from_its_sessions_snapshots(model, sched
             engine.close()
     queued, first = list(engine.queue), len(finished)
     in_flight = [row for key, row in snapshots.items() if key not in {(s.method, s.problem.id) for s in finished}]
-    assert any("update" in t for row in in_flight for t in row["turns"]) and queued
-    # One snapshot's answer tokens are tampered with: its replayed Weights step no longer gives its record's
-    # ||Δθ||², so that session starts again from turn 1 (with a warning) instead of going on from a wrong adapter.
-    tampered = next(row for row in in_flight if any("update" in t for t in row["turns"]))
-    tampered["response_ids"] = [ids[::-1] for ids in tampered["response_ids"]]
+    adapted = [row for row in in_flight if any("update" in t for t in row["turns"])]
+    assert adapted and queued
+    tampered = None
+    if not cached:
+        # One snapshot's answer tokens are tampered with: its replayed Weights step no longer gives its record's
+        # ||Δθ||², so that session starts again from turn 1 (with a warning), not from a wrong adapter.
+        tampered = adapted[0]
+        tampered["response_ids"] = [ids[::-1] for ids in tampered["response_ids"]]
+    else:
+        assert len(list(cache.glob("*.npz"))) >= len(adapted)
     by_id = {p.id: p for p in PROBLEMS}
     restored = [Session.from_snapshot(row, by_id[row["problem_id"]]) for row in in_flight]
 
-    engine = make_engine(model, scheduler, "baseline", sampling=sampling)
-    judged = []
-    judge = engine.judge
+    engine = make_engine(model, scheduler, "baseline", sampling=sampling, adapter_cache=cache)
+    judged, replayed = [], []
+    judge, failure_at = engine.judge, engine._failure_at
     engine.judge = lambda slots, *a: judged.extend(slots.values()) or judge(slots, *a)
+    engine._failure_at = lambda s, t: replayed.append(s.problem.id) or failure_at(s, t)
     try:
-        with pytest.warns(RuntimeWarning, match=f"{tampered['problem_id']}: turn \\d's Weights step gives .* starts "
-                                                "again from turn 1"):
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
             engine.run(restored + queued, finished.append)
     finally:
         engine.close()
+    starts_over = [str(w.message) for w in caught if str(w.message).startswith("restoring")]
+    if cached:  # every adapter loaded, none replayed; a finished session's file is removed
+        assert replayed == [] and starts_over == [] and list(cache.glob("*.npz")) == []
+    else:
+        assert replayed and len(starts_over) == 1
+        assert re.fullmatch(rf"restoring {tampered['method']} on {tampered['problem_id']}: turn \d's Weights step "
+                            r"gives .* starts again from turn 1", starts_over[0])
     records = sorted((s.record("toy") for s in finished), key=lambda r: (r.method, r.problem_id))
     assert trajectory(records) == trajectory(whole)
     np.testing.assert_allclose(step_norms(records), step_norms(whole), rtol=1e-5)
     # The second run judged every turn of the sessions it finished, but for the turns restored.
     kept_turns = sum(row["turn"] for row in in_flight if row is not tampered)
     assert len(judged) == sum(len(s.turns) for s in finished[first:]) - kept_turns
+
+
+@pytest.mark.parametrize("adapter", list(methods.ADAPTERS))
+def test_a_sessions_adapter_state_goes_to_another_slot_and_nowhere_else(model, adapter):
+    """What the adapter cache saves and loads: one slot's adapter, every other slot untouched; a state of
+    another shape is refused instead of broadcast."""
+    layers = parse_layers("last:1", model.cfg.num_layers)  # the layers below stay zero and are not saved
+    engine = SessionEngine(model, EngineConfig(method="rosa", adapter=adapter, slots=3,
+                                               lora=LoraConfig(targets=("q", "v"), layers=layers)))
+    stream = engine._weights()
+    rng = np.random.default_rng(0)
+    moved = {k: rng.normal(size=v.shape).astype(np.float32) for k, v in stream.state(2).items()}
+    before = [stream.state(i) for i in range(3)]
+    stream.load_state(0, moved)
+    after = [stream.state(i) for i in range(3)]
+    for k in moved:
+        np.testing.assert_array_equal(after[0][k], moved[k])
+        for i in (1, 2):
+            np.testing.assert_array_equal(after[i][k], before[i][k])
+    if adapter == "lora":
+        assert all(v.shape[0] == 1 for v in moved.values())  # the adapted layer only
+    k = next(iter(moved))
+    with pytest.raises(ValueError, match="shape"):
+        stream.load_state(1, moved | {k: moved[k][..., :1]})
+    engine.close()
 
 
 @pytest.fixture(scope="module")

@@ -154,7 +154,7 @@ def test_killed_then_drained_run_resumes_to_the_same_results(setup, full_run):
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert f"{len(drained)} problem runs already finished" in resumed.stdout
     assert outcomes(run_dir) == outcomes(full_run[0])
-    assert not in_flight.exists()  # every session finished
+    assert not in_flight.exists() and not list((run_dir / "adapter_cache").glob("*"))  # every session finished
     assert_summary_is_recomputed_from_records(run_dir, written_records(run_dir))
 
 
