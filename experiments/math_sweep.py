@@ -32,8 +32,8 @@ from rosa2_jax.engine import REWARDS, EngineConfig, Session
 from rosa2_jax.scheduler import SCHEDULERS, TokenEngine
 from rosa2_jax.methods import ADAPTERS, METHODS, PRESETS, WeightsPreset
 from rosa2_jax.model.sharding import make_mesh
-from rosa2_jax.runs import (ADAPTER_CACHE, RECORDS, drop_torn_tail, in_flight_path, merge_records, read_in_flight, read_records,
-                            records_path, write_in_flight)
+from rosa2_jax.runs import (ADAPTER_CACHE, RECORDS, RunInUse, drop_torn_tail, in_flight_path, lock_run, merge_records,
+                            read_in_flight, read_records, records_path, write_in_flight)
 from rosa2_jax.tasks.data import load_problems
 from rosa2_jax.tasks.report import write_report
 from rosa2_jax.tasks.rewards import EQUIVALENCES
@@ -299,7 +299,14 @@ def main(_):
         v is not None for v in (FLAGS.coordinator_address, FLAGS.num_processes, FLAGS.process_id))
     info = (initialize(FLAGS.coordinator_address, FLAGS.num_processes, FLAGS.process_id) if wants_distributed
             else process_info())
-    run_sweep(Path(FLAGS.run_dir), info)
+    run_dir = Path(FLAGS.run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    try:
+        lock = lock_run(run_dir, info)
+    except RunInUse as e:
+        raise app.UsageError(str(e)) from None
+    with lock:
+        run_sweep(run_dir, info)
 
 
 if __name__ == "__main__":

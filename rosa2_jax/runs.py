@@ -11,10 +11,12 @@ multi-process run each process writes its own files, and process 0 merges the re
 
 from __future__ import annotations
 
+import fcntl
 import json
 import os
+import socket
 from pathlib import Path
-from typing import Iterable
+from typing import IO, Iterable
 
 from rosa2_jax.distributed import ProcessInfo
 
@@ -26,6 +28,31 @@ ADAPTER_CACHE = "adapter_cache"  # the engine's saved adapters of the sessions i
 def records_path(run_dir: Path, info: ProcessInfo) -> Path:
     """records.jsonl, or one file per process in a multi-process run (merged at the end)."""
     return run_dir / (RECORDS if info.count == 1 else f"records.process-{info.index}.jsonl")
+
+
+class RunInUse(RuntimeError):
+    """Another sweep holds the folder."""
+
+
+def lock_run(run_dir: Path, info: ProcessInfo) -> IO:
+    """This process's lock on `run_dir`, held while the returned file is open; the kernel drops it when the
+    process dies, even by SIGKILL. Two sweeps writing one folder would run its problems twice and overwrite
+    each other's in-flight sessions, so a second one is refused, naming the holder."""
+    path = run_dir / (".sweep.lock" if info.count == 1 else f".sweep.process-{info.index}.lock")
+    lock = open(path, "a+")
+    try:
+        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        lock.seek(0)
+        holder = lock.read().strip() or "another process"
+        lock.close()
+        raise RunInUse(f"{run_dir} is being written by another sweep ({holder}); wait for it to end or stop it "
+                       "(`kill -USR1 <pid>` finishes its sessions in flight), then rerun") from None
+    lock.seek(0)
+    lock.truncate()
+    lock.write(f"pid {os.getpid()} on {socket.gethostname()}\n")
+    lock.flush()
+    return lock
 
 
 def in_flight_path(run_dir: Path, info: ProcessInfo) -> Path:

@@ -1,14 +1,17 @@
-"""The record store on its own: torn lines, duplicates across process files, merging, in-flight sessions; a
-folder's report."""
+"""The record store on its own: torn lines, duplicates across process files, merging, in-flight sessions, the
+folder's lock; a folder's report."""
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 from rosa2_jax.distributed import ProcessInfo
-from rosa2_jax.runs import (IN_FLIGHT, RECORDS, drop_torn_tail, in_flight_path, merge_records, read_in_flight,
-                            read_records, records_path, write_in_flight)
+from rosa2_jax.runs import (IN_FLIGHT, RECORDS, RunInUse, drop_torn_tail, in_flight_path, lock_run, merge_records,
+                            read_in_flight, read_records, records_path, write_in_flight)
 from rosa2_jax.tasks.metrics import compare_methods, summarize
 
 
@@ -49,6 +52,15 @@ def test_in_flight_sessions_are_rewritten_whole_and_the_latest_turn_wins(tmp_pat
     write_in_flight(own, [])
     write_in_flight(other, [])
     assert sorted(tmp_path.iterdir()) == [] and read_in_flight(tmp_path) == {}
+
+
+def test_a_folder_is_held_by_one_sweep_at_a_time(tmp_path):
+    first = lock_run(tmp_path, ProcessInfo(0, 1))
+    with pytest.raises(RunInUse, match=f"being written by another sweep \\(pid {os.getpid()} on "):
+        lock_run(tmp_path, ProcessInfo(0, 1))
+    lock_run(tmp_path, ProcessInfo(1, 2)).close()  # each process of a multi-process run holds its own
+    first.close()
+    lock_run(tmp_path, ProcessInfo(0, 1)).close()  # released with its file (or its process)
 
 
 def test_read_keeps_the_first_copy_of_each_problem_and_skips_torn_lines(tmp_path):

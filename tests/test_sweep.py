@@ -122,6 +122,8 @@ def test_killed_then_drained_run_resumes_to_the_same_results(setup, full_run):
                             stderr=subprocess.DEVNULL, start_new_session=True)
     # Killed early and drained at its first new record, so that problems are still queued when the signal lands.
     wait_for_records(proc, records, 1, in_flight)
+    second = run(sweep_cmd(model, data, run_dir))  # the folder is in use: refused, nothing written
+    assert second.returncode != 0 and f"being written by another sweep (pid {proc.pid} on " in second.stderr
     os.killpg(proc.pid, signal.SIGKILL)
     proc.wait()
     partial = complete_records(records)
