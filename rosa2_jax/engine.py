@@ -271,11 +271,11 @@ class SessionEngine:
         try:
             with np.load(path) as saved:
                 state = {k: saved[k] for k in saved.files}
-        except (OSError, ValueError, zipfile.BadZipFile):  # a torn or foreign file: replay instead
+            if not np.array_equal(state.pop("step_norms_sq"), _step_norms(s)):
+                return False
+            stream.load_state(slot, state)
+        except (OSError, ValueError, KeyError, zipfile.BadZipFile):  # a torn or foreign file: replay instead
             return False
-        if not np.array_equal(state.pop("step_norms_sq"), _step_norms(s)):
-            return False
-        stream.load_state(slot, state)
         return True
 
     def _start_over(self, slot: int, s: Session, why: str) -> None:
