@@ -28,7 +28,7 @@ from experiments.common import define_model_flags, define_sampling_flags, model_
 from rosa2_jax.adapt.rosa import RESIDUALS, TILTS
 from rosa2_jax.adapt.text_models import make_text_model
 from rosa2_jax.distributed import ProcessInfo, barrier, initialize, process_info, share
-from rosa2_jax.engine import REWARDS, EngineConfig, Session
+from rosa2_jax.engine import REWARDS, EngineConfig, Session, method_of
 from rosa2_jax.scheduler import SCHEDULERS, TokenEngine
 from rosa2_jax.methods import ADAPTERS, METHODS, PRESETS, WeightsPreset
 from rosa2_jax.model.sharding import make_mesh
@@ -232,7 +232,7 @@ def run_sweep(run_dir: Path, info: ProcessInfo) -> dict | None:
             # A problem's trajectory does not depend on its slot, so small runs use only the slots they fill
             # (rounded up to split evenly over the mesh's data axis).
             slots = -(-min(FLAGS.slots, len(work)) // data_size) * data_size
-            first_method = work[0].method if isinstance(work[0], Session) else work[0][0]
+            first_method = method_of(work[0])
             # The adapters of sessions in flight, for a restart on this machine (not committed: a restore
             # elsewhere runs their Weights steps again from in_flight.jsonl).
             engine = SCHEDULERS[FLAGS.scheduler](model, engine_config(first_method, slots, model.cfg.num_layers),

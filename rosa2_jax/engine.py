@@ -132,6 +132,11 @@ Work = Problem | tuple[str, Problem] | Session  # a problem run with `EngineConf
 # session restored from its snapshot
 
 
+def method_of(item: tuple[str, Problem] | Session) -> str:
+    """The method a queued (method, problem) pair or restored session runs."""
+    return item.method if isinstance(item, Session) else item[0]
+
+
 # ---------------------------------------------------------------------- the engine
 class SessionEngine:
     """Runs `cfg.method` over problems, or any methods given with them (`Work`). On a mesh (the one `model` was
@@ -179,7 +184,7 @@ class SessionEngine:
     def _work(self, items: Iterable[Work]) -> deque[tuple[str, Problem] | Session]:
         """(method, problem) pairs and restored sessions, every method's streams created before the run starts."""
         work = deque(item if isinstance(item, (tuple, Session)) else (self.cfg.method, item) for item in items)
-        for method in dict.fromkeys(w.method if isinstance(w, Session) else w[0] for w in work):
+        for method in dict.fromkeys(map(method_of, work)):
             self._add_streams(method)
         return work
 
