@@ -92,6 +92,7 @@ def test_behaviour_counts_on_a_hand_built_session():
     assert s["response_repeated_rate"] == 1 / 3
     assert s["mean_response_tokens_first"] == 5 and s["mean_response_tokens_later"] == (5 + 5 + 2) / 3
     assert s["mean_response_tokens_by_turn"] == [5, 5, 5, 2]
+    assert s["later_unanswered_rate"] == 1 / 3  # turns 2 and 3 have an answer, turn 4 none
     assert s["failed_logp_drop"] == pytest.approx((0.5 + 0.1 + 0.0) / 3)
     # The refused step counts as 0 in the mean over all steps and not at all in the mean over kept ones.
     assert s["mean_step_norm_sq"] == pytest.approx((0.2 + 0.4 + 0.0) / 3)
@@ -104,24 +105,24 @@ def test_behaviour_counts_on_a_hand_built_session():
     empty = summarize_method([rec(1)], max_turns=4)
     assert empty["answer_kept_rate"] is None and empty["failed_logp_drop"] is None
     assert empty["mean_applied_step_norm_sq"] is None
-    assert empty["mean_response_tokens_first"] is None
+    assert empty["mean_response_tokens_first"] is None and empty["later_unanswered_rate"] is None
 
 
 def test_later_weights_steps_are_split_by_the_failed_answers_length():
-    """Turn 1's step and refused steps are left out; a step's answer length picks its bucket."""
+    """Turn 1's step is left out, refused steps are counted apart; a step's answer length picks its bucket."""
     def step(turn, tokens, norm, rejected=False):
         return turn_record(turn=turn, response_tokens=tokens, step_norm_sq=norm,
                            update={"logp_before": 0.0, "logp_after": 0.0, "rejected": rejected})
 
-    sessions = [[step(1, 300, 9.0), step(2, 7, 0.1), step(3, 31, 0.3), step(4, 32, 0.5)],
+    sessions = [[step(1, 300, 9.0), step(2, 7, 0.1), step(3, 31, 0.3), step(4, 32, 0.5), step(5, 3, 0.0, True)],
                 [step(1, 8, 9.0), step(2, 100, 0.2), step(3, 400, 0.4), step(4, 150, 7.0, rejected=True)]]
     s = summarize_method([rec(None) | {"turns": turns} for turns in sessions], max_turns=5)
     split = s["later_applied_step_norm_sq_by_answer_tokens"]
     assert list(split) == ["0-31", "32-99", "100+"]
-    assert split["0-31"] == {"mean": pytest.approx(0.2), "steps": 2}
-    assert split["32-99"] == {"mean": 0.5, "steps": 1}
-    assert split["100+"] == {"mean": pytest.approx(0.3), "steps": 2}
-    assert all(c == {"mean": None, "steps": 0} for c in
+    assert split["0-31"] == {"mean": pytest.approx(0.2), "steps": 2, "refused": 1}
+    assert split["32-99"] == {"mean": 0.5, "steps": 1, "refused": 0}
+    assert split["100+"] == {"mean": pytest.approx(0.3), "steps": 2, "refused": 1}
+    assert all(c == {"mean": None, "steps": 0, "refused": 0} for c in
                summarize_method([rec(1)], max_turns=5)["later_applied_step_norm_sq_by_answer_tokens"].values())
 
 

@@ -83,6 +83,8 @@ def _behaviour(records: list[ProblemRecord]) -> dict:
     - mean_response_tokens_first / _later: the answers' length in tokens at turn 1 and at later turns (a
       Weights step's window is its failed answer, so a method whose later answers are short takes steps on
       a few tokens);
+    - later_unanswered_rate: of the turns after the first, the share with no answer to extract (no box under
+      the boxed-only rule): wrong whatever the model meant;
     - failed_logp_drop: mean over Weights steps of the drop of the failed response's mean token log-prob
       (logp_before - logp_after; > 0: the step made the failed answer less likely);
     - rewrite_bare_rate / rewrite_states_failed_answer_rate: of the Words rewrites used (status refined),
@@ -91,12 +93,13 @@ def _behaviour(records: list[ProblemRecord]) -> dict:
       the KL safeguard refused counting as 0 (the adapter did not move); mean_applied_step_norm_sq: over the
       steps it kept, so that a method refusing more steps does not look smaller for it."""
     kept, repeated, drops, norms, applied, bare, states = [], [], [], [], [], [], []
-    first_tokens, later_tokens = [], []
+    first_tokens, later_tokens, unanswered = [], [], []
     for r in records:
         for before, after in zip(r.turns, r.turns[1:]):
             if before.extracted is not None and after.extracted is not None:
                 kept.append(before.extracted == after.extracted)
             repeated.append(before.response == after.response)
+            unanswered.append(after.extracted is None)
         for t in r.turns:
             (first_tokens if t.turn == 1 else later_tokens).append(t.response_tokens)
             if t.update is not None and "logp_before" in t.update:
@@ -110,7 +113,7 @@ def _behaviour(records: list[ProblemRecord]) -> dict:
                 states.append(_states(t.refine["message"], t.extracted))
     return {"answer_kept_rate": _mean(kept), "response_repeated_rate": _mean(repeated),
             "mean_response_tokens_first": _mean(first_tokens), "mean_response_tokens_later": _mean(later_tokens),
-            "failed_logp_drop": _mean(drops),
+            "later_unanswered_rate": _mean(unanswered), "failed_logp_drop": _mean(drops),
             "mean_step_norm_sq": _mean(norms), "mean_applied_step_norm_sq": _mean(applied),
             "rewrite_bare_rate": _mean(bare), "rewrite_states_failed_answer_rate": _mean(states)}
 
@@ -133,14 +136,17 @@ def _words_fallback_counts(records: list[ProblemRecord]) -> dict:
 
 
 def _later_steps_by_answer_length(records: list[ProblemRecord]) -> dict[str, dict]:
-    """The kept Weights steps after turns 2..K (turn 1's step is the same for every Weights method: the same
-    first answer), by the failed answer's length (ANSWER_LENGTHS): mean ||Δθ||² and the number of steps."""
+    """The Weights steps after turns 2..K (turn 1's step is the same for every Weights method: the same
+    first answer), by the failed answer's length (ANSWER_LENGTHS): mean ||Δθ||² and number of the kept
+    steps, and the number the KL safeguard refused."""
     split = {}
     for low, high in ANSWER_LENGTHS:
-        norms = [t.step_norm_sq for r in records for t in r.turns
-                 if t.turn > 1 and t.step_norm_sq is not None and _step_kept(t)
+        steps = [t for r in records for t in r.turns
+                 if t.turn > 1 and t.step_norm_sq is not None
                  and low <= t.response_tokens and (high is None or t.response_tokens < high)]
-        split[f"{low}-{high - 1}" if high else f"{low}+"] = {"mean": _mean(norms), "steps": len(norms)}
+        norms = [t.step_norm_sq for t in steps if _step_kept(t)]
+        split[f"{low}-{high - 1}" if high else f"{low}+"] = {"mean": _mean(norms), "steps": len(norms),
+                                                             "refused": len(steps) - len(norms)}
     return split
 
 

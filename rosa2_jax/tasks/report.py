@@ -47,29 +47,34 @@ def behaviour_table(summary: dict) -> str:
     def num(x):
         return "-" if x is None else f"{x:.3g}"
 
-    lines = ["| method | later turns keeping the answer | repeating the response word for word | answer tokens "
-             "(turn 1 / later) | failed answer's log-prob drop per step | rewrites that are a bare number | "
-             "rewrites containing the failed answer | mean ‖Δθ‖² (all steps / kept steps) |",
-             "|---|---|---|---|---|---|---|---|"]
+    lines = ["| method | later turns keeping the answer | repeating the response word for word | later turns "
+             "without an answer | answer tokens (turn 1 / later) | failed answer's log-prob drop per step | "
+             "rewrites that are a bare number | rewrites containing the failed answer | "
+             "mean ‖Δθ‖² (all steps / kept steps) |",
+             "|---|---|---|---|---|---|---|---|---|"]
     for m, s in summary.items():
         drop = "-" if s["failed_logp_drop"] is None else f"{s['failed_logp_drop']:+.3f}"
         norm = f"{num(s['mean_step_norm_sq'])} / {num(s['mean_applied_step_norm_sq'])}"
         tokens = f"{num(s['mean_response_tokens_first'])} / {num(s['mean_response_tokens_later'])}"
-        lines.append(f"| {m} | {pct(s['answer_kept_rate'])} | {pct(s['response_repeated_rate'])} | {tokens} | {drop} | "
+        lines.append(f"| {m} | {pct(s['answer_kept_rate'])} | {pct(s['response_repeated_rate'])} | "
+                     f"{pct(s['later_unanswered_rate'])} | {tokens} | {drop} | "
                      f"{pct(s['rewrite_bare_rate'])} | {pct(s['rewrite_states_failed_answer_rate'])} | {norm} |")
     return "\n".join(lines)
 
 
 def step_length_table(summary: dict) -> str:
-    """Mean ‖Δθ‖² of the kept Weights steps after turn 1, by the failed answer's length (the step's window)."""
+    """Mean ‖Δθ‖² of the kept Weights steps after turn 1, by the failed answer's length (the step's window),
+    with the number kept and refused."""
     weights = {m: s["later_applied_step_norm_sq_by_answer_tokens"] for m, s in summary.items() if s["weights_steps"]}
     if not weights:
         return ""
     lengths = list(next(iter(weights.values())))
-    lines = ["| kept ‖Δθ‖² after turns 2+ (steps) | " + " | ".join(f"answers of {k} tokens" for k in lengths) + " |",
+    lines = ["| kept ‖Δθ‖² after turns 2+ (steps kept, refused) | "
+             + " | ".join(f"answers of {k} tokens" for k in lengths) + " |",
              "|---|" + "---|" * len(lengths)]
     for m, split in weights.items():
-        cells = ["-" if c["mean"] is None else f"{c['mean']:.3g} ({c['steps']})" for c in split.values()]
+        cells = [("-" if c["mean"] is None else f"{c['mean']:.3g}") + f" ({c['steps']}, {c['refused']})"
+                 for c in split.values()]
         lines.append(f"| {m} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
