@@ -16,6 +16,7 @@ setup(
         "orbax-checkpoint>=0.11,<0.13",
         "transformers>=4.56,<6",
         "tokenizers>=0.21,<0.24",
+        "jinja2>=3.1,<4",  # transformers' apply_chat_template renders chat templates with it
         "datasets>=3.0,<6",
         "numpy>=1.26,<3",
         "absl-py>=2.1,<3",

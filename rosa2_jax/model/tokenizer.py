@@ -97,6 +97,9 @@ def write_tokenizer_from_gguf(meta: Mapping[str, object], out_dir: str | os.Path
 
 def load_tokenizer(folder: str | os.PathLike):
     """AutoTokenizer from a local folder (never the hub)."""
+    # torch is deliberately not a runtime dependency: transformers' import-time advice that it is missing would
+    # tell a user something is wrong when nothing is. A user's own setting of the variable wins.
+    os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
     from transformers import AutoTokenizer
 
     folder = Path(folder)
