@@ -4,6 +4,10 @@ from __future__ import annotations
 
 import os
 
+# `python -m pytest` puts the checkout's root first on sys.path, where kernels/ would shadow the PyPI package
+# `kernels` that transformers imports; importing `experiments` drops the root (see experiments/__init__.py).
+import experiments  # noqa: F401, E402
+
 # Eight virtual CPU devices, so that the mesh tests place arrays on real (4, 2) and (8, 1) meshes; set
 # before jax starts its backend. Everything else runs on device 0 as before.
 if "xla_force_host_platform_device_count" not in os.environ.get("XLA_FLAGS", ""):
