@@ -46,7 +46,7 @@ def bench_ours(model, prompts, new_tokens):
     sampling = SamplingConfig(max_new_tokens=new_tokens)
 
     def run():
-        out = generate(model.params, model.cfg, prompts, sampling, stop_token_ids=[], pad_id=0)
+        out = generate(model.sampler.decode_params, model.cfg, prompts, sampling, stop_token_ids=[], pad_id=0)
         assert all(len(g.tokens) == new_tokens for g in out)
         return out
 

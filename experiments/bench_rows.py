@@ -1,39 +1,119 @@
-"""Cost of the token engine's two device calls: prefilling a prompt piece into one row, by piece length, and
-one decode step of every row, by the rows' cache capacity.
+"""Cost of the token engine's two device calls against what this machine allows: prefilling a prompt piece into
+one row, by piece length, and one decode step of every row, by row count and cache capacity, next to the decode
+step's roofline from the machine's matmul rate and read bandwidth measured in the same run.
 
-    python -m experiments.bench_rows --model=qwen2.5-coder-0.5b-instruct --rows=8 --pieces=16,32,64,128,192
+    python -m experiments.bench_rows --model=qwen2.5-coder-0.5b-instruct --rows=16,32 --pieces=16,64
+    python -m experiments.bench_rows --model=qwen2.5-coder-0.5b-instruct --rows=16 --pieces= --profile
 
-The prefill cost per piece length says what padding a piece to its bucket costs; the decode figures are
-per step of a `--decode_steps` call, sampled as the sweep does (T = 0.7, top-p 0.8).
+`--profile` traces decode calls of the first row count with jax.profiler and splits the step's time by what each
+XLA op computes (the named scopes of model/decoder.py and model/decode_rows.py), with the host's share.
+
+The decode figures are per step of a `--decode_steps` call, sampled as the sweep does (T = 0.7, top-p 0.8), with
+every row holding `--prefix` cached tokens. The roofline (experiments.common.decode_roofline) reads every weight
+and the rows' keys/values once and does every multiply-add once; `fraction` is roofline time / measured time.
 """
 
 from __future__ import annotations
+
+import collections
+import gzip
+import json
+import re
+import tempfile
+import time
+from pathlib import Path
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 from absl import app, flags
 
-from experiments.common import best_time, define_model_flags, model_from_flags
+from experiments.common import (best_time, decode_roofline, define_model_flags, matmul_peak_flops, model_from_flags,
+                                read_bandwidth)
 from rosa2_jax.model.decode_rows import decode_chunk, empty_rows, prefill_row
 from rosa2_jax.model.generation import SamplingConfig
 
 FLAGS = flags.FLAGS
 define_model_flags()
-flags.DEFINE_integer("rows", 8, "decode batch")
-flags.DEFINE_list("pieces", ["16", "32", "48", "64", "96", "128", "192"], "prefill piece lengths")
-flags.DEFINE_list("capacities", ["512", "1024"], "cache slots per row for the decode step")
+flags.DEFINE_list("rows", ["8"], "decode batches to time (the prefill uses the first)")
+flags.DEFINE_list("pieces", ["16", "64", "192"], "prefill piece lengths (none: --pieces=)")
+flags.DEFINE_list("capacities", ["1024"], "cache slots per row for the decode step")
 flags.DEFINE_integer("prefix", 200, "cached tokens before the piece (and in every row while decoding)")
 flags.DEFINE_integer("decode_steps", 16, "decode steps per call")
+flags.DEFINE_bool("profile", False, "also trace decode calls and split a step's time by what it computes")
+
+SAMPLING = SamplingConfig(max_new_tokens=512, temperature=0.7, top_p=0.8)
+
+
+def decode_call(model, rows: int, capacity: int, prefix: int, steps: int):
+    """(a compiled decode call of `steps` steps over `rows` rows that each hold `prefix` tokens, its HLO text)."""
+    cfg, params = model.cfg, model.sampler.decode_params
+    state = empty_rows(cfg, rows, capacity, SAMPLING.max_new_tokens, params["embed"].dtype, pad_id=0)
+    sessions = jnp.zeros(rows, jnp.int32)
+    kwargs = dict(cfg=cfg, sampling=SAMPLING, stop_ids=(-1,), pad_id=0, steps=steps)
+
+    def running(state):  # every row starts from a confident next token, as text mostly does
+        return state.replace(done=jnp.zeros(rows, bool), count=jnp.zeros(rows, jnp.int32),
+                             length=jnp.full(rows, prefix, jnp.int32), logits=state.logits.at[:, 100].set(30.0))
+
+    def decode():
+        nonlocal state
+        state, _, ran = decode_chunk(params, running(state), None, None, sessions, **kwargs)
+        jax.block_until_ready(ran)
+
+    decode()
+    return decode, decode_chunk.lower(params, running(state), None, None, sessions, **kwargs).compile().as_text()
+
+
+# What an op computes, from the named scopes in its op_name (first match wins).
+CATEGORIES = (("sampling", "/sampling/"), ("LM head", "/lm_head/"), ("cache write", "/cache_write/"),
+              ("attention over the cache", "/attention/"), ("q/k/v projections, norms, RoPE", "/qkv/"),
+              ("output projection", "/out_proj/"), ("MLP", "/mlp/"),
+              ("layer slices (scan)", "dynamic_slice"))
+
+
+def profile_decode(decode, hlo: str, steps: int, calls: int = 3) -> list[tuple[str, float]]:
+    """(category, ms per step) of the traced calls, from XLA's per-op events; `host and gaps` is the wall time
+    that no op covers (dispatch, argument handling, threads waiting)."""
+    op_names, skip = {}, set()
+    for line in hlo.splitlines():
+        m = re.match(r"\s*(?:ROOT )?%?([\w.-]+) = .*?\b([a-z][\w-]*)\(", line)
+        if not m:
+            continue
+        name, opcode = m.groups()
+        op_name = re.search(r'op_name="([^"]*)"', line)
+        op_names[name] = op_name.group(1) if op_name else ""
+        if opcode in ("while", "conditional", "call"):  # containers: their bodies' ops have their own events
+            skip.add(name)
+    with tempfile.TemporaryDirectory() as folder:
+        with jax.profiler.trace(folder, create_perfetto_trace=True):
+            start = time.perf_counter()
+            for _ in range(calls):
+                decode()
+            wall = time.perf_counter() - start
+        trace = json.load(gzip.open(next(Path(folder).rglob("perfetto_trace.json.gz"))))
+    events = trace["traceEvents"] if isinstance(trace, dict) else trace
+    spent = collections.Counter()
+    for e in events:
+        name = e.get("name")
+        if e.get("ph") == "X" and name in op_names and name not in skip:
+            label = next((c for c, key in CATEGORIES if key in op_names[name]), "other ops")
+            spent[label] += e["dur"] / 1e6
+    per_step = 1000 / (calls * steps)
+    shares = [(label, seconds * per_step) for label, seconds in spent.most_common()]
+    return shares + [("host and gaps", max(wall - sum(spent.values()), 0.0) * per_step)]
 
 
 def main(_):
     model = model_from_flags()
-    cfg, params = model.cfg, model.params
-    dtype = params["embed"].dtype
+    cfg, params = model.cfg, model.sampler.decode_params
+    matmul_dtype = next(w.dtype for w in jax.tree.leaves(params["layers"]) if w.ndim == 2)
+    peak, bandwidth = matmul_peak_flops(dtype=matmul_dtype), read_bandwidth()
+    print(f"machine: {matmul_dtype.name} matmul (2048^2, jitted) {peak / 1e9:.0f} GFLOP/s, "
+          f"read bandwidth {bandwidth / 1e9:.1f} GB/s")
     key = jax.random.key(0)
-    sampling = SamplingConfig(max_new_tokens=512, temperature=0.7, top_p=0.8)
-    rows = empty_rows(cfg, FLAGS.rows, max(map(int, FLAGS.capacities)), sampling.max_new_tokens, dtype, pad_id=0)
+    rows = empty_rows(cfg, int(FLAGS.rows[0]), max(map(int, FLAGS.capacities)), SAMPLING.max_new_tokens,
+                      params["embed"].dtype, pad_id=0)
     for n in map(int, FLAGS.pieces):
         tokens = jnp.asarray(np.arange(n) + 100, jnp.int32)
 
@@ -46,20 +126,23 @@ def main(_):
         prefill()
         print(f"prefill {n:5d} tokens  {1000 * best_time(prefill):8.1f} ms", flush=True)
 
-    for capacity in map(int, FLAGS.capacities):
-        rows = empty_rows(cfg, FLAGS.rows, capacity, sampling.max_new_tokens, dtype, pad_id=0)
-
-        def decode():
-            nonlocal rows
-            rows = rows.replace(done=jnp.zeros(FLAGS.rows, bool), count=jnp.zeros(FLAGS.rows, jnp.int32),
-                                length=jnp.full(FLAGS.rows, FLAGS.prefix, jnp.int32))
-            rows, _, steps = decode_chunk(params, rows, None, None, jnp.zeros(FLAGS.rows, jnp.int32), cfg=cfg,
-                                          sampling=sampling, stop_ids=(-1,), pad_id=0, steps=FLAGS.decode_steps)
-            jax.block_until_ready(steps)
-
-        decode()
-        per_step = best_time(decode) / FLAGS.decode_steps
-        print(f"decode {FLAGS.rows} rows x {capacity} slots  {1000 * per_step:8.1f} ms per step", flush=True)
+    print("| rows | slots | ms per step | tokens/s | roofline ms | bound | fraction of roofline |")
+    print("|---|---|---|---|---|---|---|")
+    for batch in map(int, FLAGS.rows):
+        roof = decode_roofline(cfg, params, batch, FLAGS.prefix, peak, bandwidth)
+        for capacity in map(int, FLAGS.capacities):
+            decode, hlo = decode_call(model, batch, capacity, FLAGS.prefix, FLAGS.decode_steps)
+            step = best_time(decode) / FLAGS.decode_steps
+            print(f"| {batch} | {capacity} | {1000 * step:.1f} | {batch / step:.0f} | {1000 * roof.seconds:.1f} | "
+                  f"{roof.bound} | {roof.seconds / step:.2f} |", flush=True)
+            if FLAGS.profile and batch == int(FLAGS.rows[0]):
+                shares = profile_decode(decode, hlo, FLAGS.decode_steps)
+                total = sum(ms for _, ms in shares)
+                print(f"\nprofile of a decode step, {batch} rows x {capacity} slots (traced; {total:.1f} ms a step):")
+                print("| part | ms per step | share |\n|---|---|---|")
+                for label, ms in shares:
+                    print(f"| {label} | {ms:.1f} | {ms / total:.0%} |")
+                print(flush=True)
 
 
 if __name__ == "__main__":

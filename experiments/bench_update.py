@@ -177,8 +177,9 @@ def main(_):
     for S in sessions:
         tokens, valid = left_pad(prompts[:S], H, pad)
         keys = jax.vmap(jax.random.key)(jnp.arange(S, dtype=jnp.uint32))
-        _, gen_s, (out, _, _) = timed_compiled(generate_padded, params, jnp.asarray(tokens), jnp.asarray(valid), keys,
-                                               None, None, cfg=cfg, sampling=sampling, stop_ids=(), pad_id=pad)
+        _, gen_s, (out, _, _) = timed_compiled(generate_padded, model.sampler.decode_params, jnp.asarray(tokens),
+                                               jnp.asarray(valid), keys, None, None, cfg=cfg, sampling=sampling,
+                                               stop_ids=(), pad_id=pad)
         batch = UpdateBatch(jnp.concatenate([jnp.asarray(tokens), out], 1),
                             jnp.concatenate([jnp.asarray(valid), jnp.ones(out.shape, bool)], 1),
                             jnp.full((S,), T, jnp.int32), jnp.full((S,), -1.0, jnp.float32), jnp.ones((S,), bool),

@@ -1,7 +1,9 @@
-"""Helpers shared by the commands: model and decoding flags, wall-clock timing, the measured matmul peak."""
+"""Helpers shared by the commands: model and decoding flags, wall-clock timing, the machine's measured matmul peak
+and read bandwidth, and the roofline of a decode step."""
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from typing import Callable
 
@@ -12,6 +14,8 @@ from jax.sharding import Mesh
 
 from rosa2_jax.checkpoint import LoadedModel, load_model
 from rosa2_jax.fetch import cache_root
+from rosa2_jax.model.config import ModelConfig
+from rosa2_jax.model.decoder import decode_layout
 from rosa2_jax.model.generation import SamplingConfig
 
 FLAGS = flags.FLAGS
@@ -20,12 +24,16 @@ FLAGS = flags.FLAGS
 def define_model_flags(default: str = "smollm2-135m-instruct") -> None:
     flags.DEFINE_string("model", default, "built-in name, converted/HF folder, GGUF file or hub id")
     flags.DEFINE_enum("dtype", "float32", ["float32", "bfloat16"], "parameter dtype")
+    flags.DEFINE_enum("decode_dtype", None, ["float32", "bfloat16"], "generation's matmul weights (default: "
+                      "--dtype); bfloat16 beside float32 params multiplies in bfloat16 with float32 accumulation "
+                      "and a float32 residual stream (BUILD_NOTES.md, \"Decode speed\")")
     flags.DEFINE_string("cache_dir", None, "model/data cache (default $ROSA2_CACHE or ~/.cache/rosa2_jax)")
 
 
 def model_from_flags(mesh: Mesh | None = None, spec: str | None = None) -> LoadedModel:
     """`--model` (or `spec`, e.g. a critic's), loaded with the run's dtype and cache."""
-    return load_model(spec or FLAGS.model, dtype=jnp.dtype(FLAGS.dtype), cache_dir=FLAGS.cache_dir, mesh=mesh)
+    return load_model(spec or FLAGS.model, dtype=jnp.dtype(FLAGS.dtype), cache_dir=FLAGS.cache_dir, mesh=mesh,
+                      decode_dtype=FLAGS.decode_dtype and jnp.dtype(FLAGS.decode_dtype))
 
 
 def keep_compiled_programs() -> None:
@@ -71,3 +79,45 @@ def matmul_peak_flops(n: int = 2048, dtype=jnp.float32) -> float:
 
 def param_count(tree) -> int:
     return sum(x.size for x in jax.tree.leaves(tree))
+
+
+def read_bandwidth(gib: float = 1.0) -> float:
+    """Measured bytes/s of a jitted sum over a `gib`-GiB float32 array (read once, nothing written)."""
+    x = jnp.ones((int(gib * 2**30) // 4,), jnp.float32)
+    f = jax.jit(jnp.sum)
+    f(x).block_until_ready()
+    return x.nbytes / best_time(lambda: f(x).block_until_ready(), repeats=5)
+
+
+@dataclasses.dataclass(frozen=True)
+class Roofline:
+    """The least time a decode step of `rows` rows over `context` cached tokens can take on this machine: every
+    weight matrix read once, every row's keys/values read once, every multiply-add done once."""
+
+    flops: float
+    bytes: float
+    peak_flops: float
+    bandwidth: float
+
+    @property
+    def seconds(self) -> float:
+        return max(self.flops / self.peak_flops, self.bytes / self.bandwidth)
+
+    @property
+    def bound(self) -> str:
+        return "compute" if self.flops / self.peak_flops >= self.bytes / self.bandwidth else "bandwidth"
+
+
+def decode_roofline(cfg: ModelConfig, params, rows: int, context: int, peak_flops: float,
+                    bandwidth: float, kv_itemsize: int = 4) -> Roofline:
+    """The matmuls of every layer and the LM head for each row, plus attention over `context` slots, with the
+    weights as generation holds them (decoder.decode_layout: their dtype sets the bytes read)."""
+    decoded = decode_layout(params)
+    matrices = [w for w in jax.tree.leaves(decoded["layers"]) if w.ndim == 2]
+    head = decoded.get("head_t", decoded.get("lm_head", decoded["embed"]))
+    weights = sum(w.size for w in matrices) + head.size
+    attention_flops = 4 * cfg.num_layers * cfg.num_heads * cfg.head_dim * context
+    kv_bytes = 2 * cfg.num_layers * cfg.num_kv_heads * cfg.head_dim * context * kv_itemsize
+    return Roofline(flops=rows * (2 * weights + attention_flops),
+                    bytes=sum(w.nbytes for w in matrices) + head.nbytes + rows * kv_bytes, peak_flops=peak_flops,
+                    bandwidth=bandwidth)

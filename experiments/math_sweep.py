@@ -31,6 +31,7 @@ from rosa2_jax.distributed import ProcessInfo, barrier, initialize, process_info
 from rosa2_jax.engine import REWARDS, EngineConfig, Session, method_of
 from rosa2_jax.scheduler import SCHEDULERS, TokenEngine
 from rosa2_jax.methods import ADAPTERS, METHODS, PRESETS, WeightsPreset
+from rosa2_jax.model.generation import SAMPLER
 from rosa2_jax.model.sharding import make_mesh
 from rosa2_jax.runs import (ADAPTER_CACHE, RECORDS, RunInUse, drop_torn_tail, in_flight_path, lock_run, merge_records,
                             read_in_flight, read_records, records_path, write_in_flight)
@@ -192,8 +193,10 @@ def run_sweep(run_dir: Path, info: ProcessInfo) -> dict | None:
     run_dir.mkdir(parents=True, exist_ok=True)
     if info.is_main:
         key_flags = FLAGS.get_key_flags_for_module(sys.modules[__name__])
-        config = {f.name: f.value for f in key_flags}
-        check_same_config(run_dir / "config.json", config, {f.name: f.default for f in key_flags})
+        config = {f.name: f.value for f in key_flags} | {"sampler": SAMPLER}
+        # A folder from before the sampler was recorded drew over the whole vocabulary.
+        defaults = {f.name: f.default for f in key_flags} | {"sampler": "full-vocabulary"}
+        check_same_config(run_dir / "config.json", config, defaults)
         (run_dir / "config.json").write_text(json.dumps(config, indent=2))
     problems, report = load_problems(FLAGS.dataset, limit=FLAGS.num_problems or None, seed=FLAGS.seed,
                                      cache_dir=FLAGS.cache_dir)

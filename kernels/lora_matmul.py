@@ -18,8 +18,14 @@ from jaxtyping import Array, Float
 def lora_matmul_reference(
     x: Float[Array, "B T I"], w: Float[Array, "I O"], a: Float[Array, "B I R"], b: Float[Array, "B R O"], scale: float
 ) -> Float[Array, "B T O"]:
+    return x @ w + lora_delta(x, a, b, scale)
+
+
+def lora_delta(x: Float[Array, "B T I"], a: Float[Array, "B I R"], b: Float[Array, "B R O"],
+               scale: float) -> Float[Array, "B T O"]:
+    """The adapters' term alone: scale * (x A) B, per row."""
     xa = jnp.einsum("bti,bir->btr", x, a.astype(x.dtype))
-    return x @ w + scale * jnp.einsum("btr,bro->bto", xa, b.astype(x.dtype))
+    return scale * jnp.einsum("btr,bro->bto", xa, b.astype(x.dtype))
 
 
 def _kernel(x_ref, w_ref, a_ref, b_ref, o_ref, *, scale: float):

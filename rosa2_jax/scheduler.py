@@ -187,7 +187,7 @@ class TokenEngine(SessionEngine):
             piece = prompt[s: s + chunk]
             padded = np.full(bucket_length(len(piece)), self.sampler.pad_id, np.int32)
             padded[: len(piece)] = piece
-            self.rows = prefill_row(self.model.params, self.rows, jnp.int32(row), jnp.asarray(padded),
+            self.rows = prefill_row(self.sampler.decode_params, self.rows, jnp.int32(row), jnp.asarray(padded),
                                     jnp.int32(len(piece)), jnp.int32(s), key, inputs.get("adapters"),
                                     inputs.get("hidden_offset"), jnp.int32(slot), jnp.int32(limit),
                                     jnp.bool_(greedy), cfg=self.model.cfg,
@@ -200,7 +200,7 @@ class TokenEngine(SessionEngine):
         inputs = self._generation_inputs()
         sessions = jnp.asarray([self.base_slot if slot is None else slot for slot in self.row_slot], jnp.int32)
         self.rows, generated, steps = decode_chunk(
-            self.model.params, self.rows, inputs.get("adapters"), inputs.get("hidden_offset"), sessions,
+            self.sampler.decode_params, self.rows, inputs.get("adapters"), inputs.get("hidden_offset"), sessions,
             cfg=self.model.cfg, sampling=self.cfg.sampling, stop_ids=self.sampler.stop_ids,
             pad_id=self.sampler.pad_id, steps=self.cfg.decode_steps, lora_kernel=self.lora_kernel)
         generated, steps = jax.device_get((generated, steps))

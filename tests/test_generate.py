@@ -8,9 +8,9 @@ import torch
 
 from rosa2_jax.checkpoint.hf_folder import load_hf_folder
 from rosa2_jax.errors import ContextOverflowError
-from rosa2_jax.model.decoder import KVCache, decoder_hidden, forward, lm_logits, positions_from_valid
-from rosa2_jax.model.generation import (TOP_P_CANDIDATES, SamplingConfig, generate, left_pad, sample_logits,
-                                        top_p_cutoff)
+from rosa2_jax.model.decoder import KVCache, decode_layout, decoder_hidden, forward, lm_logits, positions_from_valid
+from rosa2_jax.model.generation import (TOP_P_CANDIDATES, SamplingConfig, _sample_whole_vocabulary, generate,
+                                        left_pad, sample_logits, top_p_cutoff)
 
 PROMPT_LENGTHS = (5, 13, 2)
 
@@ -27,8 +27,16 @@ def _prompts(vocab, seed=0):
     return [r.randint(3, vocab, n).tolist() for n in PROMPT_LENGTHS]
 
 
-def test_cached_decoding_equals_full_forward_at_every_step(tiny):
-    _, _, cfg, params = tiny
+LAYOUTS = {"stacked": lambda p: p, "per-layer": lambda p: decode_layout(p, out_in=False),
+           "per-layer-out-in": lambda p: decode_layout(p, out_in=True)}
+
+
+@pytest.mark.parametrize("layout", list(LAYOUTS))
+def test_cached_decoding_equals_full_forward_at_every_step(tiny, layout):
+    """Every layout generation may run on (stacked weights, decode_layout's per-layer [in, out] of accelerators
+    and [out, in] of CPUs) decodes the logits of the teacher-forced forward over the stacked weights."""
+    _, _, cfg, stacked = tiny
+    params = LAYOUTS[layout](stacked)
     prompts = _prompts(cfg.vocab_size)
     P, steps = 16, 6
     tokens, valid = left_pad(prompts, P, pad_id=0)
@@ -39,7 +47,7 @@ def test_cached_decoding_equals_full_forward_at_every_step(tiny):
     step_logits = lm_logits(params, hidden[:, -1], cfg)
     seq, seq_valid = tokens, valid
     for step in range(steps):
-        full = forward(params, seq, seq_valid, cfg=cfg)[:, -1]
+        full = forward(stacked, seq, seq_valid, cfg=cfg)[:, -1]
         np.testing.assert_allclose(step_logits, full, atol=1e-4, rtol=0, err_msg=f"step {step}")
         nxt = jnp.argmax(step_logits, -1).astype(jnp.int32)
         seq = jnp.concatenate([seq, nxt[:, None]], 1)
@@ -128,6 +136,65 @@ def test_sampling_filters_respect_top_k_and_top_p():
     assert greedy.tolist() == [0, 0]
     full = np.asarray(sample_logits(logits, keys, SamplingConfig(temperature=1.0)))
     np.testing.assert_allclose(np.bincount(full, minlength=4) / 4000, [0.5, 0.3, 0.15, 0.05], atol=0.03)
+
+
+def test_bfloat16_decode_weights_stay_close_to_float32(tiny):
+    """decode_layout(bfloat16): matmul weights rounded to bfloat16, float32 accumulation and residual stream. The
+    greedy continuation and the logits stay close to float32's (the 0.5B built-in's figures are in BUILD_NOTES)."""
+    _, _, cfg, params = tiny
+    prompts = _prompts(cfg.vocab_size)
+    greedy = SamplingConfig(max_new_tokens=6)
+    f32 = generate(decode_layout(params), cfg, prompts, greedy, stop_token_ids=[], pad_id=0)
+    bf16 = generate(decode_layout(params, jnp.bfloat16), cfg, prompts, greedy, stop_token_ids=[], pad_id=0)
+    tokens, valid = (jnp.asarray(a) for a in left_pad(prompts, 16, pad_id=0))
+    cache = KVCache.empty(cfg, len(prompts), 16, jnp.float32)
+    logits = {name: lm_logits(p, decoder_hidden(p, tokens, positions_from_valid(valid), valid, cfg=cfg,
+                                                  cache=cache)[0][:, -1], cfg)
+              for name, p in (("f32", decode_layout(params)), ("bf16", decode_layout(params, jnp.bfloat16)))}
+    assert logits["bf16"].dtype == jnp.float32
+    error = np.abs(np.asarray(logits["bf16"] - logits["f32"])).max()
+    assert 0 < error < 0.02 * np.abs(np.asarray(logits["f32"])).max()
+    assert sum(a.tokens == b.tokens for a, b in zip(f32, bf16)) >= len(prompts) - 1
+
+
+def _chi_square_critical(df: int, z: float = 3.09) -> float:
+    """The chi-square quantile at p = 0.001 (z of the normal), Wilson-Hilferty."""
+    return df * (1 - 2 / (9 * df) + z * np.sqrt(2 / (9 * df))) ** 3
+
+
+@pytest.mark.parametrize("sampling", [
+    SamplingConfig(temperature=0.7, top_p=0.8), SamplingConfig(temperature=1.0, top_k=7),
+    SamplingConfig(temperature=1.0, top_k=40, top_p=0.9)], ids=["top-p", "top-k", "top-k-and-top-p"])
+def test_draws_among_the_candidates_follow_the_filtered_distribution(sampling):
+    """A peaked row of a 1,000-token vocabulary: its filtered set lies among the candidates, and 20,000 draws
+    match the float64 filtered distribution (chi-square, p = 0.001) with no token outside it."""
+    logits = np.random.default_rng(3).normal(size=1000) * 3.0
+    draws = np.asarray(sample_logits(jnp.asarray(np.tile(logits.astype(np.float32), (20000, 1))),
+                                     jax.random.split(jax.random.key(1), 20000), sampling))
+    scaled = logits / sampling.temperature
+    order = np.argsort(-scaled)
+    probs = np.exp(scaled[order] - scaled[order][0])
+    if sampling.top_k:
+        probs[sampling.top_k:] = 0
+    probs /= probs.sum()
+    keep = np.cumsum(probs) - probs < sampling.top_p
+    expected = np.where(keep, probs, 0) / probs[keep].sum()
+    assert keep.sum() < TOP_P_CANDIDATES
+    counts = np.bincount(np.argsort(order)[draws], minlength=1000)
+    assert counts[~keep].sum() == 0
+    stat = np.sum((counts[keep] - 20000 * expected[keep]) ** 2 / (20000 * expected[keep]))
+    assert stat < _chi_square_critical(int(keep.sum()) - 1)
+
+
+def test_a_nucleus_longer_than_the_candidates_draws_over_the_whole_vocabulary():
+    """Flat rows (a nucleus of ~800 tokens) take the reference draw, token for token; so does a step in which
+    only one row is flat."""
+    rng = np.random.default_rng(4)
+    logits = np.stack([rng.normal(size=1000) * 0.05, rng.normal(size=1000) * 3.0]).astype(np.float32)
+    keys = jax.random.split(jax.random.key(2), 2)
+    sampling = SamplingConfig(temperature=0.7, top_p=0.8)
+    assert np.array_equal(sample_logits(jnp.asarray(logits), keys, sampling),
+                          _sample_whole_vocabulary(jnp.asarray(logits) / 0.7, keys, sampling))
 
 
 @pytest.mark.parametrize("scale", [8.0, 0.05], ids=["nucleus-among-the-candidates", "nucleus-needs-the-full-sort"])

@@ -43,10 +43,11 @@ class LoadedModel:
     tokenizer: Any  # transformers tokenizer
     source: str
     mesh: Mesh | None = None  # where params were placed (load_model(mesh=))
+    decode_dtype: Any = None  # generation's matmul weights (Sampler.decode_params); None = params' dtype
 
     @functools.cached_property
     def sampler(self) -> Sampler:
-        return Sampler(self.params, self.cfg, self.tokenizer, self.mesh)
+        return Sampler(self.params, self.cfg, self.tokenizer, self.mesh, self.decode_dtype)
 
 
 def _place(params: Params, cfg: ModelConfig, dtype, mesh: Mesh | None) -> Params:
@@ -55,9 +56,15 @@ def _place(params: Params, cfg: ModelConfig, dtype, mesh: Mesh | None) -> Params
 
 
 def load_model(spec: str, *, dtype=jnp.float32, cache_dir: str | os.PathLike | None = None,
-               mesh: Mesh | None = None) -> LoadedModel:
+               mesh: Mesh | None = None, decode_dtype=None) -> LoadedModel:
     """Load `spec`; with `mesh`, params are placed by the logical-axes rules (converted folders and
-    built-ins are restored straight into that sharding)."""
+    built-ins are restored straight into that sharding). `decode_dtype` stores generation's matmul weights
+    in that dtype (e.g. bfloat16 beside float32 params; decoder.decode_layout)."""
+    model = _load(spec, dtype, cache_dir, mesh)
+    return dataclasses.replace(model, decode_dtype=decode_dtype)
+
+
+def _load(spec: str, dtype, cache_dir: str | os.PathLike | None, mesh: Mesh | None) -> LoadedModel:
     if spec in BUILTINS:
         folder = ensure_builtin(spec, cache_dir)
         cfg, params = load_converted(folder, dtype, mesh)

@@ -34,7 +34,7 @@ from rosa2_jax.model.lora import LoraAdapters, take_sessions
 
 @struct.dataclass
 class DecodeRows:
-    cache: KVCache  # k [L, B, K, D, S], v [L, B, K, S, D], valid [B, S]
+    cache: KVCache  # per layer k [B, K, D, S] and v [B, K, S, D]; valid [B, S]
     length: Int[Array, "B"]  # tokens in the row's cache: the next slot written and the next RoPE position
     logits: Float[Array, "B V"]  # next-token logits
     keys: jax.Array  # [B] the turn's PRNG key
@@ -53,8 +53,8 @@ class DecodeRows:
 class RowCache:
     """One row's cache, held while its session waits (verification, Words step)."""
 
-    k: Float[Array, "L K D S"]
-    v: Float[Array, "L K S D"]
+    k: tuple[Float[Array, "K D S"], ...]  # per layer
+    v: tuple[Float[Array, "K S D"], ...]
     valid: Bool[Array, "S"]
 
 
@@ -83,23 +83,23 @@ def resize_rows(rows: DecodeRows, capacity: int) -> DecodeRows:
     """The same rows with `capacity` cache slots (every running row's length must fit). Empty rows restart
     at slot 0, since their decode steps write an invalid entry at their length, which must stay inside."""
     c = rows.cache
-    return rows.replace(cache=KVCache(_fit_slots(c.k, 4, capacity), _fit_slots(c.v, 3, capacity),
-                                      _fit_slots(c.valid, 1, capacity)),
+    return rows.replace(cache=c.map(lambda k: _fit_slots(k, 3, capacity), lambda v: _fit_slots(v, 2, capacity),
+                                    _fit_slots(c.valid, 1, capacity)),
                         length=jnp.where(rows.done, 0, rows.length))
 
 
 @jax.jit
 def row_cache(rows: DecodeRows, row: Int[Array, ""]) -> RowCache:
     c = rows.cache
-    return RowCache(c.k[:, row], c.v[:, row], c.valid[row])
+    return RowCache(tuple(k[row] for k in c.k), tuple(v[row] for v in c.v), c.valid[row])
 
 
 @jax.jit
 def put_row_cache(rows: DecodeRows, row: Int[Array, ""], saved: RowCache) -> DecodeRows:
     """Write a held cache back into `row` (fitted to the rows' capacity)."""
     c, S = rows.cache, rows.capacity
-    return rows.replace(cache=KVCache(c.k.at[:, row].set(_fit_slots(saved.k, 3, S)),
-                                      c.v.at[:, row].set(_fit_slots(saved.v, 2, S)),
+    return rows.replace(cache=KVCache(tuple(k.at[row].set(_fit_slots(h, 2, S)) for k, h in zip(c.k, saved.k)),
+                                      tuple(v.at[row].set(_fit_slots(h, 1, S)) for v, h in zip(c.v, saved.v)),
                                       c.valid.at[row].set(_fit_slots(saved.valid, 0, S))))
 
 
@@ -137,7 +137,7 @@ def prefill_row(
     c = rows.cache
     T, S = tokens.shape[0], rows.capacity
     keep = c.valid[row] & (jnp.arange(S) < start)
-    one_row = KVCache(c.k[:, row][:, None], c.v[:, row][:, None], keep[None])
+    one_row = KVCache(tuple(k[row][None] for k in c.k), tuple(v[row][None] for v in c.v), keep[None])
     new_valid = (jnp.arange(T) < num_new)[None]
     hidden, one_row = decoder_hidden(
         params, tokens[None], (start + jnp.arange(T, dtype=jnp.int32))[None], new_valid, cfg=cfg, cache=one_row,
@@ -145,7 +145,8 @@ def prefill_row(
         continue_prefix=not fresh)
     last = hidden[0, num_new - 1] + _session_offset(offsets, session, hidden.dtype)
     return rows.replace(
-        cache=KVCache(c.k.at[:, row].set(one_row.k[:, 0]), c.v.at[:, row].set(one_row.v[:, 0]),
+        cache=KVCache(tuple(k.at[row].set(o[0]) for k, o in zip(c.k, one_row.k)),
+                      tuple(v.at[row].set(o[0]) for v, o in zip(c.v, one_row.v)),
                       c.valid.at[row].set(one_row.valid[0])),
         length=rows.length.at[row].set(start + num_new),
         logits=rows.logits.at[row].set(lm_logits(params, last, cfg).astype(jnp.float32)),
@@ -175,7 +176,7 @@ def decode_chunk(
     the pool's adapter / offset `sessions[b]`. Returns (rows, tokens generated, steps run)."""
     B, N = rows.out.shape
     row_adapters = _session_adapters(adapters, sessions)
-    offset = _session_offset(offsets, sessions, rows.cache.k.dtype)
+    offset = _session_offset(offsets, sessions, rows.cache.k[0].dtype)
     stop = jnp.asarray(stop_ids, jnp.int32)
     idle = rows.done
 
@@ -186,10 +187,11 @@ def decode_chunk(
     def body(state):
         i, rows, generated = state
         running = ~rows.done
-        step_keys = jax.vmap(jax.random.fold_in)(rows.keys, rows.count)
-        tok = sample_logits(rows.logits, step_keys, sampling)
-        if sampling.temperature > 0:  # the sampled rows' draws are the same with or without greedy rows beside
-            tok = jnp.where(rows.greedy, jnp.argmax(rows.logits, axis=-1).astype(jnp.int32), tok)
+        with jax.named_scope("sampling"):
+            step_keys = jax.vmap(jax.random.fold_in)(rows.keys, rows.count)
+            tok = sample_logits(rows.logits, step_keys, sampling)
+            if sampling.temperature > 0:  # the sampled rows' draws are the same with or without greedy rows beside
+                tok = jnp.where(rows.greedy, jnp.argmax(rows.logits, axis=-1).astype(jnp.int32), tok)
         tok = jnp.where(running, tok, pad_id)
         at_count = running[:, None] & (jnp.arange(N)[None] == rows.count[:, None])
         out = jnp.where(at_count, tok[:, None], rows.out)
@@ -200,7 +202,8 @@ def decode_chunk(
         hidden, cache = decoder_hidden(params, tok[:, None], rows.length[:, None], running[:, None], cfg=cfg,
                                        cache=rows.cache, cache_index=rows.length, adapters=row_adapters,
                                        lora_kernel=lora_kernel)
-        logits = lm_logits(params, hidden[:, 0] + offset, cfg).astype(jnp.float32)
+        with jax.named_scope("lm_head"):
+            logits = lm_logits(params, hidden[:, 0] + offset, cfg).astype(jnp.float32)
         rows = rows.replace(cache=cache, length=rows.length + running, logits=logits, count=count, done=done,
                             out=out)
         return i + 1, rows, generated + jnp.sum(running)

@@ -17,9 +17,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import struct
+from jax.sharding import NamedSharding, PartitionSpec
 from jaxtyping import Array, Bool, Float, Int
 
-from rosa2_jax.kernels.lora_matmul import lora_matmul, lora_matmul_reference
+from rosa2_jax.kernels.lora_matmul import lora_delta, lora_matmul, lora_matmul_reference
 from rosa2_jax.model.config import ModelConfig
 from rosa2_jax.model.lora import LoraAdapters
 from rosa2_jax.model.params import Params
@@ -29,15 +30,76 @@ _MASKED = -1e30  # large finite negative: a fully masked (padding) query row sta
 
 @struct.dataclass
 class KVCache:
-    k: Float[Array, "L B K D S"]  # keys slot-minor: q @ k is a plain matmul per (row, kv head)
-    v: Float[Array, "L B K S D"]
+    """One array per layer rather than one stacked [L, ...] array: a layer reads and writes its own buffer, where
+    slicing a stacked cache copies the layer's part on every step (XLA CPU)."""
+
+    k: tuple[Float[Array, "B K D S"], ...]  # L layers; keys slot-minor: q @ k is a plain matmul per (row, kv head)
+    v: tuple[Float[Array, "B K S D"], ...]
     valid: Bool[Array, "B S"]  # slot holds a real token
 
     @classmethod
     def empty(cls, cfg: ModelConfig, batch: int, slots: int, dtype) -> "KVCache":
-        k_shape = (cfg.num_layers, batch, cfg.num_kv_heads, cfg.head_dim, slots)
-        v_shape = (cfg.num_layers, batch, cfg.num_kv_heads, slots, cfg.head_dim)
-        return cls(jnp.zeros(k_shape, dtype), jnp.zeros(v_shape, dtype), jnp.zeros((batch, slots), bool))
+        k_shape = (batch, cfg.num_kv_heads, cfg.head_dim, slots)
+        v_shape = (batch, cfg.num_kv_heads, slots, cfg.head_dim)
+        return cls(tuple(jnp.zeros(k_shape, dtype) for _ in range(cfg.num_layers)),
+                   tuple(jnp.zeros(v_shape, dtype) for _ in range(cfg.num_layers)), jnp.zeros((batch, slots), bool))
+
+    def map(self, k_fn, v_fn, valid: Bool[Array, "B S"]) -> "KVCache":
+        """Every layer's keys through `k_fn` and values through `v_fn`, with the new `valid`."""
+        return KVCache(tuple(map(k_fn, self.k)), tuple(map(v_fn, self.v)), valid)
+
+
+LINEARS = ("q", "k", "v", "o", "gate", "up", "down")
+
+
+def decode_layout(params: Params, dtype=None, *, out_in: bool | None = None) -> Params:
+    """The weights as generation runs fastest on them, measured on XLA CPU (BUILD_NOTES.md, "Decode speed"):
+
+    - `layers` a tuple of per-layer dicts: slicing the stacked [L, ...] weights inside a decode step copies every
+      layer's weights once per token (44% of a 0.5B step);
+    - with `out_in` (default: on a CPU backend) each matmul weight stored transposed, [out, in], under `<name>_t`,
+      and the LM head as `head_t` [V, d] (the embedding itself when tied): XLA CPU's small-batch matmul reads a
+      weight 1.2x (float32) to 2x (bfloat16) faster in that layout;
+    - matmul weights in `dtype` (default: as stored), multiplied with float32 accumulation while the residual
+      stream, norms and embedding lookup keep the params' own dtype.
+
+    On an accelerator the weights keep their [in, out] layout (the Pallas LoRA kernel takes it). The stacked
+    layout stays the canonical one: checkpoints, sharding rules, LoRA factors and the ROSA update's scan.
+    """
+    if isinstance(params["layers"], tuple):
+        return params
+    out_in = jax.default_backend() == "cpu" if out_in is None else out_in
+
+    def place(w, like, spec):  # keeps a sharded weight's layout under its new axes
+        sharding = getattr(like, "sharding", None)
+        if isinstance(sharding, NamedSharding):
+            return jax.device_put(w, NamedSharding(sharding.mesh, PartitionSpec(*spec(sharding.spec))))
+        return w
+
+    def matrix(w, i):
+        w_i = w[i].astype(dtype or w.dtype)
+        if out_in:
+            return place(w_i.T.copy(), w, lambda spec: (spec[2], spec[1]) if len(spec) > 2 else ())
+        return place(w_i, w, lambda spec: spec[1:])
+
+    def layer(i):
+        out = {}
+        for name, w in params["layers"].items():
+            if name in LINEARS:
+                out[f"{name}_t" if out_in else name] = matrix(w, i)
+            else:
+                out[name] = place(w[i], w, lambda spec: spec[1:])
+        return out
+
+    num_layers = next(iter(params["layers"].values())).shape[0]
+    decoded = dict(params, layers=tuple(layer(i) for i in range(num_layers)))
+    if out_in:
+        head = params["lm_head"].T if "lm_head" in params else params["embed"]
+        decoded.pop("lm_head", None)
+        decoded["head_t"] = head.astype(dtype or head.dtype)
+    elif dtype is not None and "lm_head" in params:
+        decoded["lm_head"] = params["lm_head"].astype(dtype)
+    return decoded
 
 
 def accumulation_dtype(dtype) -> jnp.dtype:
@@ -98,7 +160,13 @@ def attention(
 
 
 def _linear(x, lp, la, name, scale, lora_kernel):
-    if la is not None and name in la:
+    if f"{name}_t" in lp:  # decode_layout's [out, in] weight, possibly in a narrower dtype
+        w = lp[f"{name}_t"]
+        y = jnp.einsum("...i,oi->...o", x.astype(w.dtype), w, preferred_element_type=accumulation_dtype(x.dtype))
+        y = y.astype(x.dtype)
+        if la is not None and name in la:
+            y = y + lora_delta(x, *la[name], scale)
+    elif la is not None and name in la:
         matmul = lora_matmul if lora_kernel else lora_matmul_reference
         y = matmul(x, lp[name], *la[name], scale)
     else:
@@ -109,20 +177,20 @@ def _linear(x, lp, la, name, scale, lora_kernel):
 
 
 def decode_attention(
-    q: Float[Array, "B 1 H D"], k: Float[Array, "B 1 K D"], v: Float[Array, "B 1 K D"],
-    cache_k: Float[Array, "B K D S"], cache_v: Float[Array, "B K S D"], cache_mask: Bool[Array, "B S"],
+    q: Float[Array, "B 1 H D"], cache_k: Float[Array, "B K D S"], cache_v: Float[Array, "B K S D"],
+    mask: Bool[Array, "B S"],
 ) -> Float[Array, "B 1 H*D"]:
-    """One new token attending to the cached slots plus itself (the cache is read, never copied)."""
+    """One new token attending to the cached slots in `mask`, its own among them: the cache is written before it
+    is read, so the write can update it in place (reading the old cache and writing after made XLA keep the old
+    one alive by copying every layer's cache at every step)."""
     B, _, H, D = q.shape
-    K = k.shape[2]
+    K = cache_k.shape[1]
     qg = q.reshape(B, K, H // K, D)
     acc = accumulation_dtype(q.dtype)
-    s_cache = jnp.einsum("bkgd,bkds->bkgs", qg, cache_k, preferred_element_type=acc) / math.sqrt(D)
-    s_cache = jnp.where(cache_mask[:, None, None, :], s_cache, _MASKED)
-    s_self = jnp.einsum("bkgd,bkd->bkg", qg, k[:, 0], preferred_element_type=acc)[..., None] / math.sqrt(D)
-    probs = jax.nn.softmax(jnp.concatenate([s_cache, s_self], -1), axis=-1).astype(v.dtype)
-    out = jnp.einsum("bkgs,bksd->bkgd", probs[..., :-1], cache_v) + probs[..., -1:] * v[:, 0, :, None, :]
-    return out.reshape(B, 1, H * D)
+    scores = jnp.einsum("bkgd,bkds->bkgs", qg, cache_k, preferred_element_type=acc) / math.sqrt(D)
+    scores = jnp.where(mask[:, None, None, :], scores, _MASKED)
+    probs = jax.nn.softmax(scores, axis=-1).astype(cache_v.dtype)
+    return jnp.einsum("bkgs,bksd->bkgd", probs, cache_v).reshape(B, 1, H * D)
 
 
 def prefix_attention(
@@ -171,14 +239,19 @@ def decoder_hidden(
     a decode step one slot per row [B]). A chunk of T > 1 tokens
     is a prefill into an empty cache and attends to itself, or with `continue_prefix` it also attends
     to every valid slot before cache_index (a turn whose history is cached); a single token (a decode
-    step) attends to every valid slot before it and to itself. Layers only emit their new k/v; the cache is
-    written once after the layer scan, so a decode step never copies the cache.
+    step) attends to every valid slot before it and to itself. A decode step writes each layer's new k/v into
+    its cache and then attends over it; a prefill writes after the layers ran. Either way the write updates the
+    cache in place.
     `valid` marks real tokens; padding is never attended to. `remat` recomputes each layer's
     activations when differentiating instead of storing them (used by the ROSA update). `lora_kernel`
     applies adapters with the Pallas kernel (forward only; GPU/TPU) instead of the jnp reference.
-    `layers=(a, b)` runs only layers [a, b) (without a cache; `adapters` then cover those layers only),
-    indexing the stacked weights in place rather than copying a slice of them; `inputs` replaces the
-    embedding as the residual stream entering layer a. The ROSA update runs a trunk in two such parts.
+    `layers=(a, b)` runs only layers [a, b) (without a cache; `adapters` then cover those layers only);
+    `inputs` replaces the embedding as the residual stream entering layer a. The ROSA update runs a trunk in
+    two such parts.
+
+    Stacked weights without a cache run as one `lax.scan` over layers (compile time does not grow with depth;
+    the ROSA update's many tokens per weight read hide the per-layer slice). With a cache, or with weights from
+    `decode_layout`, the layers run as a Python loop, each on its own arrays.
     """
     B, T = tokens.shape
     inv_freq = rope_inv_freq(cfg)
@@ -189,56 +262,91 @@ def decoder_hidden(
     if decoding or extending:
         slots = jnp.arange(cache.valid.shape[1])
         old_mask = cache.valid & (slots[None, :] < jnp.reshape(cache_index, (-1, 1)))
+        # a decode step's token attends to itself at its slot (even on a row that is not running, as before)
+        step_mask = old_mask | (slots[None, :] == jnp.reshape(cache_index, (-1, 1)))
     layer_adapters = adapters.per_layer() if adapters is not None else None
     scale = adapters.scale if adapters is not None else 1.0
 
     def layer(x, xs):
         lp, la, layer_cache = xs
-        if layers is not None:  # lp is the layer's index into the stack
+        if layers is not None and not isinstance(lp, dict):  # the scan's index into the stack
             lp = jax.tree.map(lambda w: w[lp], params["layers"])
-        h = rms_norm(x, lp["attn_norm"], cfg.rms_norm_eps)
-        q = _linear(h, lp, la, "q", scale, lora_kernel).reshape(B, T, cfg.num_heads, cfg.head_dim)
-        k = _linear(h, lp, la, "k", scale, lora_kernel).reshape(B, T, cfg.num_kv_heads, cfg.head_dim)
-        v = _linear(h, lp, la, "v", scale, lora_kernel).reshape(B, T, cfg.num_kv_heads, cfg.head_dim)
-        if cfg.qk_norm:
-            q = rms_norm(q, lp["q_norm"], cfg.rms_norm_eps)
-            k = rms_norm(k, lp["k_norm"], cfg.rms_norm_eps)
-        q = apply_rope(q, positions, inv_freq)
-        k = apply_rope(k, positions, inv_freq)
-        if decoding:
-            o = decode_attention(q, k, v, *layer_cache, old_mask)
-        elif extending:
-            o = prefix_attention(q, k, v, *layer_cache, old_mask, self_mask)
-        else:
-            o = attention(q, k, v, self_mask)
-        x = x + _linear(o, lp, la, "o", scale, lora_kernel)
-        h = rms_norm(x, lp["mlp_norm"], cfg.rms_norm_eps)
-        gated = jax.nn.silu(_linear(h, lp, la, "gate", scale, lora_kernel)) * _linear(h, lp, la, "up", scale, lora_kernel)
-        x = x + _linear(gated, lp, la, "down", scale, lora_kernel)
-        return x, ((k, v) if cache is not None else None)
+        # The named scopes label the ops in a profile (experiments.profile_decode); they change no numerics.
+        with jax.named_scope("qkv"):
+            h = rms_norm(x, lp["attn_norm"], cfg.rms_norm_eps)
+            q = _linear(h, lp, la, "q", scale, lora_kernel).reshape(B, T, cfg.num_heads, cfg.head_dim)
+            k = _linear(h, lp, la, "k", scale, lora_kernel).reshape(B, T, cfg.num_kv_heads, cfg.head_dim)
+            v = _linear(h, lp, la, "v", scale, lora_kernel).reshape(B, T, cfg.num_kv_heads, cfg.head_dim)
+            if cfg.qk_norm:
+                q = rms_norm(q, lp["q_norm"], cfg.rms_norm_eps)
+                k = rms_norm(k, lp["k_norm"], cfg.rms_norm_eps)
+            q = apply_rope(q, positions, inv_freq)
+            k = apply_rope(k, positions, inv_freq)
+        with jax.named_scope("attention"):
+            if decoding:
+                with jax.named_scope("cache_write"):
+                    layer_cache = _write_layer(*layer_cache, k, v, cache_index)
+                o = decode_attention(q, *layer_cache, step_mask)
+            elif extending:
+                o = prefix_attention(q, k, v, *layer_cache, old_mask, self_mask)
+            else:
+                o = attention(q, k, v, self_mask)
+        with jax.named_scope("out_proj"):
+            x = x + _linear(o, lp, la, "o", scale, lora_kernel)
+        with jax.named_scope("mlp"):
+            h = rms_norm(x, lp["mlp_norm"], cfg.rms_norm_eps)
+            gated = (jax.nn.silu(_linear(h, lp, la, "gate", scale, lora_kernel))
+                     * _linear(h, lp, la, "up", scale, lora_kernel))
+            x = x + _linear(gated, lp, la, "down", scale, lora_kernel)
+        # a decode step returns the layer's written cache, a prefill its new keys/values (written after the layers)
+        return x, (layer_cache if decoding else (k, v) if cache is not None else None)
 
-    layer_caches = (cache.k, cache.v) if decoding or extending else None
-    x, new_kv = jax.lax.scan(jax.checkpoint(layer) if remat else layer, x,
-                             (params["layers"] if layers is None else jnp.arange(*layers), layer_adapters,
-                              layer_caches))
+    step = jax.checkpoint(layer) if remat else layer
+    first, last = layers or (0, cfg.num_layers)
+    if cache is None and not isinstance(params["layers"], tuple):
+        x, _ = jax.lax.scan(step, x, (params["layers"] if layers is None else jnp.arange(first, last),
+                                      layer_adapters, None))
+        new_kv = None
+    else:
+        new_k, new_v = [], []
+        for i in range(first, last):
+            la = None if layer_adapters is None else jax.tree.map(lambda a: a[i - first], layer_adapters)
+            layer_cache = (cache.k[i], cache.v[i]) if decoding or extending else None
+            x, out = step(x, (_layer_params(params, i), la, layer_cache))
+            if cache is not None and not decoding:
+                with jax.named_scope("cache_write"):
+                    out = _write_layer(cache.k[i], cache.v[i], *out, cache_index)
+            if cache is not None:
+                new_k.append(out[0])
+                new_v.append(out[1])
     if final_norm:
         x = rms_norm(x, params["final_norm"], cfg.rms_norm_eps)
     if cache is None:
         return x, None
-    new_k = jnp.transpose(new_kv[0], (0, 1, 3, 4, 2)).astype(cache.k.dtype)  # [L,B,T,K,D] -> [L,B,K,D,T]
-    new_v = jnp.transpose(new_kv[1], (0, 1, 3, 2, 4)).astype(cache.v.dtype)  # -> [L,B,K,T,D]
     if jnp.ndim(cache_index) == 0:
-        new_cache = KVCache(
-            k=jax.lax.dynamic_update_slice(cache.k, new_k, (0, 0, 0, 0, cache_index)),
-            v=jax.lax.dynamic_update_slice(cache.v, new_v, (0, 0, 0, cache_index, 0)),
-            valid=jax.lax.dynamic_update_slice(cache.valid, valid, (0, cache_index)),
-        )
-    else:  # one token per row, each at its own slot (the token-level engine's rows are at different lengths)
-        rows = jnp.arange(B)
-        new_cache = KVCache(k=cache.k.at[:, rows, :, :, cache_index].set(jnp.moveaxis(new_k[..., 0], 1, 0)),
-                            v=cache.v.at[:, rows, :, cache_index].set(jnp.moveaxis(new_v[..., 0, :], 1, 0)),
-                            valid=cache.valid.at[rows, cache_index].set(valid[:, 0]))
-    return x, new_cache
+        valid = jax.lax.dynamic_update_slice(cache.valid, valid, (0, cache_index))
+    else:
+        valid = cache.valid.at[jnp.arange(valid.shape[0]), cache_index].set(valid[:, 0])
+    return x, KVCache(tuple(new_k), tuple(new_v), valid)
+
+
+def _layer_params(params: Params, i: int) -> Params:
+    layers = params["layers"]
+    return layers[i] if isinstance(layers, tuple) else jax.tree.map(lambda w: w[i], layers)
+
+
+def _write_layer(cache_k: Float[Array, "B K D S"], cache_v: Float[Array, "B K S D"], k: Float[Array, "B T K D"],
+                 v: Float[Array, "B T K D"], cache_index) -> tuple[Array, Array]:
+    """A layer's new keys/values written into its cache at `cache_index` (a scalar, or one slot per row [B] for a
+    decode step)."""
+    k = jnp.transpose(k, (0, 2, 3, 1)).astype(cache_k.dtype)  # -> [B, K, D, T]
+    v = jnp.transpose(v, (0, 2, 1, 3)).astype(cache_v.dtype)  # -> [B, K, T, D]
+    if jnp.ndim(cache_index) == 0:
+        return (jax.lax.dynamic_update_slice(cache_k, k, (0, 0, 0, cache_index)),
+                jax.lax.dynamic_update_slice(cache_v, v, (0, 0, cache_index, 0)))
+    # one token per row, each at its own slot (the token-level engine's rows are at different lengths)
+    rows = jnp.arange(k.shape[0])
+    return cache_k.at[rows, :, :, cache_index].set(k[..., 0]), cache_v.at[rows, :, cache_index].set(v[:, :, 0])
 
 
 def head_weight(params: Params, cfg: ModelConfig) -> Float[Array, "d V"]:
@@ -248,6 +356,10 @@ def head_weight(params: Params, cfg: ModelConfig) -> Float[Array, "d V"]:
 
 def lm_logits(params: Params, hidden: Float[Array, "... d"], cfg: ModelConfig) -> Float[Array, "... V"]:
     """LM head, accumulated in (at least) float32."""
+    if "head_t" in params:  # decode_layout's [V, d] head
+        w = params["head_t"]
+        return jnp.einsum("...d,vd->...v", hidden.astype(w.dtype), w,
+                          preferred_element_type=accumulation_dtype(hidden.dtype))
     w = head_weight(params, cfg)
     return jnp.einsum("...d,dv->...v", hidden, w, preferred_element_type=accumulation_dtype(w.dtype))
 

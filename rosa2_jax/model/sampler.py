@@ -14,6 +14,7 @@ from jax.sharding import Mesh
 from jaxtyping import Array, Float
 
 from rosa2_jax.model.config import ModelConfig
+from rosa2_jax.model.decoder import decode_layout
 from rosa2_jax.model.generation import Generation, SamplingConfig, generate
 from rosa2_jax.model.lora import LoraAdapters
 from rosa2_jax.model.params import Params
@@ -26,6 +27,7 @@ class Sampler:
     cfg: ModelConfig
     tokenizer: Any  # transformers tokenizer
     mesh: Mesh | None = None  # params are placed on it; rows of a batch are split over its data axis
+    decode_dtype: Any = None  # generation's matmul weights (decode_layout); None = the params' own dtype
 
     @functools.cached_property
     def stop_ids(self) -> tuple[int, ...]:
@@ -36,6 +38,12 @@ class Sampler:
         """The tokenizer's pad id, else its first stop id (Llama-3 folders define no pad token)."""
         pad = self.tokenizer.pad_token_id
         return pad if pad is not None else self.stop_ids[0]
+
+    @functools.cached_property
+    def decode_params(self) -> Params:
+        """The weights every generation call runs on (decoder.decode_layout): a second copy of the matmul weights
+        beside the stacked ones the ROSA update scans over."""
+        return decode_layout(self.params, self.decode_dtype)
 
     def render(self, messages: Sequence[Message]) -> list[int]:
         """Token ids of a conversation in the model's chat template, ready for the assistant's turn."""
@@ -48,5 +56,6 @@ class Sampler:
                  seeds: Sequence[int] | None = None, adapters: LoraAdapters | None = None,
                  hidden_offset: Float[Array, "B d"] | None = None) -> list[Generation]:
         """One continuation per prompt; row i samples with seeds[i] (see generation.generate)."""
-        return generate(self.params, self.cfg, prompts, sampling, stop_token_ids=self.stop_ids, pad_id=self.pad_id,
-                        seeds=seeds, adapters=adapters, hidden_offset=hidden_offset, mesh=self.mesh)
+        return generate(self.decode_params, self.cfg, prompts, sampling, stop_token_ids=self.stop_ids,
+                        pad_id=self.pad_id, seeds=seeds, adapters=adapters, hidden_offset=hidden_offset,
+                        mesh=self.mesh)
