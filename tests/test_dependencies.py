@@ -33,7 +33,8 @@ def declared(setup_py: Path = ROOT / "setup.py") -> tuple[set[str], dict[str, se
     """(install_requires, extras_require) of the setup() call, as canonical distribution names."""
     call = next(node for node in ast.walk(ast.parse(setup_py.read_text()))
                 if isinstance(node, ast.Call) and getattr(node.func, "id", None) == "setup")
-    keywords = {k.arg: ast.literal_eval(k.value) for k in call.keywords if k.arg in ("install_requires", "extras_require")}
+    keywords = {k.arg: ast.literal_eval(k.value) for k in call.keywords
+                if k.arg in ("install_requires", "extras_require")}
     runtime = {_requirement_name(r) for r in keywords.get("install_requires", [])}
     extras = {extra: {_requirement_name(r) for r in reqs} for extra, reqs in keywords.get("extras_require", {}).items()}
     return runtime, extras

@@ -306,7 +306,6 @@ def decoder_hidden(
     if cache is None and not isinstance(params["layers"], tuple):
         x, _ = jax.lax.scan(step, x, (params["layers"] if layers is None else jnp.arange(first, last),
                                       layer_adapters, None))
-        new_kv = None
     else:
         new_k, new_v = [], []
         for i in range(first, last):
