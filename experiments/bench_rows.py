@@ -46,7 +46,8 @@ SAMPLING = SamplingConfig(max_new_tokens=512, temperature=0.7, top_p=0.8)
 
 
 def decode_call(model, rows: int, capacity: int, prefix: int, steps: int):
-    """(a compiled decode call of `steps` steps over `rows` rows that each hold `prefix` tokens, its HLO text)."""
+    """(a decode call of `steps` steps over `rows` rows that each hold `prefix` tokens, the HLO text it runs),
+    compiled once."""
     cfg, params = model.cfg, model.sampler.decode_params
     state = empty_rows(cfg, rows, capacity, SAMPLING.max_new_tokens, params["embed"].dtype, pad_id=0)
     sessions = jnp.zeros(rows, jnp.int32)
@@ -56,13 +57,15 @@ def decode_call(model, rows: int, capacity: int, prefix: int, steps: int):
         return state.replace(done=jnp.zeros(rows, bool), count=jnp.zeros(rows, jnp.int32),
                              length=jnp.full(rows, prefix, jnp.int32), logits=state.logits.at[:, 100].set(30.0))
 
+    compiled = decode_chunk.lower(params, running(state), None, None, sessions, **kwargs).compile()
+
     def decode():
         nonlocal state
-        state, _, ran = decode_chunk(params, running(state), None, None, sessions, **kwargs)
+        state, _, ran = compiled(params, running(state), None, None, sessions)
         jax.block_until_ready(ran)
 
     decode()
-    return decode, decode_chunk.lower(params, running(state), None, None, sessions, **kwargs).compile().as_text()
+    return decode, compiled.as_text()
 
 
 # What an op computes, from the named scopes in its op_name (first match wins).

@@ -240,8 +240,8 @@ def decoder_hidden(
     is a prefill into an empty cache and attends to itself, or with `continue_prefix` it also attends
     to every valid slot before cache_index (a turn whose history is cached); a single token (a decode
     step) attends to every valid slot before it and to itself. A decode step writes each layer's new k/v into
-    its cache and then attends over it; a prefill writes after the layers ran. Either way the write updates the
-    cache in place.
+    its cache and then attends over it, so the write updates the cache in place; a prefill writes after the
+    layers ran.
     `valid` marks real tokens; padding is never attended to. `remat` recomputes each layer's
     activations when differentiating instead of storing them (used by the ROSA update). `lora_kernel`
     applies adapters with the Pallas kernel (forward only; GPU/TPU) instead of the jnp reference.
