@@ -1,4 +1,4 @@
-"""Helpers shared by the commands: model and decoding flags, wall-clock timing, the machine's measured matmul peak
+"""Helpers shared by the commands: model, decoding and Words flags, wall-clock timing, the machine's measured matmul peak
 and read bandwidth, and the roofline of a decode step."""
 
 from __future__ import annotations
@@ -9,9 +9,11 @@ from typing import Callable
 
 import jax
 import jax.numpy as jnp
-from absl import flags
+from absl import app, flags
 from jax.sharding import Mesh
 
+from rosa2_jax.adapt.text_models import TextModel, make_text_model
+from rosa2_jax.adapt.words import REFERENCES, RETRIES
 from rosa2_jax.checkpoint import LoadedModel, load_model
 from rosa2_jax.fetch import cache_root
 from rosa2_jax.model.config import ModelConfig
@@ -53,6 +55,30 @@ def define_sampling_flags(*, max_new_tokens: int, temperature: float, top_p: flo
     flags.DEFINE_float("temperature", temperature, "sampling temperature (0 = greedy)")
     flags.DEFINE_float("top_p", top_p, "nucleus mass (1 = off)")
     flags.DEFINE_integer("top_k", 0, "top-k filter (0 = off)")
+
+
+def define_words_flags() -> None:
+    """The Words stream's text model and budgets (math_sweep, refine)."""
+    flags.DEFINE_string("text_model", "local", "critic and instruction writer: local (the policy's own base weights), "
+                        "local:<model spec> (another local model, e.g. local:qwen2.5-coder-0.5b-instruct), openai, "
+                        "rule")
+    flags.DEFINE_string("text_model_url", None, "OpenAI-compatible base URL (--text_model=openai)")
+    flags.DEFINE_string("text_model_name", None, "model name on that server")
+    flags.DEFINE_integer("critic_tokens", 64, "critique budget (the first wrong step and its category)")
+    flags.DEFINE_integer("rewrite_tokens", 64, "budget of each instruction candidate")
+    flags.DEFINE_integer("words_retries", RETRIES, "sampled candidates after a refused instruction, before the "
+                         "fallbacks")
+    flags.DEFINE_enum("critic_reference", "none", list(REFERENCES), "what the Words critic sees of the reference: "
+                      "none (the paper's self-critic), the answer, or the worked solution (GSM8K, MATH; else the "
+                      "answer)")
+
+
+def text_model_from_flags(policy: LoadedModel, mesh: Mesh | None = None) -> TextModel:
+    kind, _, spec = FLAGS.text_model.partition(":")
+    if kind not in ("local", "openai", "rule") or (spec and kind != "local"):
+        raise app.UsageError(f"--text_model={FLAGS.text_model!r}: use local, local:<model spec>, openai or rule")
+    return make_text_model(kind, model=local_critic(spec, policy, mesh), url=FLAGS.text_model_url,
+                           name=FLAGS.text_model_name)
 
 
 def sampling_from_flags() -> SamplingConfig:

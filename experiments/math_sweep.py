@@ -24,9 +24,10 @@ from jax.sharding import Mesh
 from tqdm.auto import tqdm
 
 from experiments import common
-from experiments.common import define_model_flags, define_sampling_flags, model_from_flags, sampling_from_flags
+from experiments.common import (define_model_flags, define_sampling_flags, define_words_flags, model_from_flags,
+                                sampling_from_flags)
 from rosa2_jax.adapt.rosa import RESIDUALS, TILTS
-from rosa2_jax.adapt.text_models import make_text_model
+from rosa2_jax.adapt.words import WORDS_STREAM
 from rosa2_jax.distributed import ProcessInfo, barrier, initialize, process_info, share
 from rosa2_jax.engine import REWARDS, EngineConfig, Session, method_of
 from rosa2_jax.scheduler import SCHEDULERS, TokenEngine
@@ -107,12 +108,7 @@ flags.DEFINE_enum("remat", "auto", ["auto", "on", "off"], "recompute activations
 flags.DEFINE_integer("update_batch", 1, "sessions per vmapped pass of a Weights step, passes one after another (0 = "
                      "the whole bucket at once: faster on an accelerator with memory to spare; on a CPU the same speed)")
 # words stream
-flags.DEFINE_string("text_model", "local", "critic/rewriter engine: local (the policy's own base weights), "
-                    "local:<model spec> (another local model, e.g. local:qwen2.5-coder-0.5b-instruct), openai, rule")
-flags.DEFINE_string("text_model_url", None, "OpenAI-compatible base URL (--text_model=openai)")
-flags.DEFINE_string("text_model_name", None, "model name on that server")
-flags.DEFINE_integer("critic_tokens", 96, "critique budget")
-flags.DEFINE_integer("rewrite_tokens", 64, "rewrite budget")
+define_words_flags()
 flags.DEFINE_integer("switch_turn", 5, "`switch`: turn from which the second axis is used")
 flags.DEFINE_enum("switch_first", "words", ["words", "weights"], "`switch`: the axis used first")
 
@@ -140,18 +136,9 @@ def engine_config(method: str, slots: int, num_layers: int) -> EngineConfig:
         lora=lora, adapter=preset.adapter,
         switch_turn=FLAGS.switch_turn, switch_first=FLAGS.switch_first, seed=FLAGS.seed,
         equivalence=FLAGS.equivalence, boxed_only=FLAGS.boxed_only, reward=FLAGS.reward,
-        critic_tokens=FLAGS.critic_tokens, rewrite_tokens=FLAGS.rewrite_tokens, max_context=FLAGS.max_context,
+        critic_tokens=FLAGS.critic_tokens, rewrite_tokens=FLAGS.rewrite_tokens, words_retries=FLAGS.words_retries,
+        critic_reference=FLAGS.critic_reference, max_context=FLAGS.max_context,
         sessions=FLAGS.sessions, decode_steps=FLAGS.decode_steps, prefill_chunk=FLAGS.prefill_chunk)
-
-
-def text_model_from_flags(policy, mesh: Mesh):
-    kind, _, spec = FLAGS.text_model.partition(":")
-    if kind not in ("local", "openai", "rule") or (spec and kind != "local"):
-        raise app.UsageError(f"--text_model={FLAGS.text_model!r}: use local, local:<model spec>, openai or rule")
-    if kind == "rule" and FLAGS.reward == "model":
-        raise app.UsageError("--reward=model needs a text model that can judge: --text_model=local[:spec] or openai")
-    return make_text_model(kind, model=common.local_critic(spec, policy, mesh), url=FLAGS.text_model_url,
-                           name=FLAGS.text_model_name)
 
 
 # Flags that change how a run is scheduled or where it runs, never a problem's trajectory.
@@ -193,9 +180,9 @@ def run_sweep(run_dir: Path, info: ProcessInfo) -> dict | None:
     run_dir.mkdir(parents=True, exist_ok=True)
     if info.is_main:
         key_flags = FLAGS.get_key_flags_for_module(sys.modules[__name__])
-        config = {f.name: f.value for f in key_flags} | {"sampler": SAMPLER}
-        # A folder from before the sampler was recorded drew over the whole vocabulary.
-        defaults = {f.name: f.default for f in key_flags} | {"sampler": "full-vocabulary"}
+        config = {f.name: f.value for f in key_flags} | {"sampler": SAMPLER, "words_stream": WORDS_STREAM}
+        # A folder from before these were recorded drew over the whole vocabulary and rewrote the whole message.
+        defaults = {f.name: f.default for f in key_flags} | {"sampler": "full-vocabulary", "words_stream": "rewrite"}
         check_same_config(run_dir / "config.json", config, defaults)
         (run_dir / "config.json").write_text(json.dumps(config, indent=2))
     problems, report = load_problems(FLAGS.dataset, limit=FLAGS.num_problems or None, seed=FLAGS.seed,
@@ -226,7 +213,9 @@ def run_sweep(run_dir: Path, info: ProcessInfo) -> dict | None:
     if info.count > 1:
         print(f"process {info.index} of {info.count}: {total} problem runs to do", flush=True)
     model = model_from_flags(mesh)
-    text_model = text_model_from_flags(model, mesh)
+    if FLAGS.text_model == "rule" and FLAGS.reward == "model":
+        raise app.UsageError("--reward=model needs a text model that can judge: --text_model=local[:spec] or openai")
+    text_model = common.text_model_from_flags(model, mesh)
     data_size = mesh.shape["data"]
     start = time.time()
     with open(own_records, "a") as out, tqdm(total=total, desc="problems", unit="problem",
@@ -288,7 +277,7 @@ def run_sweep(run_dir: Path, info: ProcessInfo) -> dict | None:
             "processes": info.count, "mesh": dict(mesh.shape), "devices": [str(d) for d in jax.devices()],
             "model": FLAGS.model, "dataset": FLAGS.dataset,
             "text_model": text_model.name if text_model else None, "dataset_skipped_rows": len(report.skipped)}
-    summary, md = write_report(run_dir, records, FLAGS.max_turns, meta)
+    summary, md = write_report(run_dir, records, FLAGS.max_turns, meta, {p.id: p.question for p in problems})
     print(md)
     print(f"\nwall {wall:.0f} s this run, peak RSS {meta['peak_rss_gib']:.1f} GiB (process 0); "
           f"records in {run_dir / RECORDS}")

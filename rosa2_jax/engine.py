@@ -36,8 +36,8 @@ from typing import Any, Callable, Iterable
 import numpy as np
 
 from rosa2_jax.adapt.rosa import RosaConfig
-from rosa2_jax.adapt.text_models import TextModel
-from rosa2_jax.adapt.words import FEEDBACK_TEMPLATE
+from rosa2_jax.adapt.text_models import LocalTextModel, TextModel
+from rosa2_jax.adapt.words import FEEDBACK_TEMPLATE, REFERENCES, RETRIES
 from rosa2_jax.checkpoint import LoadedModel
 from rosa2_jax.methods import ADAPTERS, METHODS, Failure, Stream, Weights, session_seed
 from rosa2_jax.model.generation import Generation, SamplingConfig
@@ -69,8 +69,10 @@ class EngineConfig:
     equivalence: str = "math-verify"
     boxed_only: bool = True  # count only a \boxed{} answer, as the paper's rule-based reward does
     reward: str = "rule"  # what the method acts on (REWARDS); accuracy is always the rule verifier's
-    critic_tokens: int = 512
-    rewrite_tokens: int = 256
+    critic_tokens: int = 64  # the Words step's critique budget (two lines)
+    rewrite_tokens: int = 64  # and each instruction candidate's
+    words_retries: int = RETRIES  # sampled candidates after a refused one (adapt/words.py)
+    critic_reference: str = "none"  # what the critic sees of the reference (REFERENCES)
     max_context: int | None = None  # default: the model's window
     # the token-level engine (scheduler.TokenEngine); the turn engine ignores these
     sessions: int = 0  # sessions in the pool (0: twice `slots`)
@@ -84,6 +86,8 @@ class EngineConfig:
             raise ValueError("switch_first must be words or weights")
         if self.adapter not in ADAPTERS:
             raise ValueError(f"unknown adapter {self.adapter!r}; choose from {tuple(ADAPTERS)}")
+        if self.critic_reference not in REFERENCES:
+            raise ValueError(f"unknown critic reference {self.critic_reference!r}; choose from {REFERENCES}")
         if self.reward not in REWARDS:
             raise ValueError(f"unknown reward {self.reward!r}; choose from {REWARDS}")
 
@@ -147,7 +151,10 @@ class SessionEngine:
                  adapter_cache: Path | None = None):
         self.model, self.cfg, self.text_model = model, cfg, text_model
         self.adapter_cache = adapter_cache  # where each session's adapter is saved after its Weights steps
-        self.words_model = text_model  # what the Words streams call (the token engine decodes it in its rows)
+        # What the Words streams call: a local text model samples its retries as the policy does (the token engine
+        # also decodes it in its rows).
+        self.words_model = (text_model.replace(sampling=cfg.sampling) if isinstance(text_model, LocalTextModel)
+                            else text_model)
         self.sampler = model.sampler
         self.mesh = model.mesh
         self.data = self.mesh.shape["data"] if self.mesh is not None else 1  # devices the slots are split over
@@ -363,7 +370,8 @@ class SessionEngine:
             for stream, results in outcomes:
                 if i in results:
                     message = stream.apply(s, record, results[i], message)
-            s.messages += [{"role": "assistant", "content": record.response}, {"role": "user", "content": message}]
+            if not METHODS[s.method].fresh:
+                s.messages += [{"role": "assistant", "content": record.response}, {"role": "user", "content": message}]
 
     def step(self, slots: dict[int, Session]) -> list[int]:
         """One turn for every occupied slot; returns the slots whose session ended."""

@@ -24,6 +24,7 @@ from rosa2_jax.adapt.words import RefineRequest, RefineResult, refine_feedback, 
 from rosa2_jax.model.generation import bucket_length, left_pad
 from rosa2_jax.model.lora import LoraAdapters, LoraConfig, init_adapters, parse_layers, put_sessions, take_sessions
 from rosa2_jax.model.sharding import shard_batch
+from rosa2_jax.tasks.data import Problem
 from rosa2_jax.tasks.records import TurnRecord
 from rosa2_jax.tasks.rewards import Verdict
 
@@ -69,6 +70,14 @@ def completed(value: Any) -> Future:
     future = Future()
     future.set_result(value)
     return future
+
+
+def critic_reference(problem: Problem, kind: str) -> str | None:
+    """What a reference-aware critic sees of `problem` (words.REFERENCES): its answer, or its worked solution where
+    the data set ships one (else its answer)."""
+    if kind == "solution":
+        return problem.meta.get("solution") or problem.answer
+    return problem.answer if kind == "answer" else None
 
 
 def session_seed(seed: int, problem_id: str, turn: int) -> int:
@@ -128,22 +137,28 @@ class _Refine(Stream):
 
     def start(self, failed):
         cfg = self.engine.cfg
-        requests = [RefineRequest(problem=f.session.problem.question, attempt=f.response,
-                                  extracted_answer=f.verdict.extracted, current=self.current(f.session),
-                                  previous_feedback=f.session.previous_feedback, ground_truth=f.session.problem.answer)
-                    for f in failed.values()]
+        requests = []
+        for f in failed.values():
+            kind = METHODS[f.session.method].critic_reference or cfg.critic_reference
+            requests.append(RefineRequest(
+                problem=f.session.problem.question, attempt=f.response, extracted_answer=f.verdict.extracted,
+                current=self.current(f.session), previous_feedback=f.session.previous_feedback,
+                ground_truth=f.session.problem.answer, reference=critic_reference(f.session.problem, kind),
+                reference_kind=kind, seed=session_seed(cfg.seed, f.session.problem.id, f.session.turn)))
 
         def run():
             start = time.perf_counter()
             out = self.refine(self.engine.words_model, requests, critic_tokens=cfg.critic_tokens,
-                              rewrite_tokens=cfg.rewrite_tokens)
+                              rewrite_tokens=cfg.rewrite_tokens, retries=cfg.words_retries)
             return dict(zip(failed, out)), time.perf_counter() - start
 
         return self.engine.pool.submit(run)
 
     @staticmethod
     def write(record: TurnRecord, r: RefineResult) -> None:
-        record.refine = {"status": r.status, "critique": r.critique, "message": r.message}
+        record.refine = {"status": r.status, "critique": r.critique, "message": r.message,
+                         "instruction": r.instruction, "category": r.category, "candidates": list(r.candidates),
+                         "tokens": r.tokens}
         record.semantic_shift = r.semantic_shift
 
 
@@ -332,9 +347,13 @@ ADAPTERS: dict[str, type[Weights]] = {"lora": LoraWeights, "hidden": HiddenOffse
 
 @dataclasses.dataclass(frozen=True)
 class Adaptation:
-    """The streams a method runs after every failed turn."""
+    """The streams a method runs after every failed turn. `fresh`: every later turn answers the first user message
+    again, without the history (the resample control: K independent attempts). `critic_reference`: what this
+    method's Words critic sees of the reference (words.REFERENCES), whatever the run's --critic_reference."""
 
     streams: tuple[type[Stream], ...] = ()
+    fresh: bool = False
+    critic_reference: str | None = None
 
     def streams_at(self, turn: int, cfg: EngineConfig) -> tuple[type[Stream], ...]:
         return self.streams
@@ -355,9 +374,13 @@ class Switch(Adaptation):
 
 METHODS: dict[str, Adaptation] = {
     "baseline": Adaptation(),
+    "resample": Adaptation(fresh=True),
     "words": Adaptation((Words,)),
     "textgrad": Adaptation((SystemPrompt,)),
     "rosa": Adaptation((Weights,)),
     "rosa2": Adaptation((Words, Weights)),
     "switch": Switch(),
+    # The Words stream with a critic that sees the worked solution (BUILD_NOTES, "Words that instruct")
+    "words-ref": Adaptation((Words,), critic_reference="solution"),
+    "rosa2-ref": Adaptation((Words, Weights), critic_reference="solution"),
 }

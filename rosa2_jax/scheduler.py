@@ -58,11 +58,12 @@ class _Waiting:
 
 @dataclasses.dataclass(eq=False)  # hashed by identity
 class _TextRequest:
-    """A text model's greedy requests from a worker thread, decoded in the engine's rows; `future` gets the
-    generations, in order."""
+    """A text model's requests from a worker thread, decoded in the engine's rows (greedily, or sampled with the
+    rows' sampling config and `seeds`); `future` gets the generations, in order."""
 
     prompts: list[list[int]]
     max_tokens: int
+    seeds: list[int] | None = None
     future: Future = dataclasses.field(default_factory=Future)
     gens: list = dataclasses.field(default_factory=list)  # None where a prompt is still decoding
 
@@ -106,7 +107,7 @@ class TokenEngine(SessionEngine):
         if self.sessions < cfg.slots:
             raise ValueError(f"sessions={self.sessions} must be at least slots={cfg.slots}")
         if self._text_in_rows():
-            self.words_model = text_model.in_rows(self._decode_text)
+            self.words_model = self.words_model.replace(rows=self._decode_text)
         self.lora_kernel = kernel_supported(self.mesh)
         self.stats = SchedulerStats()
 
@@ -123,11 +124,11 @@ class TokenEngine(SessionEngine):
     def _host_workers(self) -> int:
         return self.sessions if self._text_in_rows() else 1
 
-    def _decode_text(self, prompts: list[list[int]], max_tokens: int) -> list[Generation]:
+    def _decode_text(self, prompts: list[list[int]], max_tokens: int, seeds: list[int] | None) -> list[Generation]:
         """Called on a worker thread: queue the prompts for the rows and wait for their generations."""
         if max_tokens > self.max_new:
             raise ValueError(f"a text request of {max_tokens} tokens exceeds the rows' {self.max_new}")
-        request = _TextRequest(prompts, max_tokens)
+        request = _TextRequest(prompts, max_tokens, seeds)
         self.text_inbox.put(request)
         self.wake.set()
         if self.stopped.is_set():  # the run ended (or failed) before taking it
@@ -272,9 +273,10 @@ class TokenEngine(SessionEngine):
                 self.wake.clear()
 
     def _start_text(self, row: int, request: _TextRequest, j: int) -> None:
-        """Put prompt j of a text request into `row`, on the base weights, decoded greedily."""
-        self._prefill(row, self.base_slot, request.prompts[j], jax.random.key(0), limit=request.max_tokens,
-                      greedy=True)
+        """Put prompt j of a text request into `row`, on the base weights."""
+        seed = 0 if request.seeds is None else request.seeds[j]
+        self._prefill(row, self.base_slot, request.prompts[j], jax.random.key(seed), limit=request.max_tokens,
+                      greedy=request.seeds is None)
         jax.block_until_ready(self.rows.length)
         self.row_text[row] = (request, j)
 

@@ -99,9 +99,15 @@ def test_behaviour_counts_on_a_hand_built_session():
     assert s["mean_applied_step_norm_sq"] == pytest.approx((0.2 + 0.4) / 2)
     assert s["mean_step_norm_sq_by_turn"] == [0.2, 0.4, 0.0, None]
     assert s["mean_applied_step_norm_sq_by_turn"] == [0.2, 0.4, None, None]
-    # Of the two rewrites used (the fallback is not): "12" is bare and states the failed answer 12; the
-    # instruction mentions 12.5 and 2, neither of which is the failed answer 12.
-    assert s["rewrite_bare_rate"] == 1 / 2 and s["rewrite_states_failed_answer_rate"] == 1 / 2
+    # The Words messages (adapt/quality.py), all three: "12" and "7" are bare and state their turn's failed answer;
+    # the instruction mentions 12.5 and 2, neither of which is the failed answer 12. None keeps the verdict or
+    # carries a validated instruction (these records are of the earlier stream, which kept none).
+    q = s["words_quality"]
+    assert q["steps"] == 3 and q["bare"] == 2 / 3 and q["states_failed"] == 2 / 3
+    assert q["instructive"] == 0 and q["verdict_kept"] == 0 and q["new_numbers"] is None  # no problem text given
+    assert q["status"]["refined"] == 2 / 3 and q["status"]["fallback:leak"] == 1 / 3
+    with_question = summarize_method([rec(None) | {"turns": turns}], 4, {"p": "Add 2 boxes of 12.5 kg."})
+    assert with_question["words_quality"]["new_numbers"] == 2 / 3  # 12 and 7 are not in it
     empty = summarize_method([rec(1)], max_turns=4)
     assert empty["answer_kept_rate"] is None and empty["failed_logp_drop"] is None
     assert empty["mean_applied_step_norm_sq"] is None

@@ -57,7 +57,8 @@ def full_run(setup):
 
 def assert_summary_is_recomputed_from_records(run_dir, records):
     summary = json.loads((run_dir / "summary.json").read_text())
-    assert summary["methods"] == json.loads(json.dumps(summarize(records, 3)))
+    questions = {p["id"]: p["question"] for p in PROBLEMS}
+    assert summary["methods"] == json.loads(json.dumps(summarize(records, 3, questions)))
     assert summary["comparisons"] == json.loads(json.dumps(compare_methods(records)))
     assert {(c["a"], c["b"]) for c in summary["comparisons"]} >= {("rosa2", "baseline"), ("rosa2", "words")}
 
@@ -65,8 +66,9 @@ def assert_summary_is_recomputed_from_records(run_dir, records):
 def test_every_method_runs_and_summary_matches_records(full_run):
     run_dir, stdout = full_run
     records = written_records(run_dir)
-    assert {r["method"] for r in records} == {"baseline", "words", "textgrad", "rosa", "rosa2", "switch"}
-    assert len(records) == 36 and len({(r["method"], r["problem_id"]) for r in records}) == 36
+    assert {r["method"] for r in records} == set(METHODS)
+    n = 6 * len(METHODS)
+    assert len(records) == n and len({(r["method"], r["problem_id"]) for r in records}) == n
     assert_summary_is_recomputed_from_records(run_dir, records)
     assert (run_dir / "accuracy_by_turn.png").stat().st_size > 0
     assert (run_dir / "step_norm_by_turn.png").stat().st_size > 0
@@ -80,10 +82,14 @@ def test_every_method_runs_and_summary_matches_records(full_run):
         for t in turns[:-1]:  # every non-final failed turn adapted along the method's axes
             if r["method"] in ("rosa", "rosa2"):
                 assert t["update"]["cg_iters"] >= 1 and t["step_norm_sq"] > 0
-            if r["method"] in ("words", "rosa2"):
+            if r["method"] in ("words", "rosa2", "words-ref", "rosa2-ref"):
                 assert t["refine"]["status"] == "refined" and "semantic_shift" in t
-            if r["method"] == "baseline":
+                assert t["refine"]["candidates"] == [{"text": t["refine"]["instruction"], "reasons": []}]
+                assert t["refine"]["message"].startswith("Your previous answer is incorrect. Re-read")
+            if r["method"] in ("baseline", "resample"):
                 assert "update" not in t and "refine" not in t
+        if r["method"] == "resample":  # every turn answers the problem afresh: the same prompt, a new draw
+            assert len({(t["user"], t["prompt_tokens"]) for t in turns}) == 1
         if r["method"] == "textgrad" and len(turns) > 1:
             assert turns[1]["system_prompt"] != turns[0]["system_prompt"]
         if r["method"] == "switch" and len(turns) == 3:
@@ -127,7 +133,7 @@ def test_killed_then_drained_run_resumes_to_the_same_results(setup, full_run):
     os.killpg(proc.pid, signal.SIGKILL)
     proc.wait()
     partial = complete_records(records)
-    assert 0 < partial < 36, "the run should have been killed mid-way"
+    assert 0 < partial < 6 * len(METHODS), "the run should have been killed mid-way"
     kept = [json.loads(line) for line in in_flight.read_text().splitlines()]
     assert kept and all(row["turn"] >= 1 for row in kept)
     finished = {(r["method"], r["problem_id"]) for r in written_records(run_dir)}
@@ -147,10 +153,11 @@ def test_killed_then_drained_run_resumes_to_the_same_results(setup, full_run):
     drained = written_records(run_dir)
     # Every run admitted before the signal is finished, none after it (how many were still queued depends on
     # the machine's speed; a signal after the last admission leaves none).
-    assert len(drained) == 36 - left and partial < len(drained)
+    assert len(drained) == 6 * len(METHODS) - left and partial < len(drained)
     assert len({(r["method"], r["problem_id"]) for r in drained}) == len(drained)
     summary = json.loads((run_dir / "summary.json").read_text())  # of what is done
-    assert summary["methods"] == json.loads(json.dumps(summarize(drained, 3)))
+    questions = {p["id"]: p["question"] for p in PROBLEMS}
+    assert summary["methods"] == json.loads(json.dumps(summarize(drained, 3, questions)))
 
     resumed = run(sweep_cmd(model, data, run_dir))
     assert resumed.returncode == 0, resumed.stderr[-3000:]

