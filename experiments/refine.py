@@ -73,13 +73,9 @@ def next_turns(model, rows: list[dict], messages: list[str]) -> list[dict]:
                                {"role": "user", "content": message}]) for row, message in zip(rows, messages)]
     seeds = [session_seed(FLAGS.seed, row["id"], 2) for row in rows]
     out = []
-    for start in range(0, len(prompts), FLAGS.batch):
-        gens = sampler.generate(prompts[start: start + FLAGS.batch], sampling_from_flags(),
-                                seeds=seeds[start: start + FLAGS.batch])
-        for row, g in zip(rows[start: start + FLAGS.batch], gens):
-            response = sampler.decode(g.tokens)
-            solved = verify(_problem(row), response, boxed_only=True).reward > 0
-            out.append({"response": response, "solved": solved})
+    for row, g in zip(rows, sampler.generate(prompts, sampling_from_flags(), seeds=seeds)):
+        response = sampler.decode(g.tokens)
+        out.append({"response": response, "solved": verify(_problem(row), response, boxed_only=True).reward > 0})
     return out
 
 
@@ -97,7 +93,8 @@ def quality_table(quality: dict) -> str:
         f"paths: {statuses}",
         f"openings: most common {quality['top_opening']!r} in {_pct(quality['top_opening_share'])}, "
         f"distinct {_pct(quality['distinct_openings'])}",
-        f"text-model tokens per failed-answer token: {quality['tokens_per_answer_token']:.2f}"])
+        f"text-model tokens per failed-answer token: {quality['tokens_per_answer_token']:.2f}; steps spending more "
+        f"than half their answer's tokens: {_pct(quality['over_half_the_answer'])}"])
 
 
 def main(argv):

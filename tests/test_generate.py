@@ -124,6 +124,24 @@ def test_rows_sample_independently_of_batch_composition(tiny):
     assert len(other_seed[0].tokens) == 8
 
 
+def test_a_batch_too_large_for_one_prefill_is_decoded_in_several_calls(tiny, monkeypatch):
+    """Rows whose prefill attention scores exceed the budget go in several calls, each row as in one call."""
+    import rosa2_jax.model.generation as generation
+
+    _, _, cfg, params = tiny
+    prompts = _prompts(cfg.vocab_size, seed=3) * 2
+    sampling = SamplingConfig(max_new_tokens=6, temperature=1.0, top_p=0.9)
+    whole = generate(params, cfg, prompts, sampling, stop_token_ids=[], pad_id=0, seeds=list(range(6)))
+    calls = []
+    real = generation.generate_padded
+    monkeypatch.setattr(generation, "generate_padded", lambda *a, **k: calls.append(a[1].shape[0]) or real(*a, **k))
+    length = generation.bucket_length(max(PROMPT_LENGTHS))
+    monkeypatch.setattr(generation, "PREFILL_SCORE_BYTES", 4 * cfg.num_heads * length * length * 4)  # 4 rows
+    split = generate(params, cfg, prompts, sampling, stop_token_ids=[], pad_id=0, seeds=list(range(6)))
+    assert calls == [4, 2]
+    assert [g.tokens for g in split] == [g.tokens for g in whole]
+
+
 def test_sampling_filters_respect_top_k_and_top_p():
     logits = jnp.log(jnp.asarray([[0.5, 0.3, 0.15, 0.05]] * 4000))
     keys = jax.random.split(jax.random.key(0), 4000)

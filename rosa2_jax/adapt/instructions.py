@@ -43,7 +43,8 @@ _ANSWER_STATEMENT = re.compile(
     r"|=\s*[-$\\]?\d|\b(should|must|would|will) (be|equal|get|give|come to|total)\s+(about |exactly )?[-$\\]?\d"
     r"|\byou (should|will|would) (get|obtain|find|end up with)\s+[-$\\]?\d|\bthe result is\s+[-$\\]?\d", re.I)
 _PROMPT_WORDS = re.compile(  # the writer's own prompt coming back ("Your last instruction was refused ...")
-    r"\b(refused|teacher's notes|answer key|(next|tutor's|last) instruction|write a different)\b", re.I)
+    r"\b(refused|teacher's notes|answer key|(next|new|tutor's|last) instruction|write a different|to the student)\b",
+    re.I)
 _FILLED_BOX = re.compile(r"\\boxed\{\s*[^}\s]")
 _LABEL = re.compile(r"^\s*(\*\*)?(next |the tutor'?s? )?(instruction|tutor|hint|feedback|message|answer)(\*\*)?\s*:\s*",
                     re.I)

@@ -55,8 +55,8 @@ def opening(step: WordsStep) -> str:
 def words_quality(steps: Iterable[WordsStep]) -> dict | None:
     """Shares over the Words steps (None without any): instructive (an instruction that passes the checks again),
     verdict kept, bare, new numbers (only where the problem is known), failed answer stated, leaks, each status,
-    the most common opening's share and the share of distinct openings, and the text model's tokens per step
-    against the failed answer's."""
+    the most common opening's share and the share of distinct openings, and the text model's tokens against the
+    failed answers' (in all, and the share of steps that spent more than half their answer's)."""
     steps = list(steps)
     if not steps:
         return None
@@ -85,6 +85,7 @@ def words_quality(steps: Iterable[WordsStep]) -> dict | None:
         "top_opening_share": openings.most_common(1)[0][1] / n,
         "distinct_openings": len(openings) / n,
         "tokens_per_answer_token": sum(spent) / sum(answers) if answers else None,
+        "over_half_the_answer": share(t > a / 2 for t, a in zip(spent, answers)),
     }
 
 

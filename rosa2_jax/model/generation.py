@@ -21,7 +21,7 @@ from rosa2_jax.errors import ContextOverflowError
 from rosa2_jax.kernels.lora_matmul import kernel_supported
 from rosa2_jax.model.config import ModelConfig
 from rosa2_jax.model.decoder import KVCache, Params, decoder_hidden, lm_logits, positions_from_valid
-from rosa2_jax.model.lora import LoraAdapters
+from rosa2_jax.model.lora import LoraAdapters, take_sessions
 from rosa2_jax.model.sharding import shard_batch
 
 # Powers of two, with a midpoint above 128, so that padding wastes at most a third of a row.
@@ -212,6 +212,11 @@ def left_pad(prompts: Sequence[Sequence[int]], length: int, pad_id: int) -> tupl
     return tokens, valid
 
 
+# Most bytes of prefill attention scores ([rows, heads, length, length] float32) one generate call holds: a larger
+# batch of long prompts is decoded in several calls (64 Words prompts of ~2k tokens asked for 30 GB at once).
+PREFILL_SCORE_BYTES = 2 * 2**30
+
+
 def generate(
     params: Params,
     cfg: ModelConfig,
@@ -241,8 +246,16 @@ def generate(
             f"context window of {cfg.max_position_embeddings}; shorten the history or lower max_new_tokens."
         )
     length = min(bucket_length(longest), cfg.max_position_embeddings - sampling.max_new_tokens)
-    tokens, valid = left_pad(prompts, length, pad_id)
     seeds = list(range(len(prompts))) if seeds is None else list(seeds)
+    data = mesh.shape.get("data", 1) if mesh is not None else 1
+    per_call = max(data, PREFILL_SCORE_BYTES // (4 * cfg.num_heads * length * length) // data * data)
+    if len(prompts) > per_call:  # the prefill's attention scores of every row would not fit: a few calls
+        calls = [np.arange(start, min(start + per_call, len(prompts))) for start in range(0, len(prompts), per_call)]
+        return [g for rows in calls for g in generate(
+            params, cfg, [prompts[i] for i in rows], sampling, stop_token_ids=stop_token_ids, pad_id=pad_id,
+            seeds=[seeds[i] for i in rows], adapters=None if adapters is None else take_sessions(adapters, rows),
+            hidden_offset=None if hidden_offset is None else hidden_offset[rows], mesh=mesh)]
+    tokens, valid = left_pad(prompts, length, pad_id)
     keys = jax.vmap(jax.random.key)(jnp.asarray(seeds, jnp.uint32))
     tokens, valid, keys, hidden_offset = shard_batch((tokens, valid, keys, hidden_offset), mesh)
     out, count, done = generate_padded(

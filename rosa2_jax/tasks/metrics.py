@@ -161,11 +161,18 @@ def summarize(records: Iterable[Record], max_turns: int, questions: dict[str, st
     return {m: summarize_method(rs, max_turns, questions) for m, rs in sorted(by_method.items())}
 
 
-# (method a, method b): every method against the baseline, and ROSA2 against each single axis.
+# (method a, method b): every method against the baseline, ROSA2 against each single axis, and CONTROL_PAIRS.
+# The Weights step against K fresh attempts (does it do more than break the habit of repeating an answer?), and
+# each reference-aware arm against its self-critic twin.
+CONTROL_PAIRS = (("rosa", "resample"), ("words", "resample"), ("words-ref", "words"), ("rosa2-ref", "rosa2"),
+                 ("rosa2-ref", "rosa"))
+
+
 def comparison_pairs(methods: Iterable[str]) -> list[tuple[str, str]]:
     methods = sorted(methods)
     pairs = [(m, "baseline") for m in methods if m != "baseline" and "baseline" in methods]
-    return pairs + [("rosa2", m) for m in ("words", "rosa") if "rosa2" in methods and m in methods]
+    pairs += [("rosa2", m) for m in ("words", "rosa") if "rosa2" in methods and m in methods]
+    return pairs + [(a, b) for a, b in CONTROL_PAIRS if a in methods and b in methods]
 
 
 def compare_methods(records: Iterable[Record]) -> list[dict]:
