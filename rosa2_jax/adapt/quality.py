@@ -38,12 +38,14 @@ def is_bare(message: str) -> bool:
 
 
 def states_failed(message: str, failed: str | None) -> bool:
-    """The message contains the failed answer as a number or term of its own."""
+    """The message contains the failed answer as a number or term of its own (labels and counts such as "step 2"
+    or "one step at a time" are not values, as in `instruction_problems`)."""
     if not failed:
         return False
     value = numeric_value(failed)
     if value is not None:
-        return any(abs(v - value) <= 1e-6 * max(1.0, abs(value)) for v, _, _ in number_mentions(message))
+        return any(abs(v - value) <= 1e-6 * max(1.0, abs(value)) for v, s, e in number_mentions(message)
+                   if not is_counted(message, s, e))
     return re.search(rf"(?<![\w.]){re.escape(failed)}(?![\w]|\.\d)", message) is not None
 
 
