@@ -12,7 +12,7 @@ import difflib
 import re
 from typing import Sequence
 
-from rosa2_jax.adapt.leakage import is_count, is_label
+from rosa2_jax.adapt.leakage import is_count, is_label, same_value
 from rosa2_jax.tasks.answers import number_mentions, numeric_value
 
 MAX_SENTENCES = 3
@@ -69,10 +69,6 @@ def _values(text: str) -> list[float]:
     return [v for v, _, _ in number_mentions(text)]
 
 
-def _same(a: float, b: float) -> bool:
-    return abs(a - b) <= 1e-6 * max(1.0, abs(b))
-
-
 def is_counted(text: str, start: int, end: int) -> bool:
     """A number that names a part of the work or counts things ("step 2", "both", "the two cases"), or the
     word "one" ("each one"): no value of the problem's."""
@@ -104,11 +100,11 @@ def instruction_problems(text: str, problem: str, failed: str | None, examples: 
     given = _values(problem)
     failed_value = numeric_value(failed) if failed else None
     mentions = [(v, s, e) for v, s, e in number_mentions(text) if not is_counted(text, s, e)]
-    if failed_value is not None and any(_same(v, failed_value) for v, _, _ in mentions):
+    if failed_value is not None and any(same_value(v, failed_value) for v, _, _ in mentions):
         reasons.append("failed answer")
     elif failed and failed_value is None and failed.strip() and failed.strip() in text:
         reasons.append("failed answer")
-    if any(not any(_same(v, g) for g in given) for v, _, _ in mentions):
+    if any(not any(same_value(v, g) for g in given) for v, _, _ in mentions):
         reasons.append("new number")
     if text.lower() in problem.lower() or difflib.SequenceMatcher(None, text.lower(), problem.lower()).ratio() > 0.6:
         reasons.append("copy of problem")
@@ -164,7 +160,7 @@ def mask_value(text: str, value: str | None, mask: str = "[the wrong answer]") -
         return text.replace(value, mask) if value and len(value.strip()) > 1 else text
     out, last = [], 0
     for v, start, end in number_mentions(text):
-        if _same(v, target):
+        if same_value(v, target):
             out += [text[last:start], mask]
             last = end
     return "".join(out + [text[last:]])
@@ -185,8 +181,8 @@ def departure_step(solution: str, attempt: str, problem: str = "") -> str | None
     for line in solution.split("####")[0].splitlines():
         for m in _STEP.finditer(line):
             value = numeric_value(m.group(2))
-            quoted = any(_same(value, g) for g in given) if value is not None else False
-            if value is None or any(_same(value, v) for v in (computed if quoted else stated)):
+            quoted = any(same_value(value, g) for g in given) if value is not None else False
+            if value is None or any(same_value(value, v) for v in (computed if quoted else stated)):
                 continue
             before, after = line[: m.start()], line[m.end():]
             shown = re.match(r"\s*[-\d.,/]+", after)

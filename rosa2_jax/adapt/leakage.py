@@ -55,7 +55,8 @@ def is_count(message: str, start: int, end: int) -> bool:
                 or _OPERATOR_WORD.match(message[start:end].strip()) and _OPERATOR_AFTER.search(after))
 
 
-def _same(a: float, b: float) -> bool:
+def same_value(a: float, b: float) -> bool:
+    """Equal as the guard and the Words checks compare numbers (relative tolerance 1e-6)."""
     return abs(a - b) <= 1e-6 * max(1.0, abs(b))
 
 
@@ -71,10 +72,10 @@ def leaks_answer(message: str, ground_truth: str, problem: str = "") -> bool:
         return True
     value = numeric_value(gt)
     if value is not None:
-        in_problem = any(_same(v, value) for v, _, _ in number_mentions(problem))
+        in_problem = any(same_value(v, value) for v, _, _ in number_mentions(problem))
         near_bare = len(re.findall(r"[A-Za-z]{3,}", message.replace(BOXED_INSTRUCTION, ""))) < 4
         for v, start, end in number_mentions(message):
-            if not _same(v, value):
+            if not same_value(v, value):
                 continue
             if near_bare:  # "5 Put your final answer within \boxed{}.": a dictation, whatever the problem holds
                 return True

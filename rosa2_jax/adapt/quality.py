@@ -15,7 +15,7 @@ from collections import Counter
 from typing import Iterable
 
 from rosa2_jax.adapt.instructions import instruction_problems, is_counted
-from rosa2_jax.adapt.leakage import leaks_answer
+from rosa2_jax.adapt.leakage import leaks_answer, same_value
 from rosa2_jax.adapt.words import EXAMPLES, REQUEST, STATUSES, VERDICT
 from rosa2_jax.tasks.answers import BOXED_INSTRUCTION, number_mentions, numeric_value
 
@@ -44,7 +44,7 @@ def states_failed(message: str, failed: str | None) -> bool:
         return False
     value = numeric_value(failed)
     if value is not None:
-        return any(abs(v - value) <= 1e-6 * max(1.0, abs(value)) for v, s, e in number_mentions(message)
+        return any(same_value(v, value) for v, s, e in number_mentions(message)
                    if not is_counted(message, s, e))
     return re.search(rf"(?<![\w.]){re.escape(failed)}(?![\w]|\.\d)", message) is not None
 
@@ -94,5 +94,5 @@ def words_quality(steps: Iterable[WordsStep]) -> dict | None:
 def _new_numbers(message: str, question: str) -> bool:
     """A number in the message, other than a label or a count, that the problem does not hold."""
     given = [v for v, _, _ in number_mentions(question)]
-    return any(not any(abs(v - g) <= 1e-6 * max(1.0, abs(g)) for g in given)
+    return any(not any(same_value(v, g) for g in given)
                for v, s, e in number_mentions(message) if not is_counted(message, s, e))
