@@ -24,26 +24,20 @@ import time
 
 from absl import app, flags, logging
 
-from experiments.common import (define_model_flags, define_sampling_flags, local_critic, model_from_flags,
-                                sampling_from_flags)
+from experiments.common import (define_engine_flags, define_model_flags, define_sampling_flags,
+                                engine_config_from_flags, local_critic, model_from_flags)
 from rosa2_jax.adapt.text_models import make_text_model
-from rosa2_jax.engine import EngineConfig, SessionEngine
-from rosa2_jax.methods import METHODS, PRESETS
-from rosa2_jax.scheduler import TokenEngine
+from rosa2_jax.engine import METHODS, SCHEDULERS, EngineConfig
 from rosa2_jax.tasks.data import load_problems
 
 FLAGS = flags.FLAGS
 define_model_flags()
 define_sampling_flags(max_new_tokens=512, temperature=0.7, top_p=0.8)
+define_engine_flags(max_turns=2, slots=8, max_context=2048)
 flags.DEFINE_string("dataset", "gsm8k", "data set")
 flags.DEFINE_integer("num_problems", 16, "problems per method")
-flags.DEFINE_integer("max_turns", 2, "K")
 flags.DEFINE_list("methods", ["baseline", "rosa"], "methods")
 flags.DEFINE_list("text_models", ["local"], "critics of the Words methods: local (the policy) or local:<model spec>")
-flags.DEFINE_integer("slots", 8, "decode batch, the same for both engines")
-flags.DEFINE_integer("sessions", 0, "token engine's pool (0 = twice --slots)")
-flags.DEFINE_integer("decode_steps", 16, "token engine: most tokens per decode call")
-flags.DEFINE_integer("max_context", 2048, "prompt + response budget")
 flags.DEFINE_list("schedulers", ["turn", "token"], "engines to time")
 flags.DEFINE_bool("warmup", True, "first run every engine and method on two problems, so that the timed runs "
                   "compile little (--nowarmup counts compilation in both, which weighs on the token engine's "
@@ -53,48 +47,23 @@ flags.DEFINE_bool("together", False, "also run every method in one token engine,
 flags.DEFINE_string("out", None, "also write the figures to this JSON file")
 
 
-class MeasuredTurnEngine(SessionEngine):
-    """The turn engine, counting what its decode batch does: every generate call runs as many steps as its
-    longest answer, for every slot."""
-
-    def run(self, problems, on_finish):
-        self.generated = self.row_steps = 0
-        super().run(problems, on_finish)
-
-    def answer(self, slots, prompts):
-        gens = super().answer(slots, prompts)
-        counts = [len(g.tokens) for g in gens.values()]
-        self.generated += sum(counts)
-        self.row_steps += max(counts) * self.cfg.slots
-        return gens
-
-
-def measure(engine_cls, model, text_model, method, problems) -> dict:
+def measure(scheduler: str, model, text_model, method, problems) -> dict:
     """Run `problems` (or engine.Work pairs, whose own method wins over `method`) and return the figures."""
-    preset = PRESETS["fast"]
-    cfg = EngineConfig(method=method, max_turns=FLAGS.max_turns, slots=FLAGS.slots, sampling=sampling_from_flags(),
-                       rosa=preset.rosa(), lora=preset.lora(model.cfg.num_layers), max_context=FLAGS.max_context,
-                       sessions=FLAGS.sessions, decode_steps=FLAGS.decode_steps)
-    engine = engine_cls(model, cfg, text_model)
     finished = []
     start = time.perf_counter()
-    try:
+    with SCHEDULERS[scheduler](model, engine_config_from_flags(method, model.cfg.num_layers), text_model) as engine:
         engine.run(problems, finished.append)
-    finally:
-        engine.close()
     wall = time.perf_counter() - start
-    generated, row_steps = ((engine.stats.generated, engine.stats.row_steps) if engine_cls is TokenEngine
-                            else (engine.generated, engine.row_steps))
+    st = engine.stats
     useful = sum(t.response_tokens for s in finished for t in s.turns)
     turns = sum(len(s.turns) for s in finished)
     figures = {"wall_s": wall, "problems_per_hour": 3600 * len(finished) / wall, "turns": turns,
-               "useful_tokens_per_s": useful / wall, "occupancy": generated / max(row_steps, 1),
+               "useful_tokens_per_s": useful / wall, "occupancy": st.occupancy,
                "solved": sum(s.solved_at is not None for s in finished)}
-    if engine_cls is TokenEngine:
-        st = engine.stats
+    if scheduler == "token":
         figures |= {"prefilled": st.prefilled, "reused": st.reused, "text_generated": st.text_generated,
-                    "decode_s": st.decode_s,
-                    "prefill_s": st.prefill_s, "update_s": st.update_s, "updates": st.updates}
+                    "decode_s": st.decode_s, "prefill_s": st.prefill_s, "update_s": st.update_s,
+                    "updates": st.updates}
     return figures
 
 
@@ -107,8 +76,7 @@ def main(_):
     model = model_from_flags()
     critics = {spec: make_text_model("local", model=local_critic(spec.partition(":")[2], model))
                for spec in FLAGS.text_models}
-    problems, _ = load_problems(FLAGS.dataset, limit=FLAGS.num_problems, seed=0, cache_dir=FLAGS.cache_dir)
-    engines = {"turn": MeasuredTurnEngine, "token": TokenEngine}
+    problems, _ = load_problems(FLAGS.dataset, limit=FLAGS.num_problems, seed=FLAGS.seed, cache_dir=FLAGS.cache_dir)
     runs = [(method, critic if len(critics) > 1 and words else None, critics[critic])
             for method in FLAGS.methods
             for words in [any(k.needs_text_model for k in METHODS[method].all_streams(
@@ -117,12 +85,12 @@ def main(_):
     # A first pass on two problems compiles every program both engines use, so the timed runs do not.
     for method, _, text_model in runs if FLAGS.warmup else ():
         for name in FLAGS.schedulers:
-            measure(engines[name], model, text_model, method, problems[:2])
+            measure(name, model, text_model, method, problems[:2])
     results = {}
     for method, critic, text_model in runs:
         label = method if critic is None else f"{method}[{critic}]"
         for name in FLAGS.schedulers:
-            results[f"{label}/{name}"] = r = measure(engines[name], model, text_model, method, problems)
+            results[f"{label}/{name}"] = r = measure(name, model, text_model, method, problems)
             print(f"{label:9s} {name:5s} {_figures(r)}", flush=True)
         if {"turn", "token"} <= set(FLAGS.schedulers):
             turn, token = results[f"{label}/turn"], results[f"{label}/token"]
@@ -133,7 +101,7 @@ def main(_):
             raise app.UsageError("--together compares with the token engine's runs of one critic")
         text_model = next(iter(critics.values()))
         for some in ([problems[:2]] if FLAGS.warmup else []) + [problems]:
-            r = measure(TokenEngine, model, text_model, FLAGS.methods[0], [(m, p) for m in FLAGS.methods for p in some])
+            r = measure("token", model, text_model, FLAGS.methods[0], [(m, p) for m in FLAGS.methods for p in some])
         results["together"] = r
         apart = sum(results[f"{m}/token"]["wall_s"] for m in FLAGS.methods)
         print(f"together  token {_figures(r)}")

@@ -34,8 +34,8 @@ from jax.flatten_util import ravel_pytree
 
 from experiments.common import best_time, define_model_flags, model_from_flags
 from rosa2_jax.adapt.rosa import UpdateBatch, hidden_offset_update, rosa_update
-from rosa2_jax.engine import MATH_SYSTEM_PROMPT
-from rosa2_jax.methods import HIDDEN_OFFSET_TOP_K, PRESETS, WeightsPreset
+from rosa2_jax.engine import MATH_SYSTEM_PROMPT, PRESETS, WeightsPreset
+from rosa2_jax.engine.streams import HIDDEN_OFFSET_TOP_K
 from rosa2_jax.model.generation import SamplingConfig, generate_padded, left_pad
 from rosa2_jax.model.lora import LORA_TARGETS, init_adapters
 from rosa2_jax.tasks.data import load_problems

@@ -1,5 +1,6 @@
-"""Helpers shared by the commands: model, decoding and Words flags, wall-clock timing, the machine's measured matmul peak
-and read bandwidth, and the roofline of a decode step."""
+"""Helpers shared by the commands: model, decoding, engine and Words flags and the one path from them to an
+EngineConfig, wall-clock timing, the machine's measured matmul peak and read bandwidth, and the roofline of a decode
+step."""
 
 from __future__ import annotations
 
@@ -12,15 +13,21 @@ import jax.numpy as jnp
 from absl import app, flags
 from jax.sharding import Mesh
 
+from rosa2_jax.adapt.rosa import RESIDUALS, TILTS
 from rosa2_jax.adapt.text_models import TextModel, make_text_model
 from rosa2_jax.adapt.words import REFERENCES, RETRIES
 from rosa2_jax.checkpoint import LoadedModel, load_model
+from rosa2_jax.engine import ADAPTERS, PRESETS, REWARDS, EngineConfig, WeightsPreset
 from rosa2_jax.fetch import cache_root
 from rosa2_jax.model.config import ModelConfig
 from rosa2_jax.model.decoder import decode_layout
 from rosa2_jax.model.generation import SamplingConfig
+from rosa2_jax.tasks.rewards import EQUIVALENCES
 
 FLAGS = flags.FLAGS
+# --remat=auto stores a Weights pass's activations up to this many tokens: ~2.2 MB a token on the 0.5B with the
+# fast preset, so ~4.5 GB (BUILD_NOTES.md, "Weights steps on long histories").
+AUTO_STORED_TOKENS = 2048
 
 
 def define_model_flags(default: str = "smollm2-135m-instruct") -> None:
@@ -71,6 +78,80 @@ def define_words_flags() -> None:
     flags.DEFINE_enum("critic_reference", "none", list(REFERENCES), "what the Words critic sees of the reference: "
                       "none (the paper's self-critic), the answer, or the worked solution (GSM8K, MATH; else the "
                       "answer)")
+
+
+def define_engine_flags(*, max_turns: int, slots: int, max_context: int) -> None:
+    """Every EngineConfig field's flag (with the Words flags), for the sweep and the benchmarks alike."""
+    flags.DEFINE_integer("max_turns", max_turns, "K: turns per problem")
+    flags.DEFINE_integer("slots", slots, "decode batch: rows generating at once (with --scheduler=turn, the sessions)")
+    flags.DEFINE_integer("sessions", 0, "--scheduler=token: sessions in the pool (0 = twice --slots)")
+    flags.DEFINE_integer("decode_steps", 16,
+                         "--scheduler=token: most tokens decoded per device call (it also ends when an answer stops)")
+    flags.DEFINE_integer("prefill_chunk", 512, "--scheduler=token: longest prompt piece prefilled in one call")
+    flags.DEFINE_integer("seed", 0, "problem subsample, adapter init and sampling seed")
+    flags.DEFINE_integer("max_context", max_context, "token budget per prompt + response; older turns are trimmed")
+    flags.DEFINE_enum("equivalence", "math-verify", list(EQUIVALENCES), "math answer equivalence")
+    flags.DEFINE_bool("boxed_only", True, "count only an answer in \\boxed{} (the paper's rule-based reward); "
+                      "--noboxed_only also reads GSM8K's last number and a choice letter outside a box")
+    # the Weights stream
+    flags.DEFINE_enum("reward", "rule", list(REWARDS), "what the methods act on: the rule-based verifier, or `model`: "
+                      "the text model (--text_model) judges each answer against the reference. Accuracy is always "
+                      "the rule-based verifier's")
+    flags.DEFINE_float("beta", 1.0, "KL temperature β")
+    flags.DEFINE_enum("tilt", "token", list(TILTS), "sequence-to-token tilt (token = spec Option B, suffix = Option A)")
+    flags.DEFINE_enum("residual", "prob", list(RESIDUALS), "probability or centred-logit residual")
+    flags.DEFINE_enum("preset", "fast", list(PRESETS), "Weights stream preset: `paper` = the spec's step (q/v LoRA on "
+                      "every layer, exact head metric, 10 CG iterations); `fast` = the measured cost/quality point "
+                      "(BUILD_NOTES.md). --adapter, --lora_layers, --lora_targets, --head_top_k, --cg_iters, "
+                      "--backtrack and --max_step_norm override it")
+    flags.DEFINE_enum("adapter", None, list(ADAPTERS), "what the Weights stream adapts: LoRA factors or an offset of "
+                      "the final hidden state (default: the preset's)")
+    flags.DEFINE_string("lora_layers", None, "adapted layers: all, last:N or I-J (default: the preset's)")
+    flags.DEFINE_integer("head_top_k", None, "head metric inside CG on each row's top-k tokens plus its sampled one, "
+                         "0 = exact over the vocabulary (default: the preset's)")
+    flags.DEFINE_integer("cg_iters", None, "CG iterations (default: the preset's)")
+    flags.DEFINE_integer("backtrack", None, "halve a step that raises KL(pi*||pi) up to this many times, else keep "
+                         "the adapter; 0 = the plain step (default: the preset's)")
+    flags.DEFINE_float("damping", 1e-4, "λ relative to mean diag(JᵀJ)")
+    flags.DEFINE_float("max_step_norm", None, "trust region on ||Δθ|| (default: the preset's)")
+    flags.DEFINE_integer("lora_rank", 8, "LoRA rank")
+    flags.DEFINE_float("lora_alpha", 16.0, "LoRA alpha")
+    flags.DEFINE_list("lora_targets", None, "LoRA targets from q,k,v,o,gate,up,down (default: the preset's)")
+    flags.DEFINE_enum("remat", "auto", ["auto", "on", "off"], "recompute activations in the ROSA update (less memory, "
+                      f"~20% slower); auto = on for a pass of more than {AUTO_STORED_TOKENS} tokens (sessions x row)")
+    flags.DEFINE_integer("update_batch", 1, "sessions per vmapped pass of a Weights step, passes one after another "
+                         "(0 = the whole bucket at once: faster on an accelerator with memory to spare; on a CPU the "
+                         "same speed)")
+    # the Words stream
+    define_words_flags()
+    flags.DEFINE_integer("switch_turn", 5, "`switch`: turn from which the second axis is used")
+    flags.DEFINE_enum("switch_first", "words", ["words", "weights"], "`switch`: the axis used first")
+
+
+def weights_preset() -> WeightsPreset:
+    """--preset, with each of its fields that has its own flag given on the command line overriding it."""
+    fields = (f.name for f in dataclasses.fields(WeightsPreset))
+    given = {name: getattr(FLAGS, name) for name in fields if getattr(FLAGS, name) is not None}
+    return dataclasses.replace(PRESETS[FLAGS.preset], **given)
+
+
+def engine_config_from_flags(method: str, num_layers: int) -> EngineConfig:
+    """The run's EngineConfig (`method` runs the problems given without one) for a `num_layers`-layer policy."""
+    preset = weights_preset()
+    try:
+        lora = preset.lora(num_layers, rank=FLAGS.lora_rank, alpha=FLAGS.lora_alpha)
+    except ValueError as e:
+        raise app.UsageError(f"--lora_layers / --lora_targets: {e}") from None
+    return EngineConfig(
+        method=method, max_turns=FLAGS.max_turns, slots=FLAGS.slots, sampling=sampling_from_flags(),
+        rosa=preset.rosa(beta=FLAGS.beta, tilt=FLAGS.tilt, residual=FLAGS.residual, damping=FLAGS.damping,
+                         remat=FLAGS.remat != "off", session_batch=FLAGS.update_batch,
+                         store_up_to=AUTO_STORED_TOKENS if FLAGS.remat == "auto" else 0),
+        lora=lora, adapter=preset.adapter, switch_turn=FLAGS.switch_turn, switch_first=FLAGS.switch_first,
+        seed=FLAGS.seed, equivalence=FLAGS.equivalence, boxed_only=FLAGS.boxed_only, reward=FLAGS.reward,
+        critic_tokens=FLAGS.critic_tokens, rewrite_tokens=FLAGS.rewrite_tokens, words_retries=FLAGS.words_retries,
+        critic_reference=FLAGS.critic_reference, max_context=FLAGS.max_context, sessions=FLAGS.sessions,
+        decode_steps=FLAGS.decode_steps, prefill_chunk=FLAGS.prefill_chunk)
 
 
 def text_model_from_flags(policy: LoadedModel, mesh: Mesh | None = None) -> TextModel:

@@ -23,12 +23,13 @@ from experiments.common import (define_model_flags, define_sampling_flags, defin
                                 sampling_from_flags)
 from rosa2_jax.adapt.quality import WordsStep, words_quality
 from rosa2_jax.adapt.words import FEEDBACK_TEMPLATE, RefineRequest, refine_feedback
-from rosa2_jax.engine import MATH_SYSTEM_PROMPT
-from rosa2_jax.methods import critic_reference, session_seed
-from rosa2_jax.runs import read_records
-from rosa2_jax.tasks.data import Problem, load_problems
+from rosa2_jax.engine import MATH_SYSTEM_PROMPT, session_seed
+from rosa2_jax.engine.streams import critic_reference
+from rosa2_jax.study.runs import read_records
+from rosa2_jax.tasks.data import load_problems
+from rosa2_jax.tasks.problem import Problem
 from rosa2_jax.tasks.rewards import verify
-from rosa2_jax.tasks.stats import paired_comparison
+from rosa2_jax.study.stats import paired_comparison
 
 FLAGS = flags.FLAGS
 define_model_flags(default="qwen2.5-coder-0.5b-instruct")

@@ -13,9 +13,9 @@ from pathlib import Path
 
 from absl import app, flags
 
-from rosa2_jax.runs import read_records
+from rosa2_jax.study.runs import read_records
 from rosa2_jax.tasks.data import DatasetError, load_problems
-from rosa2_jax.tasks.report import write_report
+from rosa2_jax.study.report import write_report
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string("run_dir", None, "a sweep's folder (config.json + records*.jsonl)", required=True)

@@ -1,7 +1,19 @@
-"""rosa2_jax: ROSA2 test-time co-adaptation (Words & Weights) in JAX."""
+"""rosa2_jax: ROSA2 test-time co-adaptation (Words & Weights) in JAX.
 
-from rosa2_jax.model.config import ModelConfig
-from rosa2_jax.model.decoder import decoder_hidden, forward, lm_logits
-from rosa2_jax.model.generation import Generation, SamplingConfig, generate
+The names below load the model code on first use, so that importing a light part of the package (the data
+layer, the verifiers, a study's records) does not import JAX.
+"""
 
-__all__ = ["ModelConfig", "SamplingConfig", "Generation", "generate", "forward", "decoder_hidden", "lm_logits"]
+import importlib
+
+_EXPORTS = {"ModelConfig": "rosa2_jax.model.config", "SamplingConfig": "rosa2_jax.model.generation",
+            "Generation": "rosa2_jax.model.generation", "generate": "rosa2_jax.model.generation",
+            "forward": "rosa2_jax.model.decoder", "decoder_hidden": "rosa2_jax.model.decoder",
+            "lm_logits": "rosa2_jax.model.decoder"}
+__all__ = list(_EXPORTS)
+
+
+def __getattr__(name: str):
+    if name in _EXPORTS:
+        return getattr(importlib.import_module(_EXPORTS[name]), name)
+    raise AttributeError(f"module 'rosa2_jax' has no attribute {name!r}")

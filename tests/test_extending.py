@@ -15,14 +15,14 @@ from safetensors import safe_open
 from conftest import tiny_chat_model
 from rosa2_jax.checkpoint import load_model, save_hf_folder
 from rosa2_jax.checkpoint.hf_folder import load_hf_folder
-from rosa2_jax.engine import EngineConfig, SessionEngine
-from rosa2_jax.methods import METHODS, Adaptation, Stream, Weights, completed
+from rosa2_jax.engine import METHODS, Adaptation, EngineConfig, Stream, TurnEngine
+from rosa2_jax.engine.streams import Weights, completed
 from rosa2_jax.model.config import ARCHITECTURES, Architecture, ModelConfig
 from rosa2_jax.model.decoder import forward
 from rosa2_jax.model.generation import SamplingConfig
 from rosa2_jax.model.params import decoder_param_table, init_params, is_info
-from rosa2_jax.tasks.data import Problem
-from rosa2_jax.tasks.metrics import summarize
+from rosa2_jax.tasks.problem import Problem
+from rosa2_jax.study.metrics import summarize
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -80,7 +80,7 @@ def test_a_new_adaptation_is_one_stream_class_and_one_methods_row(tmp_path, monk
                        max_context=512)
     problems = [Problem(f"p{i}", f"Which is right? (A) {i} (B) {i + 1}", "B", "choice") for i in range(3)]
     finished = []
-    engine = SessionEngine(model, cfg)
+    engine = TurnEngine(model, cfg)
     try:
         engine.run(problems, finished.append)
     finally:

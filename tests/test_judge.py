@@ -5,10 +5,10 @@ import pytest
 from conftest import tiny_chat_model
 from rosa2_jax.adapt.text_models import Completion
 from rosa2_jax.checkpoint import load_model
-from rosa2_jax.engine import EngineConfig, SessionEngine
+from rosa2_jax.engine import EngineConfig, TurnEngine
 from rosa2_jax.model.generation import SamplingConfig
-from rosa2_jax.tasks.data import Problem
-from rosa2_jax.tasks.judge import judge_prompt, judge_rewards, parse_judgement
+from rosa2_jax.tasks.problem import Problem
+from rosa2_jax.adapt.judge import judge_prompt, judge_rewards, parse_judgement
 
 
 @pytest.mark.parametrize("text,reward", [
@@ -48,7 +48,7 @@ def test_sessions_act_on_the_judge_and_accuracy_stays_the_rules(tmp_path):
                        max_context=512, reward="model")
     problems = [Problem(f"p{i}", f"Which is right? (A) {i} (B) {i + 1}", "B", "choice") for i in range(3)]
     finished = []
-    engine = SessionEngine(model, cfg, judge)
+    engine = TurnEngine(model, cfg, judge)
     try:
         engine.run(problems, finished.append)
     finally:

@@ -5,8 +5,8 @@ import time
 import pytest
 
 from rosa2_jax.tasks.answers import BOXED_INSTRUCTION
-from rosa2_jax.tasks.data import Problem
-from rosa2_jax.tasks.metrics import summarize, summarize_method
+from rosa2_jax.tasks.problem import Problem
+from rosa2_jax.study.metrics import summarize, summarize_method
 from rosa2_jax.tasks.records import TurnRecord
 from rosa2_jax.tasks.rewards import math_equal, verify
 from rosa2_jax.tasks.sandbox import run_python

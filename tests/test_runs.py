@@ -10,9 +10,9 @@ from pathlib import Path
 import pytest
 
 from rosa2_jax.distributed import ProcessInfo
-from rosa2_jax.runs import (IN_FLIGHT, RECORDS, RunInUse, drop_torn_tail, in_flight_path, lock_run, merge_records,
+from rosa2_jax.study.runs import (IN_FLIGHT, RECORDS, RunInUse, drop_torn_tail, in_flight_path, lock_run, merge_records,
                             read_in_flight, read_records, records_path, write_in_flight)
-from rosa2_jax.tasks.metrics import compare_methods, summarize
+from rosa2_jax.study.metrics import compare_methods, summarize
 
 
 def line(method, pid, solved_at=1):

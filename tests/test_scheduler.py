@@ -1,4 +1,4 @@
-"""The token-level engine (scheduler.TokenEngine) against the turn-synchronous one, and its prefix reuse
+"""The token-level engine (engine/token.py) against the turn-synchronous one, and its prefix reuse
 against a full prefill."""
 
 import functools
@@ -13,17 +13,15 @@ import numpy as np
 import pytest
 
 from conftest import tiny_chat_model
-from rosa2_jax import methods
+from rosa2_jax.engine import streams
 from rosa2_jax.adapt.rosa import rosa_update
 from rosa2_jax.adapt.text_models import make_text_model
 from rosa2_jax.checkpoint import load_model
-from rosa2_jax.engine import EngineConfig, Session, SessionEngine
-from rosa2_jax.methods import METHODS
+from rosa2_jax.engine import METHODS, SCHEDULERS, EngineConfig, Session, TokenEngine, TurnEngine
 from rosa2_jax.model.decode_rows import decode_chunk, empty_rows, prefill_row, put_row_cache, row_cache
 from rosa2_jax.model.generation import SamplingConfig, generate
 from rosa2_jax.model.lora import LoraConfig, parse_layers
-from rosa2_jax.scheduler import SCHEDULERS, TokenEngine
-from rosa2_jax.tasks.data import Problem
+from rosa2_jax.tasks.problem import Problem
 
 
 @pytest.fixture(scope="module")
@@ -150,9 +148,9 @@ def test_a_run_stopped_anywhere_goes_on_from_its_sessions_snapshots(model, sched
 
     engine = make_engine(model, scheduler, "baseline", sampling=sampling, adapter_cache=cache)
     judged, replayed = [], []
-    judge, failure_at = engine.judge, engine._failure_at
-    engine.judge = lambda slots, *a: judged.extend(slots.values()) or judge(slots, *a)
-    engine._failure_at = lambda s, t: replayed.append(s.problem.id) or failure_at(s, t)
+    judge, failure_at = engine.life.judge, engine.life.restore.failure_at
+    engine.life.judge = lambda slots, *a: judged.extend(slots.values()) or judge(slots, *a)
+    engine.life.restore.failure_at = lambda s, t: replayed.append(s.problem.id) or failure_at(s, t)
     try:
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
@@ -174,14 +172,14 @@ def test_a_run_stopped_anywhere_goes_on_from_its_sessions_snapshots(model, sched
     assert len(judged) == sum(len(s.turns) for s in finished[first:]) - kept_turns
 
 
-@pytest.mark.parametrize("adapter", list(methods.ADAPTERS))
+@pytest.mark.parametrize("adapter", list(streams.ADAPTERS))
 def test_a_sessions_adapter_state_goes_to_another_slot_and_nowhere_else(model, adapter):
     """What the adapter cache saves and loads: one slot's adapter, every other slot untouched; a state of
     another shape is refused instead of broadcast."""
     layers = parse_layers("last:1", model.cfg.num_layers)  # the layers below stay zero and are not saved
-    engine = SessionEngine(model, EngineConfig(method="rosa", adapter=adapter, slots=3,
-                                               lora=LoraConfig(targets=("q", "v"), layers=layers)))
-    stream = engine._weights()
+    engine = TurnEngine(model, EngineConfig(method="rosa", adapter=adapter, slots=3,
+                                            lora=LoraConfig(targets=("q", "v"), layers=layers)))
+    stream = engine.life.weights()
     rng = np.random.default_rng(0)
     moved = {k: rng.normal(size=v.shape).astype(np.float32) for k, v in stream.state(2).items()}
     before = [stream.state(i) for i in range(3)]
@@ -210,8 +208,8 @@ def test_words_jobs_run_one_at_a_time_and_take_every_failure_queued_meanwhile(mo
     job takes them all (one batched generation instead of one after another), and the records stay the turn
     engine's."""
     jobs, sizes = [], []
-    start = methods.Words.start
-    refine = methods.Words.refine
+    start = streams.Words.start
+    refine = streams.Words.refine
 
     def slow_refine(*args, **kw):
         time.sleep(0.5)
@@ -223,8 +221,8 @@ def test_words_jobs_run_one_at_a_time_and_take_every_failure_queued_meanwhile(mo
         sizes.append(len(failed))
         return jobs[-1]
 
-    monkeypatch.setattr(methods.Words, "refine", staticmethod(slow_refine))
-    monkeypatch.setattr(methods.Words, "start", watched_start)
+    monkeypatch.setattr(streams.Words, "refine", staticmethod(slow_refine))
+    monkeypatch.setattr(streams.Words, "start", watched_start)
     token, engine = run(model, "token", "words", slots=4, sessions=5, critic=critic)
     monkeypatch.undo()
     turn, _ = run(model, "turn", "words", slots=4, sessions=5, critic=critic)
@@ -238,14 +236,14 @@ def test_the_policys_own_critic_starts_every_failures_words_job_at_once(model, m
     the turn is judged, beside jobs still in flight, and a critique of one session shares decode calls with
     other sessions' turns. Records stay the turn engine's."""
     in_flight, overlapped = [], []
-    start = methods.Words.start
+    start = streams.Words.start
 
     def watched_start(self, failed):
         overlapped.append(any(not job.done() for job in in_flight))
         in_flight.append(start(self, failed))
         return in_flight[-1]
 
-    monkeypatch.setattr(methods.Words, "start", watched_start)
+    monkeypatch.setattr(streams.Words, "start", watched_start)
     token, engine = run(model, "token", "words", slots=4, sessions=5)
     monkeypatch.undo()
     turn, _ = run(model, "turn", "words", slots=4, sessions=5)
@@ -260,7 +258,7 @@ def test_a_failed_run_refuses_its_pending_text_requests(model):
     cfg = EngineConfig(method="words", max_turns=2, slots=2, sampling=SamplingConfig(max_new_tokens=10),
                        max_context=512, critic_tokens=12, rewrite_tokens=8)
     engine = TokenEngine(model, cfg, make_text_model("local", model=model))
-    ask = engine.pool.submit(engine.words_model.complete, [[{"role": "user", "content": "hi"}]], max_tokens=4,
+    ask = engine.life.ctx.submit(engine.life.ctx.text_model.complete, [[{"role": "user", "content": "hi"}]], max_tokens=4,
                              temperature=0.0)
     too_long = Problem("p0", "Which? " * 200 + "(A) 1 (B) 2", "B", "choice")  # refused at admission
     with pytest.raises(ZeroDivisionError):
@@ -279,7 +277,7 @@ def test_a_weights_step_runs_only_as_many_rows_as_its_failures_need(model, monke
         calls.append((batch.tokens.shape[0], int(batch.active.sum())))
         return rosa_update(params, adapters, batch, **kw)
 
-    monkeypatch.setattr(methods, "rosa_update", counting_update)
+    monkeypatch.setattr(streams, "rosa_update", counting_update)
     run(model, "token", "rosa", slots=16, sessions=16)
     assert calls, "the tiny model should fail some turns"
     assert all(rows == 1 << (active - 1).bit_length() for rows, active in calls), calls
@@ -289,7 +287,7 @@ def test_a_weights_step_runs_only_as_many_rows_as_its_failures_need(model, monke
 @pytest.mark.parametrize("failed,slots,data,rows", [(1, 8, 1, 1), (3, 16, 1, 4), (5, 8, 1, 8), (9, 12, 1, 12),
                                                      (3, 16, 2, 4), (1, 16, 4, 4), (5, 16, 2, 8)])
 def test_update_bucket_sizes(failed, slots, data, rows):
-    assert methods.update_bucket(failed, slots, data) == rows
+    assert streams.update_bucket(failed, slots, data) == rows
 
 
 def test_a_turn_prefilled_after_its_kept_prefix_equals_a_full_prefill(model):

@@ -3,8 +3,8 @@
 import numpy as np
 import pytest
 
-from rosa2_jax.tasks.metrics import compare_methods
-from rosa2_jax.tasks.stats import mcnemar_exact, paired_bootstrap, wilson_interval
+from rosa2_jax.study.metrics import compare_methods
+from rosa2_jax.study.stats import mcnemar_exact, paired_bootstrap, wilson_interval
 
 
 def test_mcnemar_exact_by_hand():

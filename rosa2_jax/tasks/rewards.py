@@ -17,7 +17,7 @@ import re
 from typing import Callable
 
 from rosa2_jax.tasks.answers import answers_equal, last_boxed, number_mentions, numeric_value
-from rosa2_jax.tasks.data import Problem
+from rosa2_jax.tasks.problem import KINDS, Problem
 from rosa2_jax.tasks.sandbox import run_python
 
 EQUIVALENCES = ("math-verify", "string")
@@ -99,6 +99,7 @@ def _verify_code(problem: Problem, response: str, equivalence: str, code_timeout
 # Problem.kind -> its verifier; `boxed` kinds count only a \boxed{} answer under boxed_only.
 VERIFIERS: dict[str, Callable[[Problem, str, str, float], Verdict]] = {
     "math": _verify_math, "gsm8k": _verify_number, "choice": _verify_choice, "code": _verify_code}
+assert tuple(VERIFIERS) == KINDS, "a problem kind without a verifier, or a verifier without a kind"
 BOXED_ONLY_KINDS = ("gsm8k", "choice")
 
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from rosa2_jax.tasks.metrics import compare_methods, summarize
+from rosa2_jax.study.metrics import compare_methods, summarize
 
 
 def table(summary: dict) -> str:

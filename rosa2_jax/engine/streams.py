@@ -1,35 +1,38 @@
-"""What a method does after a failed turn: the kinds of adaptation (`Stream`s), the Weights stream's adapters
-and presets, and `METHODS`, the table of methods.
+"""The kinds of adaptation after a failed turn (`Stream`s) and the Weights stream's adapters.
 
-A stream starts on the failed sessions of a step and, when joined, gives each slot's result, which it then
-writes into the session, its turn record and the next user message. A new kind of adaptation is one
-`Stream` subclass and one `METHODS` row.
+A stream starts on the failed sessions of a step and, when joined, gives each session's result, which it then
+writes into the session, its turn record and the next user message. Streams see the engine through a
+`StreamContext`: the run's config, the policy, the pool of sessions they keep state for, and where host jobs run.
+A new kind of adaptation is one `Stream` subclass and one row of `methods.METHODS`.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import time
 from concurrent.futures import Future
-from typing import TYPE_CHECKING, Any, NamedTuple
+from typing import TYPE_CHECKING, Any, Callable, Mapping
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.sharding import Mesh
 from jaxtyping import Array, Int
 
-from rosa2_jax.adapt.rosa import RosaConfig, UpdateBatch, UpdateStats, hidden_offset_update, rosa_update
+from rosa2_jax.adapt.rosa import UpdateBatch, UpdateStats, hidden_offset_update, rosa_update
+from rosa2_jax.adapt.text_models import TextModel
 from rosa2_jax.adapt.words import RefineRequest, RefineResult, refine_feedback, refine_system_prompt
+from rosa2_jax.checkpoint import LoadedModel
+from rosa2_jax.engine.session import Failure, Session, session_seed
 from rosa2_jax.model.generation import bucket_length, left_pad
-from rosa2_jax.model.lora import LoraAdapters, LoraConfig, init_adapters, parse_layers, put_sessions, take_sessions
+from rosa2_jax.model.lora import LoraAdapters, init_adapters, put_sessions, take_sessions
 from rosa2_jax.model.sharding import shard_batch
-from rosa2_jax.tasks.data import Problem
+from rosa2_jax.tasks.problem import Problem
 from rosa2_jax.tasks.records import TurnRecord
-from rosa2_jax.tasks.rewards import Verdict
 
-if TYPE_CHECKING:
-    from rosa2_jax.engine import EngineConfig, Session, SessionEngine
+if TYPE_CHECKING:  # the config and the methods table name the streams
+    from rosa2_jax.engine.config import EngineConfig
+    from rosa2_jax.engine.methods import Adaptation
 
 HIDDEN_OFFSET_TOP_K = 64  # support of the d x d head metric the offset step forms when rosa.head_top_k is 0 (exact)
 UPDATE_STATS = ("step_norm_sq", "residual_norm", "cg_rel_residual", "kl_before", "kl_after", "logp_before",
@@ -37,32 +40,21 @@ UPDATE_STATS = ("step_norm_sq", "residual_norm", "cg_rel_residual", "kl_before",
 
 
 @dataclasses.dataclass(frozen=True)
-class WeightsPreset:
-    """How the Weights stream is run: what it adapts and how exactly it solves (BUILD_NOTES.md, issue 10)."""
+class StreamContext:
+    """What a stream may use of its engine."""
 
-    adapter: str  # one of ADAPTERS
-    lora_layers: str  # all | last:N | I-J (lora.parse_layers)
-    lora_targets: tuple[str, ...]  # LoraConfig.targets
-    head_top_k: int  # RosaConfig.head_top_k (0 = exact head metric)
-    cg_iters: int
-    backtrack: int  # RosaConfig.backtrack (0 = the plain step)
-    max_step_norm: float  # RosaConfig.max_step_norm, the trust region on ||Δθ||
+    cfg: EngineConfig
+    model: LoadedModel  # the policy
+    pool_size: int  # sessions whose state the streams keep, named by their pool slot
+    data: int  # devices the sessions are split over (the mesh's data extent)
+    window: int  # response positions a Weights step covers at most
+    text_model: TextModel | None  # what the Words streams call (sampled as the policy is)
+    submit: Callable[..., Future]  # runs a host job on the engine's worker threads
+    methods: Mapping[str, Adaptation]  # the methods table, for a method's own settings
 
-    def rosa(self, **fields) -> RosaConfig:
-        """This preset's RosaConfig; `fields` set the others (beta, tilt, remat, ...)."""
-        return RosaConfig(cg_iters=self.cg_iters, head_top_k=self.head_top_k, backtrack=self.backtrack,
-                          max_step_norm=self.max_step_norm, **fields)
-
-    def lora(self, num_layers: int, **fields) -> LoraConfig:
-        """This preset's LoraConfig for a `num_layers`-layer model; `fields` set rank and alpha."""
-        return LoraConfig(targets=tuple(self.lora_targets), layers=parse_layers(self.lora_layers, num_layers), **fields)
-
-
-PRESETS = {
-    "paper": WeightsPreset("lora", "all", ("q", "v"), 0, 10, 0, 1.0),  # spec 1.3-1.4: exact head, 10 CG iterations
-    # BUILD_NOTES.md (Fast Weights): 0.82x the turn's generation, 97% of the paper step's KL reduction
-    "fast": WeightsPreset("lora", "last:8", ("q", "k", "v", "o", "gate", "up", "down"), 64, 4, 3, 10.0),
-}
+    @property
+    def mesh(self) -> Mesh | None:
+        return self.model.mesh
 
 
 def completed(value: Any) -> Future:
@@ -80,21 +72,6 @@ def critic_reference(problem: Problem, kind: str) -> str | None:
     return problem.answer if kind == "answer" else None
 
 
-def session_seed(seed: int, problem_id: str, turn: int) -> int:
-    digest = hashlib.sha256(f"{seed}/{problem_id}/{turn}".encode()).digest()
-    return int.from_bytes(digest[:4], "little") & 0x7FFFFFFF
-
-
-class Failure(NamedTuple):
-    """A session's failed turn, as the streams see it."""
-
-    session: Session
-    prompt: list[int]  # the turn's prompt ids
-    tokens: list[int]  # the judged response
-    response: str
-    verdict: Verdict
-
-
 class Stream:
     """One kind of adaptation after a failed turn. `start` begins it for the failed sessions and returns a
     future of (each session's result, seconds); `apply` writes a result into the session, its turn record,
@@ -105,12 +82,12 @@ class Stream:
     changes_weights = False  # the session's cached keys/values are stale after this stream
     timing_key = "words_s"
 
-    def __init__(self, engine: "SessionEngine"):
-        self.engine = engine
+    def __init__(self, ctx: StreamContext):
+        self.ctx = ctx
 
     @classmethod
-    def create(cls, engine: "SessionEngine") -> "Stream":
-        return cls(engine)
+    def create(cls, ctx: StreamContext) -> "Stream":
+        return cls(ctx)
 
     def reset(self, slot: int, session: Session) -> None:
         """A new session takes `slot`."""
@@ -133,13 +110,13 @@ class _Refine(Stream):
     refine = staticmethod(refine_feedback)
 
     def current(self, session: Session) -> str:
-        return self.engine.cfg.feedback
+        return self.ctx.cfg.feedback
 
     def start(self, failed):
-        cfg = self.engine.cfg
+        cfg = self.ctx.cfg
         requests = []
         for f in failed.values():
-            kind = METHODS[f.session.method].critic_reference or cfg.critic_reference
+            kind = self.ctx.methods[f.session.method].critic_reference or cfg.critic_reference
             requests.append(RefineRequest(
                 problem=f.session.problem.question, attempt=f.response, extracted_answer=f.verdict.extracted,
                 current=self.current(f.session), previous_feedback=f.session.previous_feedback,
@@ -148,11 +125,11 @@ class _Refine(Stream):
 
         def run():
             start = time.perf_counter()
-            out = self.refine(self.engine.words_model, requests, critic_tokens=cfg.critic_tokens,
+            out = self.refine(self.ctx.text_model, requests, critic_tokens=cfg.critic_tokens,
                               rewrite_tokens=cfg.rewrite_tokens, retries=cfg.words_retries)
             return dict(zip(failed, out)), time.perf_counter() - start
 
-        return self.engine.pool.submit(run)
+        return self.ctx.submit(run)
 
     @staticmethod
     def write(record: TurnRecord, r: RefineResult) -> None:
@@ -194,8 +171,8 @@ class Weights(Stream):
     timing_key = "update_s"
 
     @classmethod
-    def create(cls, engine):
-        return ADAPTERS[engine.cfg.adapter](engine)
+    def create(cls, ctx):
+        return ADAPTERS[ctx.cfg.adapter](ctx)
 
     def step(self, batch: UpdateBatch, slots: Int[Array, "U"]) -> UpdateStats:
         """Update the adapters of pool slots `slots` (the batch's rows, in order) where the batch is active;
@@ -212,29 +189,30 @@ class Weights(Stream):
     def start(self, failed):
         """One vmapped step on a bucket of `update_bucket` rows: the failed sessions, padded with inactive rows
         of other pool slots (each slot at most once, so writing the bucket back is unambiguous)."""
-        engine = self.engine
+        ctx = self.ctx
         start = time.perf_counter()
-        if len(failed) > engine.cfg.slots:
-            raise ValueError(f"{len(failed)} failed sessions exceed the update bucket of {engine.cfg.slots}")
-        bucket = update_bucket(len(failed), engine.cfg.slots, engine.data)
-        others = [i for i in range(engine.pool_size) if i not in failed]
+        if len(failed) > ctx.cfg.slots:
+            raise ValueError(f"{len(failed)} failed sessions exceed the update bucket of {ctx.cfg.slots}")
+        bucket = update_bucket(len(failed), ctx.cfg.slots, ctx.data)
+        others = [i for i in range(ctx.pool_size) if i not in failed]
         slots = sorted([*failed, *others[: bucket - len(failed)]])
+        pad_id = ctx.model.sampler.pad_id
         rows, lens = [], []
         for i in slots:
             f = failed.get(i)
-            rows.append(f.prompt + f.tokens if f else [engine.sampler.pad_id])
+            rows.append(f.prompt + f.tokens if f else [pad_id])
             lens.append(len(f.tokens) if f else 0)
         # Rows of J are only the responses: the window covers the longest one (bucketed, so that a sweep
         # compiles a few programs), not max_new_tokens, when every answer stopped early.
-        chunk = engine.cfg.rosa.position_chunk
-        window = min(engine.window, -(-bucket_length(max(lens)) // chunk) * chunk)
+        chunk = ctx.cfg.rosa.position_chunk
+        window = min(ctx.window, -(-bucket_length(max(lens)) // chunk) * chunk)
         length = bucket_length(max(max(len(r) for r in rows), window + 1))  # row 0 of the window needs a predecessor
-        tokens, valid = left_pad(rows, length, engine.sampler.pad_id)
+        tokens, valid = left_pad(rows, length, pad_id)
         batch = shard_batch(UpdateBatch(jnp.asarray(tokens), jnp.asarray(valid), jnp.asarray(np.minimum(lens, window)),
                                         jnp.full((bucket,), -1.0, jnp.float32),
                                         jnp.asarray([i in failed for i in slots]), window=window),
-                            engine.mesh)
-        stats = jax.device_get(self.step(batch, shard_batch(jnp.asarray(slots, jnp.int32), engine.mesh)))
+                            ctx.mesh)
+        stats = jax.device_get(self.step(batch, shard_batch(jnp.asarray(slots, jnp.int32), ctx.mesh)))
         results = {i: {k: float(np.asarray(getattr(stats, k))[r]) for k in UPDATE_STATS} | {
             "cg_iters": int(stats.cg_iters[r]), "backtracks": int(stats.backtracks[r]),
             "rejected": bool(stats.rejected[r]), "nonfinite": bool(stats.nonfinite[r])}
@@ -271,18 +249,17 @@ def _put(pool, slots, bucket):
 class LoraWeights(Weights):
     """θ = the session's LoRA factors (spec 1.3)."""
 
-    def __init__(self, engine):
-        super().__init__(engine)
-        cfg = engine.cfg
-        self.adapters = shard_batch(init_adapters(engine.model.cfg, cfg.lora, engine.pool_size,
-                                                  jax.random.key(cfg.seed)), engine.mesh)
+    def __init__(self, ctx):
+        super().__init__(ctx)
+        self.adapters = shard_batch(init_adapters(ctx.model.cfg, ctx.cfg.lora, ctx.pool_size,
+                                                  jax.random.key(ctx.cfg.seed)), ctx.mesh)
 
     def reset(self, slot, session):
-        key = jax.random.key(session_seed(self.engine.cfg.seed, session.problem.id, 0))
-        fresh = init_adapters(self.engine.model.cfg, self.engine.cfg.lora, 1, key)
+        key = jax.random.key(session_seed(self.ctx.cfg.seed, session.problem.id, 0))
+        fresh = init_adapters(self.ctx.model.cfg, self.ctx.cfg.lora, 1, key)
         self.adapters = shard_batch(self.adapters.replace(
             factors=jax.tree.map(lambda a, f: a.at[slot].set(f[0]), self.adapters.factors, fresh.factors)),
-            self.engine.mesh)
+            self.ctx.mesh)
 
     def generation_inputs(self):
         return {"adapters": self.adapters}
@@ -302,25 +279,24 @@ class LoraWeights(Weights):
                     raise ValueError(f"adapter state {t}.{ab} has shape {got}, the pool's is {want}")
         factors = {t: (a.at[slot, first:].set(state[f"{t}.a"]), b.at[slot, first:].set(state[f"{t}.b"]))
                    for t, (a, b) in self.adapters.factors.items()}
-        self.adapters = shard_batch(self.adapters.replace(factors=factors), self.engine.mesh)
+        self.adapters = shard_batch(self.adapters.replace(factors=factors), self.ctx.mesh)
 
     def step(self, batch, slots):
-        bucket, stats = rosa_update(self.engine.model.params, _take(self.adapters, slots), batch,
-                                    cfg=self.engine.model.cfg, rosa=self.engine.cfg.rosa)
-        self.adapters = shard_batch(_put(self.adapters, slots, bucket), self.engine.mesh)
+        bucket, stats = rosa_update(self.ctx.model.params, _take(self.adapters, slots), batch,
+                                    cfg=self.ctx.model.cfg, rosa=self.ctx.cfg.rosa)
+        self.adapters = shard_batch(_put(self.adapters, slots, bucket), self.ctx.mesh)
         return stats
 
 
 class HiddenOffsetWeights(Weights):
     """θ = an offset of the final hidden state on response positions (ROSA's "HS" variant)."""
 
-    def __init__(self, engine):
-        super().__init__(engine)
-        self.offsets = shard_batch(jnp.zeros((engine.pool_size, engine.model.cfg.hidden_size), jnp.float32),
-                                   engine.mesh)
+    def __init__(self, ctx):
+        super().__init__(ctx)
+        self.offsets = shard_batch(jnp.zeros((ctx.pool_size, ctx.model.cfg.hidden_size), jnp.float32), ctx.mesh)
 
     def reset(self, slot, session):
-        self.offsets = shard_batch(self.offsets.at[slot].set(0.0), self.engine.mesh)
+        self.offsets = shard_batch(self.offsets.at[slot].set(0.0), self.ctx.mesh)
 
     def generation_inputs(self):
         return {"hidden_offset": self.offsets}
@@ -331,56 +307,15 @@ class HiddenOffsetWeights(Weights):
     def load_state(self, slot, state):
         if state["offset"].shape != self.offsets.shape[1:]:
             raise ValueError(f"offset state has shape {state['offset'].shape}, the pool's is {self.offsets.shape[1:]}")
-        self.offsets = shard_batch(self.offsets.at[slot].set(state["offset"]), self.engine.mesh)
+        self.offsets = shard_batch(self.offsets.at[slot].set(state["offset"]), self.ctx.mesh)
 
     def step(self, batch, slots):
-        rosa = self.engine.cfg.rosa
-        bucket, stats = hidden_offset_update(self.engine.model.params, _take(self.offsets, slots), batch,
-                                             cfg=self.engine.model.cfg, rosa=rosa,
+        rosa = self.ctx.cfg.rosa
+        bucket, stats = hidden_offset_update(self.ctx.model.params, _take(self.offsets, slots), batch,
+                                             cfg=self.ctx.model.cfg, rosa=rosa,
                                              top_k=rosa.head_top_k or HIDDEN_OFFSET_TOP_K)
-        self.offsets = shard_batch(_put(self.offsets, slots, bucket), self.engine.mesh)
+        self.offsets = shard_batch(_put(self.offsets, slots, bucket), self.ctx.mesh)
         return stats
 
 
 ADAPTERS: dict[str, type[Weights]] = {"lora": LoraWeights, "hidden": HiddenOffsetWeights}
-
-
-@dataclasses.dataclass(frozen=True)
-class Adaptation:
-    """The streams a method runs after every failed turn. `fresh`: every later turn answers the first user message
-    again, without the history (the resample control: K independent attempts). `critic_reference`: what this
-    method's Words critic sees of the reference (words.REFERENCES), whatever the run's --critic_reference."""
-
-    streams: tuple[type[Stream], ...] = ()
-    fresh: bool = False
-    critic_reference: str | None = None
-
-    def streams_at(self, turn: int, cfg: EngineConfig) -> tuple[type[Stream], ...]:
-        return self.streams
-
-    def all_streams(self, cfg: EngineConfig) -> tuple[type[Stream], ...]:
-        seen = dict.fromkeys(s for t in range(1, cfg.max_turns + 1) for s in self.streams_at(t, cfg))
-        return tuple(seen)
-
-
-@dataclasses.dataclass(frozen=True)
-class Switch(Adaptation):
-    """One axis before `EngineConfig.switch_turn`, the other from then on (`switch_first` goes first)."""
-
-    def streams_at(self, turn, cfg):
-        first = turn < cfg.switch_turn
-        return (Words,) if first == (cfg.switch_first == "words") else (Weights,)
-
-
-METHODS: dict[str, Adaptation] = {
-    "baseline": Adaptation(),
-    "resample": Adaptation(fresh=True),
-    "words": Adaptation((Words,)),
-    "textgrad": Adaptation((SystemPrompt,)),
-    "rosa": Adaptation((Weights,)),
-    "rosa2": Adaptation((Words, Weights)),
-    "switch": Switch(),
-    # The Words stream with a critic that sees the worked solution (BUILD_NOTES, "Words that instruct")
-    "words-ref": Adaptation((Words,), critic_reference="solution"),
-    "rosa2-ref": Adaptation((Words, Weights), critic_reference="solution"),
-}

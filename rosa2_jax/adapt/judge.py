@@ -9,13 +9,11 @@ measured by the rule-based verifier, so runs with either reward are compared on 
 from __future__ import annotations
 
 import re
-from typing import TYPE_CHECKING, Sequence
+from typing import Sequence
 
-from rosa2_jax.tasks.data import Problem
+from rosa2_jax.adapt.text_models import TextModel
+from rosa2_jax.tasks.problem import Problem
 from rosa2_jax.tasks.rewards import Verdict
-
-if TYPE_CHECKING:
-    from rosa2_jax.adapt.text_models import TextModel
 
 JUDGE_SYSTEM = ("You grade answers to problems. Compare the final answer of the student's response with the "
                 "reference answer. Reply with one word: CORRECT if they are the same value, INCORRECT otherwise.")
@@ -40,7 +38,7 @@ def parse_judgement(text: str | None) -> float | None:
     return None if m is None else (1.0 if m.group(1).upper() == "CORRECT" else -1.0)
 
 
-def judge_rewards(text_model: "TextModel", items: Sequence[tuple[Problem, str]]) -> list[Verdict]:
+def judge_rewards(text_model: TextModel, items: Sequence[tuple[Problem, str]]) -> list[Verdict]:
     """The judge's verdict on each (problem, response), in one batched call."""
     if not items:
         return []

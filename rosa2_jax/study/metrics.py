@@ -14,7 +14,7 @@ from typing import Iterable
 
 from rosa2_jax.adapt.quality import WordsStep, words_quality
 from rosa2_jax.tasks.records import ProblemRecord
-from rosa2_jax.tasks.stats import paired_comparison, wilson_interval
+from rosa2_jax.study.stats import paired_comparison, wilson_interval
 
 Record = ProblemRecord | dict
 # Failed-answer lengths in tokens, [low, high), for splitting the Weights steps: a step's window is its

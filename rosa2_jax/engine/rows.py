@@ -1,0 +1,108 @@
+"""The token engine's decode batch on the host side: which pool slot (or text request) each row holds, the cache
+slots its turn needs, the caches kept for sessions between turns, and the device calls on the rows
+(model/decode_rows.py)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from rosa2_jax.checkpoint import LoadedModel
+from rosa2_jax.engine.config import EngineConfig
+from rosa2_jax.engine.stats import SchedulerStats
+from rosa2_jax.model.decode_rows import decode_chunk, empty_rows, prefill_row, put_row_cache, resize_rows, row_cache
+from rosa2_jax.model.generation import bucket_length
+
+
+class DecodeBatch:
+    """`cfg.slots` rows over one cache of a bucketed capacity. A row is free, generates a session's turn
+    (`slot[row]`, its pool slot) or decodes a text request's prompt (`text[row]`, on the base weights)."""
+
+    def __init__(self, model: LoadedModel, cfg: EngineConfig, *, max_new: int, lora_kernel: bool,
+                 stats: SchedulerStats):
+        self.model, self.cfg, self.stats, self.lora_kernel = model, cfg, stats, lora_kernel
+        self.sampler = model.sampler
+        self.device = empty_rows(model.cfg, cfg.slots, bucket_length(1), max_new, model.params["embed"].dtype,
+                                 self.sampler.pad_id)
+        self.slot: list[int | None] = [None] * cfg.slots  # the pool slot generating in each row
+        self.text: list[Any] = [None] * cfg.slots  # or (a text request, its prompt's index)
+        self.need = [0] * cfg.slots  # cache slots each row's turn needs: prompt + its token limit + 1
+        self.kept: dict[int, tuple[Any, list[int]]] = {}  # pool slot -> (its row's cache, the tokens it holds)
+
+    def occupied(self, row: int) -> bool:
+        return self.slot[row] is not None or self.text[row] is not None
+
+    def fit(self, prefill_extent: int = 0) -> None:
+        """Size the cache to the longest occupied row's prompt + token limit + 1 (and a prefill's padded
+        extent), bucketed so that a sweep compiles a few programs. It shrinks too: every decode step's
+        attention reads every slot, so a cache sized for a long turn that has left slows all the others."""
+        needed = max([n for row, n in enumerate(self.need) if self.occupied(row)] + [prefill_extent, 1])
+        if bucket_length(needed) != self.device.capacity:
+            self.device = resize_rows(self.device, capacity=bucket_length(needed))
+
+    def prefill(self, row: int, slot: int, prompt: list[int], key: jax.Array, inputs: dict[str, Any],
+                limit: int | None = None, greedy: bool = False) -> None:
+        """Put session `slot`'s turn into `row`: its kept cache where the prompt extends it, the rest prefilled
+        with the streams' `inputs`. The row then generates at most `limit` tokens (default max_new_tokens),
+        greedily if `greedy`."""
+        saved, reuse = None, 0
+        if slot in self.kept:
+            saved, tokens = self.kept.pop(slot)
+            reuse = min(common_prefix(tokens, prompt), len(prompt) - 1)
+        chunk = self.cfg.prefill_chunk
+        starts = range(reuse, len(prompt), chunk)
+        limit = limit or self.cfg.sampling.max_new_tokens
+        self.need[row] = len(prompt) + limit + 1
+        self.fit(max(self.need[row], *(s + bucket_length(len(prompt[s: s + chunk])) for s in starts)))
+        if reuse:
+            self.device = put_row_cache(self.device, jnp.int32(row), saved)
+        for s in starts:
+            piece = prompt[s: s + chunk]
+            padded = np.full(bucket_length(len(piece)), self.sampler.pad_id, np.int32)
+            padded[: len(piece)] = piece
+            self.device = prefill_row(self.sampler.decode_params, self.device, jnp.int32(row), jnp.asarray(padded),
+                                      jnp.int32(len(piece)), jnp.int32(s), key, inputs.get("adapters"),
+                                      inputs.get("hidden_offset"), jnp.int32(slot), jnp.int32(limit),
+                                      jnp.bool_(greedy), cfg=self.model.cfg, fresh=s == 0,
+                                      lora_kernel=self.lora_kernel)
+        self.stats.reused += reuse
+        self.stats.prefilled += len(prompt) - reuse
+
+    def decode(self, inputs: dict[str, Any], base_slot: int) -> None:
+        """Up to `decode_steps` tokens for every row (free rows and text requests on the base weights' slot); it
+        returns after the step in which a row stops."""
+        self.fit()
+        sessions = jnp.asarray([base_slot if slot is None else slot for slot in self.slot], jnp.int32)
+        self.device, generated, steps = decode_chunk(
+            self.sampler.decode_params, self.device, inputs.get("adapters"), inputs.get("hidden_offset"), sessions,
+            cfg=self.model.cfg, sampling=self.cfg.sampling, stop_ids=self.sampler.stop_ids,
+            pad_id=self.sampler.pad_id, steps=self.cfg.decode_steps, lora_kernel=self.lora_kernel)
+        generated, steps = jax.device_get((generated, steps))
+        self.stats.generated += int(generated)
+        self.stats.row_steps += int(steps) * self.cfg.slots
+
+    def stopped(self) -> list[tuple[int, list[int], str]]:
+        """(row, its turn's tokens, finish reason) of every occupied row whose turn has ended."""
+        done, count = jax.device_get((self.device.done, self.device.count))
+        rows = [row for row in range(self.cfg.slots) if self.occupied(row) and done[row]]
+        if not rows:
+            return []
+        out = jax.device_get(self.device.out[jnp.asarray(rows)])
+        stopped = []
+        for k, row in enumerate(rows):
+            tokens = out[k, : count[row]].tolist()
+            stopped.append((row, tokens, "stop" if tokens and tokens[-1] in self.sampler.stop_ids else "length"))
+        return stopped
+
+    def keep(self, slot: int, row: int, tokens: list[int]) -> None:
+        """Keep `row`'s cache (holding `tokens`) for pool slot `slot`'s next turn."""
+        self.kept[slot] = (row_cache(self.device, jnp.int32(row)), tokens)
+
+
+def common_prefix(a: list[int], b: list[int]) -> int:
+    n = min(len(a), len(b))
+    mismatch = np.flatnonzero(np.asarray(a[:n]) != np.asarray(b[:n]))
+    return int(mismatch[0]) if mismatch.size else n

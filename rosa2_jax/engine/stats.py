@@ -1,0 +1,29 @@
+"""What an engine's decode batch did, for the progress line and the benchmarks."""
+
+from __future__ import annotations
+
+import dataclasses
+
+
+@dataclasses.dataclass
+class SchedulerStats:
+    """occupancy = generated / row_steps: the share of the batch's row steps that sampled a wanted token."""
+
+    generated: int = 0  # tokens sampled by running rows
+    text_generated: int = 0  # of which text-model requests (Words critiques and instructions decoded in the rows)
+    row_steps: int = 0  # decode steps x rows
+    prefilled: int = 0  # prompt tokens computed (token engine)
+    reused: int = 0  # prompt tokens taken from a session's kept cache (token engine)
+    decode_s: float = 0.0  # the turn engine: its generate calls, prefill included
+    prefill_s: float = 0.0
+    update_s: float = 0.0
+    updates: int = 0  # Weights buckets run
+
+    @property
+    def occupancy(self) -> float:
+        return self.generated / max(self.row_steps, 1)
+
+    def __str__(self) -> str:
+        return (f"decode {self.decode_s:.0f} s, {self.generated:,} tokens ({self.text_generated:,} for the text model), "
+                f"occupancy {self.occupancy:.2f}; prefill {self.prefill_s:.0f} s, {self.prefilled:,} tokens "
+                f"({self.reused:,} reused); {self.updates} Weights steps {self.update_s:.0f} s")
