@@ -13,7 +13,7 @@ from rosa2_jax.adapt.rosa import RosaConfig, UpdateBatch, conjugate_gradient, ga
 from rosa2_jax.checkpoint.hf_folder import load_hf_folder
 from rosa2_jax.model.decoder import decoder_hidden, forward, lm_logits, positions_from_valid
 from rosa2_jax.model.generation import left_pad
-from rosa2_jax.model.lora import LoraAdapters, LoraConfig, init_adapters, load_adapters, reset_sessions, save_adapters
+from rosa2_jax.model.lora import LoraAdapters, LoraConfig, init_adapters
 
 WINDOW, CHUNK = 8, 4
 
@@ -268,10 +268,10 @@ def test_reset_adapters_give_the_base_model_exactly(tiny):
     moved, _ = rosa_update(params, adapters, batch, cfg=cfg, rosa=RosaConfig(position_chunk=CHUNK))
     assert not np.array_equal(np.asarray(forward(params, batch.tokens, batch.valid, cfg=cfg, adapters=moved)),
                               np.asarray(base))
+    # What a slot's reset puts in (engine.streams.LoraWeights.reset): a fresh init, whose B is zero.
     fresh = init_adapters(cfg, LoraConfig(rank=4, targets=("q", "k", "v", "o", "gate", "up", "down")), 2,
                           jax.random.key(1))
-    reset = reset_sessions(moved, fresh, jnp.asarray([True, True]))
-    assert np.array_equal(np.asarray(forward(params, batch.tokens, batch.valid, cfg=cfg, adapters=reset)),
+    assert np.array_equal(np.asarray(forward(params, batch.tokens, batch.valid, cfg=cfg, adapters=fresh)),
                           np.asarray(base))
 
 
@@ -288,7 +288,7 @@ def test_adapter_on_a_row_equals_merged_weights(tiny):
         np.testing.assert_allclose(out[s], ref, atol=1e-4, rtol=0)
 
 
-def test_layer_subset_and_save_load(tiny, tmp_path):
+def test_layers_outside_the_subset_stay_exactly_zero(tiny):
     cfg, params = tiny
     adapters = init_adapters(cfg, LoraConfig(rank=2, layers=(1,)), 2, jax.random.key(0))
     assert float(jnp.abs(adapters.factors["q"][0][:, 0]).max()) == 0.0
@@ -297,11 +297,6 @@ def test_layer_subset_and_save_load(tiny, tmp_path):
     for a, b in moved.factors.values():  # layer 0 is outside the subset: still exactly zero
         assert float(jnp.abs(a[:, 0]).max()) == 0.0 and float(jnp.abs(b[:, 0]).max()) == 0.0
         assert float(jnp.abs(b[:, 1]).max()) > 0.0
-    save_adapters(tmp_path / "adapters", moved)
-    loaded = load_adapters(tmp_path / "adapters")
-    assert loaded.scale == moved.scale
-    for x, y in zip(jax.tree.leaves(loaded.factors), jax.tree.leaves(moved.factors)):
-        assert np.array_equal(np.asarray(x), np.asarray(y))
 
 
 @pytest.mark.parametrize("residual", ["prob", "logit"])

@@ -7,6 +7,7 @@ turns a session is whole in `Session.snapshot()` (JSON): a stopped run goes on f
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import hashlib
 from typing import Any, NamedTuple
@@ -44,23 +45,29 @@ class Session:
 
     def snapshot(self) -> dict[str, Any]:
         """The session between two turns, as JSON: everything its next turns depend on."""
-        return {"method": self.method, "problem_id": self.problem.id, "system_prompt": self.system_prompt,
-                "messages": [dict(m) for m in self.messages], "turn": self.turn, "solved_at": self.solved_at,
-                "previous_feedback": self.previous_feedback, "turns": [t.to_json() for t in self.turns],
-                "seconds": self.seconds, "response_ids": [list(ids) for ids in self.response_ids]}
+        row = {"method": self.method, "problem_id": self.problem.id}
+        for name in SNAPSHOT_FIELDS:
+            value = getattr(self, name)
+            row[name] = [t.to_json() for t in value] if name == "turns" else copy.deepcopy(value)
+        return row
 
     @classmethod
     def from_snapshot(cls, row: dict[str, Any], problem: Problem) -> "Session":
         if row["problem_id"] != problem.id:
             raise ValueError(f"a snapshot of problem {row['problem_id']!r} cannot restore problem {problem.id!r}")
-        return cls(problem, row["method"], row["system_prompt"], [dict(m) for m in row["messages"]], row["turn"],
-                   row["solved_at"], row["previous_feedback"], [TurnRecord.from_json(t) for t in row["turns"]],
-                   row["seconds"], response_ids=[list(ids) for ids in row["response_ids"]], restored=True)
+        values = {name: copy.deepcopy(row[name]) for name in SNAPSHOT_FIELDS}
+        values["turns"] = [TurnRecord.from_json(t) for t in row["turns"]]
+        return cls(problem, row["method"], restored=True, **values)
 
     def step_norms(self) -> np.ndarray:
         """||Δθ||² of each Weights step the session took so far: what its adapter is the result of."""
         return np.asarray([t.update["step_norm_sq"] for t in self.turns if t.update is not None], np.float64)
 
+
+# What a snapshot keeps besides the method and problem id: all but the problem itself, an error (a session that
+# has one never ran) and `restored`.
+SNAPSHOT_FIELDS = ("system_prompt", "messages", "turn", "solved_at", "previous_feedback", "turns", "seconds",
+                   "response_ids")
 
 Work = Problem | tuple[str, Problem] | Session  # a problem run with `EngineConfig.method`, (method, problem), or a
 # session restored from its snapshot

@@ -9,15 +9,12 @@ update leaves them at zero.
 from __future__ import annotations
 
 import dataclasses
-import os
-from pathlib import Path
 
 import jax
 import jax.numpy as jnp
 from flax import struct
-from jaxtyping import Array, Bool, Int
+from jaxtyping import Array, Int
 
-from rosa2_jax.distributed import local_checkpointer
 from rosa2_jax.model.config import ModelConfig
 
 LORA_TARGETS = ("q", "k", "v", "o", "gate", "up", "down")
@@ -111,23 +108,3 @@ def put_sessions(adapters: LoraAdapters, index: Int[Array, "U"], batch: LoraAdap
     """`adapters` with sessions `index` replaced by the rows of `batch` (indices distinct)."""
     return adapters.replace(factors=jax.tree.map(lambda a, b: a.at[index].set(b), adapters.factors, batch.factors))
 
-
-def reset_sessions(adapters: LoraAdapters, fresh: LoraAdapters, sessions: Bool[Array, "S"]) -> LoraAdapters:
-    """Sessions marked True take the factors of `fresh` (a new init); others keep theirs."""
-    def pick(new, old):
-        return jnp.where(sessions.reshape((-1,) + (1,) * (old.ndim - 1)), new, old)
-
-    return adapters.replace(factors=jax.tree.map(pick, fresh.factors, adapters.factors))
-
-
-def save_adapters(path: str | os.PathLike, adapters: LoraAdapters) -> None:
-    with local_checkpointer() as ckptr:
-        ckptr.save(Path(path).absolute(), {"factors": adapters.factors, "scale": jnp.float32(adapters.scale),
-                                           "first_layer": jnp.int32(adapters.first_layer)})
-
-
-def load_adapters(path: str | os.PathLike) -> LoraAdapters:
-    with local_checkpointer() as ckptr:
-        tree = ckptr.restore(Path(path).absolute())
-    factors = {t: (jnp.asarray(ab[0]), jnp.asarray(ab[1])) for t, ab in tree["factors"].items()}
-    return LoraAdapters(factors, float(tree["scale"]), int(tree["first_layer"]))

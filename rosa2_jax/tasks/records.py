@@ -1,6 +1,6 @@
 """The record format of a sweep: one `ProblemRecord` per finished (method, problem), one `TurnRecord` per turn.
 
-The engine writes them, `runs.py` stores them as JSON lines, and `metrics.py` reads them back. A field
+The engine writes them, `study/runs.py` stores them as JSON lines, and `study/metrics.py` reads them back. A field
 that a turn did not produce (no Weights step, no Words step) is left out of the JSON, not written as null.
 """
 
