@@ -143,7 +143,7 @@ def engine_config_from_flags(method: str, num_layers: int) -> EngineConfig:
     except ValueError as e:
         raise app.UsageError(f"--lora_layers / --lora_targets: {e}") from None
     return EngineConfig(
-        method=method, max_turns=FLAGS.max_turns, slots=FLAGS.slots, sampling=sampling_from_flags(),
+        method=method, max_turns=FLAGS.max_turns, rows=FLAGS.slots, sampling=sampling_from_flags(),
         rosa=preset.rosa(beta=FLAGS.beta, tilt=FLAGS.tilt, residual=FLAGS.residual, damping=FLAGS.damping,
                          remat=FLAGS.remat != "off", session_batch=FLAGS.update_batch,
                          store_up_to=AUTO_STORED_TOKENS if FLAGS.remat == "auto" else 0),

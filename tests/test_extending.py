@@ -76,7 +76,7 @@ class Hint(Stream):
 def test_a_new_adaptation_is_one_stream_class_and_one_methods_row(tmp_path, monkeypatch):
     monkeypatch.setitem(METHODS, "hint+rosa", Adaptation((Hint, Weights)))
     model = load_model(str(tiny_chat_model(tmp_path / "model")))
-    cfg = EngineConfig(method="hint+rosa", max_turns=2, slots=2, sampling=SamplingConfig(max_new_tokens=6),
+    cfg = EngineConfig(method="hint+rosa", max_turns=2, rows=2, sampling=SamplingConfig(max_new_tokens=6),
                        max_context=512)
     problems = [Problem(f"p{i}", f"Which is right? (A) {i} (B) {i + 1}", "B", "choice") for i in range(3)]
     finished = []

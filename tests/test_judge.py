@@ -44,7 +44,7 @@ def test_judge_sees_problem_reference_and_response():
 def test_sessions_act_on_the_judge_and_accuracy_stays_the_rules(tmp_path):
     model = load_model(str(tiny_chat_model(tmp_path / "model")))
     judge = ScriptedJudge()
-    cfg = EngineConfig(method="rosa", max_turns=3, slots=2, sampling=SamplingConfig(max_new_tokens=6),
+    cfg = EngineConfig(method="rosa", max_turns=3, rows=2, sampling=SamplingConfig(max_new_tokens=6),
                        max_context=512, reward="model")
     problems = [Problem(f"p{i}", f"Which is right? (A) {i} (B) {i + 1}", "B", "choice") for i in range(3)]
     finished = []

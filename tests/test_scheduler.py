@@ -32,18 +32,18 @@ def model(tmp_path_factory):
 PROBLEMS = [Problem(f"p{i}", f"Which is right? (A) {i} (B) {i + 1}", "B", "choice") for i in range(5)]
 
 
-def make_engine(model, scheduler: str, method: str, slots: int = 2, sessions: int = 3, critic=None,
+def make_engine(model, scheduler: str, method: str, rows: int = 2, sessions: int = 3, critic=None,
                 sampling=SamplingConfig(max_new_tokens=10), adapter_cache=None):
     # 2 rows, 3 sessions in the pool, 5 tokens per decode call: rows stop mid-call and sessions change rows.
     # The critic is the policy itself unless another loaded model is given.
-    cfg = EngineConfig(method=method, max_turns=3, slots=slots, sampling=sampling, max_context=512, critic_tokens=12,
+    cfg = EngineConfig(method=method, max_turns=3, rows=rows, sampling=sampling, max_context=512, critic_tokens=12,
                        rewrite_tokens=8, sessions=sessions, decode_steps=5, switch_turn=2)
     return SCHEDULERS[scheduler](model, cfg, make_text_model("local", model=critic or model), adapter_cache)
 
 
-def run(model, scheduler: str, method: str, slots: int = 2, sessions: int = 3, critic=None, problems=PROBLEMS,
+def run(model, scheduler: str, method: str, rows: int = 2, sessions: int = 3, critic=None, problems=PROBLEMS,
         sampling=SamplingConfig(max_new_tokens=10)):
-    engine = make_engine(model, scheduler, method, slots, sessions, critic, sampling)
+    engine = make_engine(model, scheduler, method, rows, sessions, critic, sampling)
     finished = []
     try:
         engine.run(problems, finished.append)
@@ -177,7 +177,7 @@ def test_a_sessions_adapter_state_goes_to_another_slot_and_nowhere_else(model, a
     """What the adapter cache saves and loads: one slot's adapter, every other slot untouched; a state of
     another shape is refused instead of broadcast."""
     layers = parse_layers("last:1", model.cfg.num_layers)  # the layers below stay zero and are not saved
-    engine = TurnEngine(model, EngineConfig(method="rosa", adapter=adapter, slots=3,
+    engine = TurnEngine(model, EngineConfig(method="rosa", adapter=adapter, rows=3,
                                             lora=LoraConfig(targets=("q", "v"), layers=layers)))
     stream = engine.life.weights()
     rng = np.random.default_rng(0)
@@ -223,9 +223,9 @@ def test_words_jobs_run_one_at_a_time_and_take_every_failure_queued_meanwhile(mo
 
     monkeypatch.setattr(streams.Words, "refine", staticmethod(slow_refine))
     monkeypatch.setattr(streams.Words, "start", watched_start)
-    token, engine = run(model, "token", "words", slots=4, sessions=5, critic=critic)
+    token, engine = run(model, "token", "words", rows=4, sessions=5, critic=critic)
     monkeypatch.undo()
-    turn, _ = run(model, "turn", "words", slots=4, sessions=5, critic=critic)
+    turn, _ = run(model, "turn", "words", rows=4, sessions=5, critic=critic)
     assert max(sizes) > 1, sizes
     assert engine.stats.text_generated == 0
     assert trajectory(token) == trajectory(turn)
@@ -244,9 +244,9 @@ def test_the_policys_own_critic_starts_every_failures_words_job_at_once(model, m
         return in_flight[-1]
 
     monkeypatch.setattr(streams.Words, "start", watched_start)
-    token, engine = run(model, "token", "words", slots=4, sessions=5)
+    token, engine = run(model, "token", "words", rows=4, sessions=5)
     monkeypatch.undo()
-    turn, _ = run(model, "turn", "words", slots=4, sessions=5)
+    turn, _ = run(model, "turn", "words", rows=4, sessions=5)
     assert any(overlapped), "no Words job started while another was in flight"
     assert engine.stats.text_generated > 0
     assert engine.stats.generated > engine.stats.text_generated  # the turns shared the rows
@@ -255,7 +255,7 @@ def test_the_policys_own_critic_starts_every_failures_words_job_at_once(model, m
 
 def test_a_failed_run_refuses_its_pending_text_requests(model):
     """A worker thread waiting on a text request is never left hanging when the run stops."""
-    cfg = EngineConfig(method="words", max_turns=2, slots=2, sampling=SamplingConfig(max_new_tokens=10),
+    cfg = EngineConfig(method="words", max_turns=2, rows=2, sampling=SamplingConfig(max_new_tokens=10),
                        max_context=512, critic_tokens=12, rewrite_tokens=8)
     engine = TokenEngine(model, cfg, make_text_model("local", model=model))
     ask = engine.life.ctx.submit(engine.life.ctx.text_model.complete, [[{"role": "user", "content": "hi"}]], max_tokens=4,
@@ -278,16 +278,16 @@ def test_a_weights_step_runs_only_as_many_rows_as_its_failures_need(model, monke
         return rosa_update(params, adapters, batch, **kw)
 
     monkeypatch.setattr(streams, "rosa_update", counting_update)
-    run(model, "token", "rosa", slots=16, sessions=16)
+    run(model, "token", "rosa", rows=16, sessions=16)
     assert calls, "the tiny model should fail some turns"
     assert all(rows == 1 << (active - 1).bit_length() for rows, active in calls), calls
     assert any(rows < 16 for rows, _ in calls), calls
 
 
-@pytest.mark.parametrize("failed,slots,data,rows", [(1, 8, 1, 1), (3, 16, 1, 4), (5, 8, 1, 8), (9, 12, 1, 12),
-                                                     (3, 16, 2, 4), (1, 16, 4, 4), (5, 16, 2, 8)])
-def test_update_bucket_sizes(failed, slots, data, rows):
-    assert streams.update_bucket(failed, slots, data) == rows
+@pytest.mark.parametrize("failed,rows,data,bucket", [(1, 8, 1, 1), (3, 16, 1, 4), (5, 8, 1, 8), (9, 12, 1, 12),
+                                                      (3, 16, 2, 4), (1, 16, 4, 4), (5, 16, 2, 8)])
+def test_update_bucket_sizes(failed, rows, data, bucket):
+    assert streams.update_bucket(failed, rows, data) == bucket
 
 
 def test_a_turn_prefilled_after_its_kept_prefix_equals_a_full_prefill(model):
@@ -381,7 +381,7 @@ def test_a_greedy_row_beside_sampled_rows_decodes_its_argmax_and_stops_at_its_ow
 
 @pytest.mark.parametrize("scheduler", list(SCHEDULERS))
 def test_stop_admitting_finishes_the_sessions_in_flight_and_admits_no_more(model, scheduler):
-    cfg = EngineConfig(method="baseline", max_turns=2, slots=2, sessions=3, sampling=SamplingConfig(max_new_tokens=10),
+    cfg = EngineConfig(method="baseline", max_turns=2, rows=2, sessions=3, sampling=SamplingConfig(max_new_tokens=10),
                        max_context=512, decode_steps=5)
     engine = SCHEDULERS[scheduler](model, cfg)
     in_flight = 3 if scheduler == "token" else 2  # the pool, or the rows of the turn engine
@@ -404,7 +404,7 @@ def test_stop_admitting_finishes_the_sessions_in_flight_and_admits_no_more(model
 @pytest.mark.parametrize("scheduler", list(SCHEDULERS))
 def test_a_stop_before_the_run_starts_admits_nothing(model, scheduler):
     # A signal can land after the handler is installed and before `run` takes its work.
-    cfg = EngineConfig(method="baseline", max_turns=2, slots=2, sessions=3, sampling=SamplingConfig(max_new_tokens=10),
+    cfg = EngineConfig(method="baseline", max_turns=2, rows=2, sessions=3, sampling=SamplingConfig(max_new_tokens=10),
                        max_context=512)
     engine = SCHEDULERS[scheduler](model, cfg)
     engine.stop_admitting()
@@ -417,5 +417,5 @@ def test_a_stop_before_the_run_starts_admits_nothing(model, scheduler):
 
 
 def test_pool_smaller_than_the_decode_batch_is_refused(model):
-    with pytest.raises(ValueError, match="sessions=2 must be at least slots=4"):
-        TokenEngine(model, EngineConfig(method="baseline", slots=4, sessions=2))
+    with pytest.raises(ValueError, match=r"sessions=2 must be at least the decode rows \(4"):
+        TokenEngine(model, EngineConfig(method="baseline", rows=4, sessions=2))

@@ -24,7 +24,7 @@ def setup(tmp_path_factory):
     data = base / "problems.jsonl"
     data.write_text("".join(json.dumps(p) + "\n" for p in PROBLEMS))
     model = load_model(str(tiny_chat_model(base / "model")))
-    engine = EngineConfig(method="baseline", max_turns=3, slots=2, sampling=SamplingConfig(max_new_tokens=8,
+    engine = EngineConfig(method="baseline", max_turns=3, rows=2, sampling=SamplingConfig(max_new_tokens=8,
                                                                                            temperature=0.0),
                           max_context=512)
     return base, StudyConfig(str(data), METHODS, scheduler="turn"), model, engine

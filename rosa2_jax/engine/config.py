@@ -19,7 +19,7 @@ MATH_SYSTEM_PROMPT = "Please reason step by step, and put your final answer with
 class EngineConfig:
     method: str  # what a problem given without a method runs
     max_turns: int = 10
-    slots: int = 8  # decode rows (the turn engine: its sessions), and the largest Weights bucket
+    rows: int = 8  # decode rows (the turn engine: its sessions at once), and the largest Weights bucket (--slots)
     sampling: SamplingConfig = SamplingConfig(max_new_tokens=512)
     rosa: RosaConfig = RosaConfig()
     lora: LoraConfig = LoraConfig()

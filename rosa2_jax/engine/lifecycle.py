@@ -30,7 +30,7 @@ from rosa2_jax.tasks.rewards import verify
 Queued = tuple[str, Problem] | Session  # a (method, problem) pair not admitted yet, or a restored session
 
 
-def data_extent(model: LoadedModel) -> int:
+def data_shards(model: LoadedModel) -> int:
     """Devices the sessions are split over: the `data` axis of the mesh the model was loaded onto."""
     return model.mesh.shape["data"] if model.mesh is not None else 1
 
@@ -42,21 +42,22 @@ def words_model(text_model: TextModel | None, cfg: EngineConfig) -> TextModel | 
 
 class Lifecycle:
     """The sessions' state machine over a pool of `pool_size` slots, whatever schedules their turns. On a mesh
-    the slots are split over its `data` axis: `cfg.slots` must be a multiple of it."""
+    the pool slots are split over its `data` axis: `cfg.rows` must be a multiple of it."""
 
     def __init__(self, model: LoadedModel, cfg: EngineConfig, text_model: TextModel | None, *, pool_size: int,
                  host_workers: int, words: TextModel | None, adapter_cache: Path | None = None):
         self.model, self.cfg, self.text_model = model, cfg, text_model
         self.sampler = model.sampler
-        self.data = data_extent(model)
-        if cfg.slots % self.data:
-            raise ValueError(f"slots={cfg.slots} must be a multiple of the mesh's data axis ({self.data})")
+        self.data_shards = data_shards(model)
+        if cfg.rows % self.data_shards:
+            raise ValueError(f"rows={cfg.rows} (--slots) must be a multiple of the mesh's data axis "
+                             f"({self.data_shards})")
         if cfg.reward == "model" and text_model is None:
             raise ValueError("the model-based reward needs a text model to judge the answers")
         self.max_prompt = (cfg.max_context or model.cfg.max_position_embeddings) - cfg.sampling.max_new_tokens
         self.executor = ThreadPoolExecutor(max_workers=host_workers, thread_name_prefix="words")
         chunk = cfg.rosa.position_chunk
-        self.ctx = StreamContext(cfg, model, pool_size, self.data, -(-cfg.sampling.max_new_tokens // chunk) * chunk,
+        self.ctx = StreamContext(cfg, model, pool_size, self.data_shards, -(-cfg.sampling.max_new_tokens // chunk) * chunk,
                                  words, self.executor.submit, METHODS)
         self.streams: dict[type[Stream], Stream] = {}
         self.add_streams(cfg.method)

@@ -61,8 +61,8 @@ class Restore:
                 self.start_over(i, restored[i], f"turn {due.pop(i)[0].turn}'s prompt renders to another length")
                 del steps[i]
             items = list(due.items())
-            for start in range(0, len(items), self.life.cfg.slots):
-                bucket = dict(items[start: start + self.life.cfg.slots])
+            for start in range(0, len(items), self.life.cfg.rows):
+                bucket = dict(items[start: start + self.life.cfg.rows])
                 results, _ = stream.start({i: f for i, (_, f) in bucket.items()}).result()
                 for i, (t, _) in bucket.items():
                     again, then = results[i]["step_norm_sq"], t.update["step_norm_sq"]

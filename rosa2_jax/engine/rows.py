@@ -18,18 +18,18 @@ from rosa2_jax.model.generation import bucket_length
 
 
 class DecodeBatch:
-    """`cfg.slots` rows over one cache of a bucketed capacity. A row is free, generates a session's turn
+    """`cfg.rows` rows over one cache of a bucketed capacity. A row is free, generates a session's turn
     (`slot[row]`, its pool slot) or decodes a text request's prompt (`text[row]`, on the base weights)."""
 
     def __init__(self, model: LoadedModel, cfg: EngineConfig, *, max_new: int, lora_kernel: bool,
                  stats: SchedulerStats):
         self.model, self.cfg, self.stats, self.lora_kernel = model, cfg, stats, lora_kernel
         self.sampler = model.sampler
-        self.device = empty_rows(model.cfg, cfg.slots, bucket_length(1), max_new, model.params["embed"].dtype,
+        self.device = empty_rows(model.cfg, cfg.rows, bucket_length(1), max_new, model.params["embed"].dtype,
                                  self.sampler.pad_id)
-        self.slot: list[int | None] = [None] * cfg.slots  # the pool slot generating in each row
-        self.text: list[Any] = [None] * cfg.slots  # or (a text request, its prompt's index)
-        self.need = [0] * cfg.slots  # cache slots each row's turn needs: prompt + its token limit + 1
+        self.slot: list[int | None] = [None] * cfg.rows  # the pool slot generating in each row
+        self.text: list[Any] = [None] * cfg.rows  # or (a text request, its prompt's index)
+        self.need = [0] * cfg.rows  # cache slots each row's turn needs: prompt + its token limit + 1
         self.kept: dict[int, tuple[Any, list[int]]] = {}  # pool slot -> (its row's cache, the tokens it holds)
 
     def occupied(self, row: int) -> bool:
@@ -82,12 +82,12 @@ class DecodeBatch:
             pad_id=self.sampler.pad_id, steps=self.cfg.decode_steps, lora_kernel=self.lora_kernel)
         generated, steps = jax.device_get((generated, steps))
         self.stats.generated += int(generated)
-        self.stats.row_steps += int(steps) * self.cfg.slots
+        self.stats.row_steps += int(steps) * self.cfg.rows
 
     def stopped(self) -> list[tuple[int, list[int], str]]:
         """(row, its turn's tokens, finish reason) of every occupied row whose turn has ended."""
         done, count = jax.device_get((self.device.done, self.device.count))
-        rows = [row for row in range(self.cfg.slots) if self.occupied(row) and done[row]]
+        rows = [row for row in range(self.cfg.rows) if self.occupied(row) and done[row]]
         if not rows:
             return []
         out = jax.device_get(self.device.out[jnp.asarray(rows)])

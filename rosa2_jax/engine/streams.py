@@ -46,7 +46,7 @@ class StreamContext:
     cfg: EngineConfig
     model: LoadedModel  # the policy
     pool_size: int  # sessions whose state the streams keep, named by their pool slot
-    data: int  # devices the sessions are split over (the mesh's data extent)
+    data_shards: int  # devices the sessions are split over (the mesh's data extent)
     window: int  # response positions a Weights step covers at most
     text_model: TextModel | None  # what the Words streams call (sampled as the policy is)
     submit: Callable[..., Future]  # runs a host job on the engine's worker threads
@@ -191,9 +191,9 @@ class Weights(Stream):
         of other pool slots (each slot at most once, so writing the bucket back is unambiguous)."""
         ctx = self.ctx
         start = time.perf_counter()
-        if len(failed) > ctx.cfg.slots:
-            raise ValueError(f"{len(failed)} failed sessions exceed the update bucket of {ctx.cfg.slots}")
-        bucket = update_bucket(len(failed), ctx.cfg.slots, ctx.data)
+        if len(failed) > ctx.cfg.rows:
+            raise ValueError(f"{len(failed)} failed sessions exceed the update bucket of {ctx.cfg.rows}")
+        bucket = update_bucket(len(failed), ctx.cfg.rows, ctx.data_shards)
         others = [i for i in range(ctx.pool_size) if i not in failed]
         slots = sorted([*failed, *others[: bucket - len(failed)]])
         pad_id = ctx.model.sampler.pad_id
@@ -225,14 +225,14 @@ class Weights(Stream):
         return message
 
 
-def update_bucket(failed: int, slots: int, data: int = 1) -> int:
-    """Rows of one Weights step on `failed` sessions: a power of two times the mesh's `data` extent, at most
-    `slots`. Inactive rows cost as much as active ones inside the vmap, so a bucket of 3 failures on 16 slots
-    runs 4 rows, not 16; powers of two keep the compiled programs few."""
-    rows = data
-    while rows < failed:
-        rows *= 2
-    return min(rows, slots)
+def update_bucket(failed: int, rows: int, data_shards: int = 1) -> int:
+    """Sessions in one Weights step on `failed` sessions: a power of two times the mesh's `data` extent, at most
+    `rows`. Inactive sessions cost as much as active ones inside the vmap, so a bucket of 3 failures with 16 rows
+    runs 4, not 16; powers of two keep the compiled programs few."""
+    bucket = data_shards
+    while bucket < failed:
+        bucket *= 2
+    return min(bucket, rows)
 
 
 @jax.jit

@@ -36,7 +36,7 @@ from typing import Any, Callable, Iterable
 import jax
 
 from rosa2_jax.adapt.text_models import LocalTextModel
-from rosa2_jax.engine.lifecycle import Engine, Lifecycle, Queued, data_extent, words_model
+from rosa2_jax.engine.lifecycle import Engine, Lifecycle, Queued, data_shards, words_model
 from rosa2_jax.engine.rows import DecodeBatch
 from rosa2_jax.engine.session import Failure, Session, Work, session_seed
 from rosa2_jax.engine.stats import SchedulerStats
@@ -98,7 +98,7 @@ class _Run:
 
 
 class TokenEngine(Engine):
-    """Runs `cfg.slots` decode rows over a pool of `cfg.sessions` sessions (0: twice the rows). On a mesh, rows
+    """Runs `cfg.rows` decode rows over a pool of `cfg.sessions` sessions (0: twice the rows). On a mesh, rows
     and pool are split over its `data` axis. The pool's last block of the data extent holds the base weights
     (its adapter is never reset or updated, so it stays zero): text-model requests decode with it."""
 
@@ -106,10 +106,10 @@ class TokenEngine(Engine):
         self.text_inbox: SimpleQueue[_TextRequest] = SimpleQueue()  # from worker threads
         self.wake = threading.Event()  # set by a text request or a finished host job
         self.stopped = threading.Event()  # the run is over: text requests are refused
-        data = data_extent(model)
-        self.sessions = -(-(cfg.sessions or 2 * cfg.slots) // data) * data
-        if self.sessions < cfg.slots:
-            raise ValueError(f"sessions={self.sessions} must be at least slots={cfg.slots}")
+        data = data_shards(model)
+        self.sessions = -(-(cfg.sessions or 2 * cfg.rows) // data) * data
+        if self.sessions < cfg.rows:
+            raise ValueError(f"sessions={self.sessions} must be at least the decode rows ({cfg.rows}, --slots)")
         self.base_slot = self.sessions + data - 1
         self.text_in_rows = isinstance(text_model, LocalTextModel) and text_model.model is model
         words = words_model(text_model, cfg)
@@ -187,7 +187,7 @@ class TokenEngine(Engine):
         life.restore.replay()
         for request in self._take_text_requests():
             run.text_ready.extend((request, j) for j in range(len(request.prompts)))
-        for row in range(self.cfg.slots):
+        for row in range(self.cfg.rows):
             if not run.batch.occupied(row) and run.text_ready:
                 self._start_text(run.batch, row, *run.text_ready.popleft())
             elif not run.batch.occupied(row) and run.ready:
@@ -195,7 +195,7 @@ class TokenEngine(Engine):
 
     def _execute(self, run: _Run) -> bool:
         """One decode call over the rows, if any is occupied; its time is charged to the sessions in them."""
-        if not any(map(run.batch.occupied, range(self.cfg.slots))):
+        if not any(map(run.batch.occupied, range(self.cfg.rows))):
             return False
         running = [i for i in run.batch.slot if i is not None]
         t0 = time.perf_counter()
@@ -216,12 +216,12 @@ class TokenEngine(Engine):
             run.charge(list(results), seconds)
             self._deliver(run, stream, results, seconds)
         self._start_host_jobs(run)
-        occupied = [run.batch.occupied(row) for row in range(self.cfg.slots)]
+        occupied = [run.batch.occupied(row) for row in range(self.cfg.rows)]
         nothing_ready = not run.ready and not run.text_ready and not (run.free and self.life.admissible())
         idle = nothing_ready and not any(occupied)
         # A row that nothing can fill would decode empty: the queued Weights step goes first, so that its
         # sessions fill it (beside other methods' sessions, the bucket may never fill).
-        if run.weights_queue and (len(run.weights_queue) >= self.cfg.slots or (nothing_ready and not all(occupied))):
+        if run.weights_queue and (len(run.weights_queue) >= self.cfg.rows or (nothing_ready and not all(occupied))):
             self._weights_step(run)
         elif idle and run.host_jobs:
             self.wake.wait()  # for a host job to finish or to ask for text
@@ -321,7 +321,7 @@ class TokenEngine(Engine):
         self.life.ready(i, run.sessions[i], run.on_ready)
 
     def _weights_step(self, run: _Run) -> None:
-        bucket = dict(list(run.weights_queue.items())[: self.cfg.slots])
+        bucket = dict(list(run.weights_queue.items())[: self.cfg.rows])
         for i in bucket:
             del run.weights_queue[i]
         stream = next(st for st in self.life.streams.values() if st.on_device)

@@ -16,23 +16,23 @@ from rosa2_jax.model.generation import Generation
 
 
 class TurnEngine(Engine):
-    """Runs `cfg.slots` sessions at a time, one turn per step."""
+    """Runs `cfg.rows` sessions at a time (one per row of the decode batch), one turn per step."""
 
     def __init__(self, model, cfg, text_model=None, adapter_cache=None):
-        self.life = Lifecycle(model, cfg, text_model, pool_size=cfg.slots, host_workers=1,
+        self.life = Lifecycle(model, cfg, text_model, pool_size=cfg.rows, host_workers=1,
                               words=words_model(text_model, cfg), adapter_cache=adapter_cache)
         self.stats = SchedulerStats()
 
     def answer(self, slots: dict[int, Session], prompts: dict[int, list[int]]) -> dict[int, Generation]:
         """One batched generation over every slot (empty ones decode a pad token)."""
         life = self.life
-        rows = [prompts.get(i, [life.sampler.pad_id]) for i in range(self.cfg.slots)]
+        rows = [prompts.get(i, [life.sampler.pad_id]) for i in range(self.cfg.rows)]
         seeds = [session_seed(self.cfg.seed, s.problem.id, s.turn) if (s := slots.get(i)) else 0
-                 for i in range(self.cfg.slots)]
+                 for i in range(self.cfg.rows)]
         gens = life.sampler.generate(rows, self.cfg.sampling, seeds=seeds, **life.generation_inputs())
         counts = [len(gens[i].tokens) for i in slots]
         self.stats.generated += sum(counts)
-        self.stats.row_steps += max(counts) * self.cfg.slots  # every row runs as long as the longest answer
+        self.stats.row_steps += max(counts) * self.cfg.rows  # every row runs as long as the longest answer
         return {i: gens[i] for i in slots}
 
     def step(self, slots: dict[int, Session]) -> list[int]:
@@ -62,7 +62,7 @@ class TurnEngine(Engine):
         queue = life.start(problems)
         slots: dict[int, Session] = {}
         while life.admissible() or slots:
-            for i in range(self.cfg.slots):
+            for i in range(self.cfg.rows):
                 while i not in slots and life.admissible():
                     s = life.admit(i, queue.popleft())
                     if s.error:

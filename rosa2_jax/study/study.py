@@ -158,11 +158,11 @@ class Study:
     def _run_engine(self, model: LoadedModel, text_model: TextModel | None, engine_cfg: EngineConfig,
                     on_record: Callable[[Session], None]) -> None:
         """One engine over the work; its rows hold sessions of several methods at once, so that no method's last
-        sessions decode alone. A problem's trajectory does not depend on its slot, so a small run uses only the
-        slots it fills (rounded up to split evenly over the mesh's data axis)."""
+        sessions decode alone. A problem's trajectory does not depend on its row, so a small run uses only the
+        rows it fills (rounded up to split evenly over the mesh's data axis)."""
         data = model.mesh.shape["data"] if model.mesh is not None else 1
-        slots = -(-min(engine_cfg.slots, len(self.work)) // data) * data
-        cfg = dataclasses.replace(engine_cfg, method=method_of(self.work[0]), slots=slots)
+        rows = -(-min(engine_cfg.rows, len(self.work)) // data) * data
+        cfg = dataclasses.replace(engine_cfg, method=method_of(self.work[0]), rows=rows)
         own_in_flight = in_flight_path(self.run_dir, self.info)
         in_flight = {(s.method, s.problem.id): self.snapshots[s.method, s.problem.id] for s in self.restored}
         write_in_flight(own_in_flight, in_flight.values())  # this process's share, the rest dropped
