@@ -26,7 +26,7 @@ from rosa2_jax.tasks.rewards import EQUIVALENCES
 
 FLAGS = flags.FLAGS
 # --remat=auto stores a Weights pass's activations up to this many tokens: ~2.2 MB a token on the 0.5B with the
-# fast preset, so ~4.5 GB (BUILD_NOTES.md, "Weights steps on long histories").
+# fast preset, so ~4.5 GB (BUILD_NOTES.md, "The Weights step").
 AUTO_STORED_TOKENS = 2048
 
 
@@ -35,7 +35,7 @@ def define_model_flags(default: str = "smollm2-135m-instruct") -> None:
     flags.DEFINE_enum("dtype", "float32", ["float32", "bfloat16"], "parameter dtype")
     flags.DEFINE_enum("decode_dtype", None, ["float32", "bfloat16"], "generation's matmul weights (default: "
                       "--dtype); bfloat16 beside float32 params multiplies in bfloat16 with float32 accumulation "
-                      "and a float32 residual stream (BUILD_NOTES.md, \"Decode speed\")")
+                      "and a float32 residual stream (BUILD_NOTES.md, \"The decode step against its roofline\")")
     flags.DEFINE_string("cache_dir", None, "model/data cache (default $ROSA2_CACHE or ~/.cache/rosa2_jax)")
 
 

@@ -118,3 +118,14 @@ def test_the_build_notes_layout_map_names_every_module():
     assert modules - listed == set(), "modules missing from BUILD_NOTES.md's layout map"
     assert listed - modules == set(), "the layout map names modules that do not exist"
 
+
+
+def test_every_reference_to_a_build_notes_section_names_one():
+    headings = {re.sub(r"^#+ ", "", line) for line in (ROOT / "BUILD_NOTES.md").read_text().splitlines()
+                if line.startswith("#")}
+    wrong = []
+    for path in [ROOT / "README.md", *PACKAGE.rglob("*.py"), *(ROOT / "experiments").rglob("*.py")]:
+        for name in re.findall(r'BUILD_NOTES\.md, \\?"([^"\\]+)\\?"', path.read_text()):
+            if not any(h.startswith(name) for h in headings):
+                wrong.append(f"{path.relative_to(ROOT)}: {name!r}")
+    assert wrong == []

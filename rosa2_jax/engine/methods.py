@@ -15,7 +15,7 @@ if TYPE_CHECKING:  # the config checks its method against this table
 
 @dataclasses.dataclass(frozen=True)
 class WeightsPreset:
-    """How the Weights stream is run: what it adapts and how exactly it solves (BUILD_NOTES.md, "Fast Weights")."""
+    """How the Weights stream is run: what it adapts and how exactly it solves (BUILD_NOTES.md, "The Weights step")."""
 
     adapter: str  # one of streams.ADAPTERS
     lora_layers: str  # all | last:N | I-J (lora.parse_layers)
@@ -37,7 +37,7 @@ class WeightsPreset:
 
 PRESETS = {
     "paper": WeightsPreset("lora", "all", ("q", "v"), 0, 10, 0, 1.0),  # spec 1.3-1.4: exact head, 10 CG iterations
-    # BUILD_NOTES.md (Fast Weights): 0.82x the turn's generation, 97% of the paper step's KL reduction
+    # BUILD_NOTES.md, "The Weights step": 0.82x the turn's generation, 97% of the paper step's KL reduction
     "fast": WeightsPreset("lora", "last:8", ("q", "k", "v", "o", "gate", "up", "down"), 64, 4, 3, 10.0),
 }
 
@@ -77,7 +77,7 @@ METHODS: dict[str, Adaptation] = {
     "rosa": Adaptation((Weights,)),
     "rosa2": Adaptation((Words, Weights)),
     "switch": Switch(),
-    # The Words stream with a critic that sees the worked solution (BUILD_NOTES, "Words that instruct")
+    # The Words stream with a critic that sees the worked solution (BUILD_NOTES.md, "Words that instruct")
     "words-ref": Adaptation((Words,), critic_reference="solution"),
     "rosa2-ref": Adaptation((Words, Weights), critic_reference="solution"),
 }

@@ -53,7 +53,7 @@ LINEARS = ("q", "k", "v", "o", "gate", "up", "down")
 
 
 def decode_layout(params: Params, dtype=None, *, out_in: bool | None = None) -> Params:
-    """The weights as generation runs fastest on them, measured on XLA CPU (BUILD_NOTES.md, "Decode speed"):
+    """The weights as generation runs fastest on them, measured on XLA CPU (BUILD_NOTES.md, "The decode step against its roofline"):
 
     - `layers` a tuple of per-layer dicts: slicing the stacked [L, ...] weights inside a decode step copies every
       layer's weights once per token (44% of a 0.5B step);
