@@ -27,6 +27,7 @@ from rosa2_jax.adapt.text_models import TextModel
 from rosa2_jax.checkpoint import LoadedModel
 from rosa2_jax.distributed import ProcessInfo, barrier, process_info, share
 from rosa2_jax.engine import METHODS, SCHEDULERS, Engine, EngineConfig, Session, TokenEngine, method_of
+from rosa2_jax.engine.lifecycle import data_shards
 from rosa2_jax.errors import Rosa2Error
 from rosa2_jax.study.report import write_report
 from rosa2_jax.study.runs import (ADAPTER_CACHE, RECORDS, drop_torn_tail, in_flight_path, merge_records,
@@ -160,7 +161,7 @@ class Study:
         """One engine over the work; its rows hold sessions of several methods at once, so that no method's last
         sessions decode alone. A problem's trajectory does not depend on its row, so a small run uses only the
         rows it fills (rounded up to split evenly over the mesh's data axis)."""
-        data = model.mesh.shape["data"] if model.mesh is not None else 1
+        data = data_shards(model)
         rows = -(-min(engine_cfg.rows, len(self.work)) // data) * data
         cfg = dataclasses.replace(engine_cfg, method=method_of(self.work[0]), rows=rows)
         own_in_flight = in_flight_path(self.run_dir, self.info)
