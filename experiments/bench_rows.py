@@ -9,8 +9,9 @@ step's roofline from the machine's matmul rate and read bandwidth measured in th
 XLA op computes (the named scopes of model/decoder.py and model/decode_rows.py), with the host's share.
 
 The decode figures are per step of a `--decode_steps` call, sampled as the sweep does (T = 0.7, top-p 0.8), with
-every row holding `--prefix` cached tokens. The roofline (experiments.common.decode_roofline) reads every weight
-and the rows' keys/values once and does every multiply-add once; `fraction` is roofline time / measured time.
+every row answering its own GSM8K question (prefilled in the chat template, then decoding from call to call). The
+roofline (experiments.common.decode_roofline) reads every weight and the rows' keys/values (their mean length over
+the calls) once and does every multiply-add once; `fraction` is roofline time / measured time.
 """
 
 from __future__ import annotations
@@ -28,44 +29,51 @@ import jax.numpy as jnp
 import numpy as np
 from absl import app, flags
 
-from experiments.common import (best_time, decode_roofline, define_model_flags, matmul_peak_flops, model_from_flags,
-                                read_bandwidth)
+from experiments.common import (best_time, decode_roofline, define_model_flags, gsm8k_prompts, matmul_peak_flops,
+                                model_from_flags, read_bandwidth)
 from rosa2_jax.model.decode_rows import decode_chunk, empty_rows, prefill_row
-from rosa2_jax.model.generation import SamplingConfig
+from rosa2_jax.model.generation import SamplingConfig, bucket_length
 
 FLAGS = flags.FLAGS
 define_model_flags()
 flags.DEFINE_list("rows", ["8"], "decode batches to time (the prefill uses the first)")
 flags.DEFINE_list("pieces", ["16", "64", "192"], "prefill piece lengths (none: --pieces=)")
-flags.DEFINE_list("capacities", ["1024"], "cache slots per row for the decode step")
-flags.DEFINE_integer("prefix", 200, "cached tokens before the piece (and in every row while decoding)")
+flags.DEFINE_list("capacities", [], "cache slots per row for the decode step (default: as the token engine sizes "
+                  "the cache for the rows)")
+flags.DEFINE_integer("prefix", 200, "cached tokens before a prefill piece")
 flags.DEFINE_integer("decode_steps", 16, "decode steps per call")
 flags.DEFINE_bool("profile", False, "also trace decode calls and split a step's time by what it computes")
 
 SAMPLING = SamplingConfig(max_new_tokens=512, temperature=0.7, top_p=0.8)
+TIMED_CALLS = 8  # decode calls a row size runs: a warm-up, best of three, three traced
 
 
-def decode_call(model, rows: int, capacity: int, prefix: int, steps: int):
-    """(a decode call of `steps` steps over `rows` rows that each hold `prefix` tokens, the HLO text it runs),
-    compiled once."""
+def decode_rows_call(model, rows: int, capacity: int | None, steps: int):
+    """(a decode call of `steps` steps over `rows` rows, the HLO text it runs, the rows' mean cached length over the
+    calls to come, the cache's slots). Each row holds a different GSM8K question in the chat template and keeps
+    answering it from call to call (no stop token), so logits, nuclei and attention are those of real text. The
+    cache is sized as the token engine sizes it (its longest row plus what the calls will add, bucketed) unless
+    `capacity` is given."""
     cfg, params = model.cfg, model.sampler.decode_params
+    prompts = gsm8k_prompts(model, rows, max_tokens=256)
+    added = TIMED_CALLS * steps
+    capacity = capacity or bucket_length(max(map(len, prompts)) + added + 1)
     state = empty_rows(cfg, rows, capacity, SAMPLING.max_new_tokens, params["embed"].dtype, pad_id=0)
+    for row, prompt in enumerate(prompts):
+        padded = np.zeros(bucket_length(len(prompt)), np.int32)
+        padded[: len(prompt)] = prompt
+        state = prefill_row(params, state, jnp.int32(row), jnp.asarray(padded), jnp.int32(len(prompt)), jnp.int32(0),
+                            jax.random.key(row), None, None, jnp.int32(0), cfg=cfg, fresh=True)
     sessions = jnp.zeros(rows, jnp.int32)
-    kwargs = dict(cfg=cfg, sampling=SAMPLING, stop_ids=(-1,), pad_id=0, steps=steps)
-
-    def running(state):  # every row starts from a confident next token, as text mostly does
-        return state.replace(done=jnp.zeros(rows, bool), count=jnp.zeros(rows, jnp.int32),
-                             length=jnp.full(rows, prefix, jnp.int32), logits=state.logits.at[:, 100].set(30.0))
-
-    compiled = decode_chunk.lower(params, running(state), None, None, sessions, **kwargs).compile()
+    compiled = decode_chunk.lower(params, state, None, None, sessions, cfg=cfg, sampling=SAMPLING, stop_ids=(-1,),
+                                  pad_id=0, steps=steps).compile()
 
     def decode():
         nonlocal state
-        state, _, ran = compiled(params, running(state), None, None, sessions)
+        state, _, ran = compiled(params, state, None, None, sessions)
         jax.block_until_ready(ran)
 
-    decode()
-    return decode, compiled.as_text()
+    return decode, compiled.as_text(), float(np.mean([len(p) for p in prompts])) + added / 2, capacity
 
 
 # What an op computes, from the named scopes in its op_name (first match wins).
@@ -115,9 +123,10 @@ def main(_):
     print(f"machine: {matmul_dtype.name} matmul (2048^2, jitted) {peak / 1e9:.0f} GFLOP/s, "
           f"read bandwidth {bandwidth / 1e9:.1f} GB/s")
     key = jax.random.key(0)
-    rows = empty_rows(cfg, int(FLAGS.rows[0]), max(map(int, FLAGS.capacities)), SAMPLING.max_new_tokens,
-                      params["embed"].dtype, pad_id=0)
-    for n in map(int, FLAGS.pieces):
+    pieces = list(map(int, FLAGS.pieces))
+    rows = empty_rows(cfg, int(FLAGS.rows[0]), bucket_length(FLAGS.prefix + max(pieces, default=0)),
+                      SAMPLING.max_new_tokens, params["embed"].dtype, pad_id=0)
+    for n in pieces:
         tokens = jnp.asarray(np.arange(n) + 100, jnp.int32)
 
         def prefill():
@@ -132,16 +141,17 @@ def main(_):
     print("| rows | slots | ms per step | tokens/s | roofline ms | bound | fraction of roofline |")
     print("|---|---|---|---|---|---|---|")
     for batch in map(int, FLAGS.rows):
-        roof = decode_roofline(cfg, params, batch, FLAGS.prefix, peak, bandwidth)
-        for capacity in map(int, FLAGS.capacities):
-            decode, hlo = decode_call(model, batch, capacity, FLAGS.prefix, FLAGS.decode_steps)
+        for capacity in list(map(int, FLAGS.capacities)) or [None]:
+            decode, hlo, context, slots = decode_rows_call(model, batch, capacity, FLAGS.decode_steps)
+            decode()
             step = best_time(decode) / FLAGS.decode_steps
-            print(f"| {batch} | {capacity} | {1000 * step:.1f} | {batch / step:.0f} | {1000 * roof.seconds:.1f} | "
+            roof = decode_roofline(cfg, params, batch, context, peak, bandwidth)
+            print(f"| {batch} | {slots} | {1000 * step:.1f} | {batch / step:.0f} | {1000 * roof.seconds:.1f} | "
                   f"{roof.bound} | {roof.seconds / step:.2f} |", flush=True)
             if FLAGS.profile and batch == int(FLAGS.rows[0]):
                 shares = profile_decode(decode, hlo, FLAGS.decode_steps)
                 total = sum(ms for _, ms in shares)
-                print(f"\nprofile of a decode step, {batch} rows x {capacity} slots (traced; {total:.1f} ms a step):")
+                print(f"\nprofile of a decode step, {batch} rows x {slots} slots (traced; {total:.1f} ms a step):")
                 print("| part | ms per step | share |\n|---|---|---|")
                 for label, ms in shares:
                     print(f"| {label} | {ms:.1f} | {ms / total:.0%} |")

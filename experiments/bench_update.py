@@ -32,13 +32,12 @@ import numpy as np
 from absl import app, flags, logging
 from jax.flatten_util import ravel_pytree
 
-from experiments.common import best_time, define_model_flags, model_from_flags
+from experiments.common import best_time, define_model_flags, gsm8k_prompts, model_from_flags
 from rosa2_jax.adapt.rosa import UpdateBatch, hidden_offset_update, rosa_update
-from rosa2_jax.engine import MATH_SYSTEM_PROMPT, PRESETS, WeightsPreset
+from rosa2_jax.engine import PRESETS, WeightsPreset
 from rosa2_jax.engine.streams import HIDDEN_OFFSET_TOP_K
 from rosa2_jax.model.generation import SamplingConfig, generate_padded, left_pad
 from rosa2_jax.model.lora import LORA_TARGETS, init_adapters
-from rosa2_jax.tasks.data import load_problems
 
 FLAGS = flags.FLAGS
 define_model_flags()
@@ -86,20 +85,6 @@ def parse_variant(name: str) -> tuple[WeightsPreset, dict]:
         else:
             raise app.UsageError(f"variant {name!r}: unknown part {o!r} (see the module doc)")
     return preset, solver
-
-
-def real_sessions(model, count: int, history: int):
-    """Chat-template prompts of GSM8K questions that fit in `history` tokens."""
-    problems, _ = load_problems("gsm8k", seed=0, cache_dir=FLAGS.cache_dir)
-    prompts = []
-    for p in problems:
-        ids = model.sampler.render([{"role": "system", "content": MATH_SYSTEM_PROMPT},
-                                    {"role": "user", "content": p.question}])
-        if len(ids) <= history:
-            prompts.append(ids)
-        if len(prompts) == count:
-            return prompts
-    raise app.UsageError(f"fewer than {count} GSM8K prompts fit in --history_len={history}")
 
 
 def timed_compiled(jitted, *args, **static):
@@ -165,7 +150,7 @@ def main(_):
                       for r in earlier["rows"] if r["variant"] == "paper"}
     variants = {v: parse_variant(v) for v in ["paper"] + [v for v in FLAGS.variants if v != "paper"]}
     sessions = sorted(map(int, FLAGS.sessions))
-    prompts = real_sessions(model, max(sessions), H)
+    prompts = gsm8k_prompts(model, max(sessions), H)
     pad = model.sampler.pad_id
     sampling = SamplingConfig(max_new_tokens=T, temperature=FLAGS.temperature, top_p=FLAGS.top_p)
     print(f"model {FLAGS.model}; history {H} (real GSM8K prompts, mean {np.mean([len(p) for p in prompts]):.0f} "

@@ -17,11 +17,12 @@ from rosa2_jax.adapt.rosa import RESIDUALS, TILTS
 from rosa2_jax.adapt.text_models import TextModel, make_text_model
 from rosa2_jax.adapt.words import REFERENCES, RETRIES
 from rosa2_jax.checkpoint import LoadedModel, load_model
-from rosa2_jax.engine import ADAPTERS, PRESETS, REWARDS, EngineConfig, WeightsPreset
+from rosa2_jax.engine import ADAPTERS, MATH_SYSTEM_PROMPT, PRESETS, REWARDS, EngineConfig, WeightsPreset
 from rosa2_jax.fetch import cache_root
 from rosa2_jax.model.config import ModelConfig
 from rosa2_jax.model.decoder import decode_layout
 from rosa2_jax.model.generation import SamplingConfig
+from rosa2_jax.tasks.data import load_problems
 from rosa2_jax.tasks.rewards import EQUIVALENCES
 
 FLAGS = flags.FLAGS
@@ -164,6 +165,20 @@ def text_model_from_flags(policy: LoadedModel, mesh: Mesh | None = None) -> Text
 
 def sampling_from_flags() -> SamplingConfig:
     return SamplingConfig(FLAGS.max_new_tokens, FLAGS.temperature, FLAGS.top_p, FLAGS.top_k)
+
+
+def gsm8k_prompts(model: LoadedModel, count: int, max_tokens: int) -> list[list[int]]:
+    """Chat-template prompts (the sweep's system prompt and a GSM8K question) of at most `max_tokens` tokens."""
+    problems, _ = load_problems("gsm8k", seed=0, cache_dir=FLAGS.cache_dir)
+    prompts = []
+    for p in problems:
+        ids = model.sampler.render([{"role": "system", "content": MATH_SYSTEM_PROMPT},
+                                    {"role": "user", "content": p.question}])
+        if len(ids) <= max_tokens:
+            prompts.append(ids)
+        if len(prompts) == count:
+            return prompts
+    raise app.UsageError(f"fewer than {count} GSM8K prompts have at most {max_tokens} tokens")
 
 
 def best_time(fn: Callable[[], object], repeats: int = 3) -> float:

@@ -9,8 +9,8 @@ import torch
 from rosa2_jax.checkpoint.hf_folder import load_hf_folder
 from rosa2_jax.errors import ContextOverflowError
 from rosa2_jax.model.decoder import KVCache, decode_layout, decoder_hidden, forward, lm_logits, positions_from_valid
-from rosa2_jax.model.generation import (TOP_P_CANDIDATES, SamplingConfig, _sample_whole_vocabulary, generate,
-                                        left_pad, sample_logits, top_p_cutoff)
+from rosa2_jax.model.generation import (TOP_P_CANDIDATES, SamplingConfig, _sample_whole_vocabulary, first_max,
+                                        generate, left_pad, sample_logits, top_p_cutoff)
 
 PROMPT_LENGTHS = (5, 13, 2)
 
@@ -213,6 +213,38 @@ def test_a_nucleus_longer_than_the_candidates_draws_over_the_whole_vocabulary():
     sampling = SamplingConfig(temperature=0.7, top_p=0.8)
     assert np.array_equal(sample_logits(jnp.asarray(logits), keys, sampling),
                           _sample_whole_vocabulary(jnp.asarray(logits) / 0.7, keys, sampling))
+
+
+def test_first_max_is_argmax_with_its_ties_and_nans():
+    """The vectorised argmax picks what jnp.argmax picks: the first of tied maxima, the first NaN, index 0 of an
+    all -inf row."""
+    rng = np.random.default_rng(5)
+    logits = rng.normal(size=(6, 3000)).astype(np.float32)
+    logits[1, [7, 2000]] = logits[1].max() + 1  # a tie
+    logits[2, [40, 900]] = np.nan
+    logits[3] = -np.inf
+    logits[4] = np.round(logits[4])  # many ties
+    assert np.array_equal(first_max(jnp.asarray(logits)), np.asarray(jnp.argmax(jnp.asarray(logits), axis=-1)))
+
+
+@pytest.mark.parametrize("sampling", [SamplingConfig(temperature=0.7, top_p=0.8), SamplingConfig(temperature=0.7)],
+                         ids=["candidates", "whole-vocabulary"])
+def test_greedy_rows_take_their_argmax_and_leave_the_other_draws_alone(sampling):
+    """Rows marked greedy (a text model's request beside sampled turns) take jnp.argmax of their logits, even where
+    dividing by the temperature ties two neighbours; the other rows draw as they would with no greedy row."""
+    rng = np.random.default_rng(6)
+    logits = (rng.normal(size=(8, 5000)) * 4).astype(np.float32)
+    top = np.float32(22.400009155273438)  # above every other logit of the row
+    logits[2, 10], logits[2, 11] = top, np.nextafter(top, np.float32(23))  # 1 ulp apart
+    assert logits[2, 10] / np.float32(0.7) == logits[2, 11] / np.float32(0.7)  # ... and one value once scaled
+    keys = jax.random.split(jax.random.key(3), 8)
+    greedy = jnp.asarray([False, True, True, False, True, False, False, False])
+    mixed = np.asarray(sample_logits(jnp.asarray(logits), keys, sampling, greedy))
+    alone = np.asarray(sample_logits(jnp.asarray(logits), keys, sampling))
+    argmax = np.argmax(logits, axis=-1)
+    g = np.asarray(greedy)
+    assert np.array_equal(mixed[g], argmax[g]) and mixed[2] == 11
+    assert np.array_equal(mixed[~g], alone[~g])
 
 
 @pytest.mark.parametrize("scale", [8.0, 0.05], ids=["nucleus-among-the-candidates", "nucleus-needs-the-full-sort"])

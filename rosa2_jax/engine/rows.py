@@ -29,17 +29,21 @@ class DecodeBatch:
                                  self.sampler.pad_id)
         self.slot: list[int | None] = [None] * cfg.rows  # the pool slot generating in each row
         self.text: list[Any] = [None] * cfg.rows  # or (a text request, its prompt's index)
-        self.need = [0] * cfg.rows  # cache slots each row's turn needs: prompt + its token limit + 1
+        self.need = [0] * cfg.rows  # cache slots each row's turn can reach: prompt + its token limit + 1
+        self.held = [0] * cfg.rows  # at most this many tokens in each row's cache (prompt + tokens decoded so far)
         self.kept: dict[int, tuple[Any, list[int]]] = {}  # pool slot -> (its row's cache, the tokens it holds)
 
     def occupied(self, row: int) -> bool:
         return self.slot[row] is not None or self.text[row] is not None
 
     def fit(self, prefill_extent: int = 0) -> None:
-        """Size the cache to the longest occupied row's prompt + token limit + 1 (and a prefill's padded
-        extent), bucketed so that a sweep compiles a few programs. It shrinks too: every decode step's
-        attention reads every slot, so a cache sized for a long turn that has left slows all the others."""
-        needed = max([n for row, n in enumerate(self.need) if self.occupied(row)] + [prefill_extent, 1])
+        """Size the cache to what the next decode call can fill: the longest occupied row's tokens + the call's
+        steps + 1, at most its turn's reach (and a prefill's padded extent), bucketed so that a sweep compiles a few
+        programs. Every decode step's attention reads every slot, so the cache grows with the rows rather than
+        holding each turn's token limit from its start, and shrinks when a long row leaves."""
+        steps = self.cfg.decode_steps + 1
+        needed = max([min(need, held + steps) for row, (need, held) in enumerate(zip(self.need, self.held))
+                      if self.occupied(row)] + [prefill_extent, 1])
         if bucket_length(needed) != self.device.capacity:
             self.device = resize_rows(self.device, capacity=bucket_length(needed))
 
@@ -55,8 +59,9 @@ class DecodeBatch:
         chunk = self.cfg.prefill_chunk
         starts = range(reuse, len(prompt), chunk)
         limit = limit or self.cfg.sampling.max_new_tokens
-        self.need[row] = len(prompt) + limit + 1
-        self.fit(max(self.need[row], *(s + bucket_length(len(prompt[s: s + chunk])) for s in starts)))
+        self.need[row], self.held[row] = len(prompt) + limit + 1, len(prompt)
+        self.fit(max(min(self.need[row], len(prompt) + self.cfg.decode_steps + 1),
+                     *(s + bucket_length(len(prompt[s: s + chunk])) for s in starts)))
         if reuse:
             self.device = put_row_cache(self.device, jnp.int32(row), saved)
         for s in starts:
@@ -81,6 +86,7 @@ class DecodeBatch:
             cfg=self.model.cfg, sampling=self.cfg.sampling, stop_ids=self.sampler.stop_ids,
             pad_id=self.sampler.pad_id, steps=self.cfg.decode_steps, lora_kernel=self.lora_kernel)
         generated, steps = jax.device_get((generated, steps))
+        self.held = [held + int(steps) for held in self.held]
         self.stats.generated += int(generated)
         self.stats.row_steps += int(steps) * self.cfg.rows
 

@@ -189,9 +189,7 @@ def decode_chunk(
         running = ~rows.done
         with jax.named_scope("sampling"):
             step_keys = jax.vmap(jax.random.fold_in)(rows.keys, rows.count)
-            tok = sample_logits(rows.logits, step_keys, sampling)
-            if sampling.temperature > 0:  # the sampled rows' draws are the same with or without greedy rows beside
-                tok = jnp.where(rows.greedy, jnp.argmax(rows.logits, axis=-1).astype(jnp.int32), tok)
+            tok = sample_logits(rows.logits, step_keys, sampling, rows.greedy)
         tok = jnp.where(running, tok, pad_id)
         at_count = running[:, None] & (jnp.arange(N)[None] == rows.count[:, None])
         out = jnp.where(at_count, tok[:, None], rows.out)

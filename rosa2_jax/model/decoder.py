@@ -161,9 +161,12 @@ def attention(
 
 def _linear(x, lp, la, name, scale, lora_kernel):
     if f"{name}_t" in lp:  # decode_layout's [out, in] weight, possibly in a narrower dtype
+        # Flattened to [rows, in]: with the decode step's [B, 1, in] XLA CPU turned every weight back to [in, out]
+        # (a copy of all of them per call) and ran the slower kernel for that layout.
         w = lp[f"{name}_t"]
-        y = jnp.einsum("...i,oi->...o", x.astype(w.dtype), w, preferred_element_type=accumulation_dtype(x.dtype))
-        y = y.astype(x.dtype)
+        x2 = x.reshape(-1, x.shape[-1]).astype(w.dtype)
+        y = jnp.einsum("ni,oi->no", x2, w, preferred_element_type=accumulation_dtype(x.dtype))
+        y = y.astype(x.dtype).reshape(*x.shape[:-1], w.shape[0])
         if la is not None and name in la:
             y = y + lora_delta(x, *la[name], scale)
     elif la is not None and name in la:
