@@ -34,16 +34,17 @@ AUTO_STORED_TOKENS = 2048
 def define_model_flags(default: str = "smollm2-135m-instruct") -> None:
     flags.DEFINE_string("model", default, "built-in name, converted/HF folder, GGUF file or hub id")
     flags.DEFINE_enum("dtype", "float32", ["float32", "bfloat16"], "parameter dtype")
-    flags.DEFINE_enum("decode_dtype", None, ["float32", "bfloat16"], "generation's matmul weights (default: "
-                      "--dtype); bfloat16 beside float32 params multiplies in bfloat16 with float32 accumulation "
-                      "and a float32 residual stream (BUILD_NOTES.md, \"The decode step against its roofline\")")
+    flags.DEFINE_enum("decode_dtype", "bfloat16", ["float32", "bfloat16"], "generation's matmul weights: "
+                      "bfloat16 beside float32 params multiplies in bfloat16 with float32 accumulation and a float32 "
+                      "residual stream, ~2.4x faster decode steps on a CPU, argmax agreeing with float32 at 99.85% "
+                      "of the built-in's positions (BUILD_NOTES.md, \"The decode step against its roofline\")")
     flags.DEFINE_string("cache_dir", None, "model/data cache (default $ROSA2_CACHE or ~/.cache/rosa2_jax)")
 
 
 def model_from_flags(mesh: Mesh | None = None, spec: str | None = None) -> LoadedModel:
     """`--model` (or `spec`, e.g. a critic's), loaded with the run's dtype and cache."""
     return load_model(spec or FLAGS.model, dtype=jnp.dtype(FLAGS.dtype), cache_dir=FLAGS.cache_dir, mesh=mesh,
-                      decode_dtype=FLAGS.decode_dtype and jnp.dtype(FLAGS.decode_dtype))
+                      decode_dtype=jnp.dtype(FLAGS.decode_dtype))
 
 
 def keep_compiled_programs() -> None:
