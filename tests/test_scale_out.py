@@ -37,10 +37,8 @@ def greedy(tmp_path_factory):
     data = base / "problems.jsonl"
     data.write_text("\n".join(json.dumps(p) for p in PROBLEMS) + "\n")
 
-    # float32 decode: bfloat16 matmul kernels round differently at another number of rows per device, so a greedy
-    # near-tie can part on another mesh (BUILD_NOTES.md, "The decode step against its roofline").
-    def cmd(run_dir, *extra):
-        return sweep_cmd(model, data, run_dir) + ["--temperature=0", "--decode_dtype=float32", METHODS, *extra]
+    def cmd(run_dir, *extra):  # float32 decode, as sweep_cmd says
+        return sweep_cmd(model, data, run_dir) + ["--temperature=0", METHODS, *extra]
 
     return base, cmd
 
