@@ -18,6 +18,8 @@ from rosa2_jax.adapt.rosa import rosa_update
 from rosa2_jax.adapt.text_models import make_text_model
 from rosa2_jax.checkpoint import load_model
 from rosa2_jax.engine import METHODS, SCHEDULERS, EngineConfig, Session, TokenEngine, TurnEngine
+from rosa2_jax.engine.rows import DecodeBatch
+from rosa2_jax.engine.stats import SchedulerStats
 from rosa2_jax.model.decode_rows import decode_chunk, empty_rows, prefill_row, put_row_cache, row_cache
 from rosa2_jax.model.generation import SamplingConfig, generate
 from rosa2_jax.model.lora import LoraConfig, parse_layers
@@ -322,6 +324,31 @@ def test_a_turn_prefilled_after_its_kept_prefix_equals_a_full_prefill(model):
     assert out[0, : int(rows.count[0])].tolist() == out[2, : int(rows.count[2])].tolist()
     reference = generate(params, cfg, [turn], SamplingConfig(max_new_tokens=8), stop_token_ids=(2,), pad_id=0)[0]
     assert out[0, : int(rows.count[0])].tolist() == reference.tokens
+
+
+def test_the_rows_cache_grows_with_its_row_and_shrinks_when_it_leaves(model):
+    """The cache holds what the next decode call can fill (the row's tokens + 5 steps + 1, at most its prompt + limit
+    + 1), bucketed: 64 slots while a 20-token prompt's row holds under 59 tokens, 128 after, 64 again once the row
+    is free. Resized mid-turn, the row decodes the tokens one `generate` call over a fixed cache decodes."""
+    cfg = EngineConfig(method="baseline", rows=2, sessions=2, decode_steps=5, max_context=512,
+                       sampling=SamplingConfig(max_new_tokens=60))
+    batch = DecodeBatch(model, cfg, max_new=60, lora_kernel=False, stats=SchedulerStats())
+    prompt = np.random.default_rng(3).integers(3, model.cfg.vocab_size, 20).tolist()
+    batch.prefill(0, 0, prompt, jax.random.key(0), {}, greedy=True)
+    batch.slot[0] = 0
+    capacities = []
+    while not (stopped := batch.stopped()):
+        batch.decode({}, base_slot=1)
+        capacities.append(batch.device.capacity)
+    [(row, tokens, reason)] = stopped
+    assert (row, reason, len(tokens)) == (0, "length", 60)
+    assert capacities == [64] * 8 + [128] * 4
+    batch.slot[0] = None
+    batch.fit()
+    assert batch.device.capacity == 64
+    reference = generate(model.params, model.cfg, [prompt], SamplingConfig(max_new_tokens=60),
+                         stop_token_ids=model.sampler.stop_ids, pad_id=model.sampler.pad_id)[0]
+    assert tokens == reference.tokens
 
 
 def test_a_decode_call_returns_in_the_step_a_row_stops(model):

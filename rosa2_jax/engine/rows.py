@@ -41,11 +41,13 @@ class DecodeBatch:
         steps + 1, at most its turn's reach (and a prefill's padded extent), bucketed so that a sweep compiles a few
         programs. Every decode step's attention reads every slot, so the cache grows with the rows rather than
         holding each turn's token limit from its start, and shrinks when a long row leaves."""
-        steps = self.cfg.decode_steps + 1
-        needed = max([min(need, held + steps) for row, (need, held) in enumerate(zip(self.need, self.held))
-                      if self.occupied(row)] + [prefill_extent, 1])
+        needed = max([self._reach(row) for row in range(self.cfg.rows) if self.occupied(row)] + [prefill_extent, 1])
         if bucket_length(needed) != self.device.capacity:
             self.device = resize_rows(self.device, capacity=bucket_length(needed))
+
+    def _reach(self, row: int) -> int:
+        """Cache slots `row` can fill by the end of the next decode call, at most its turn's reach."""
+        return min(self.need[row], self.held[row] + self.cfg.decode_steps + 1)
 
     def prefill(self, row: int, slot: int, prompt: list[int], key: jax.Array, inputs: dict[str, Any],
                 limit: int | None = None, greedy: bool = False) -> None:
@@ -60,8 +62,7 @@ class DecodeBatch:
         starts = range(reuse, len(prompt), chunk)
         limit = limit or self.cfg.sampling.max_new_tokens
         self.need[row], self.held[row] = len(prompt) + limit + 1, len(prompt)
-        self.fit(max(min(self.need[row], len(prompt) + self.cfg.decode_steps + 1),
-                     *(s + bucket_length(len(prompt[s: s + chunk])) for s in starts)))
+        self.fit(max(self._reach(row), *(s + bucket_length(len(prompt[s: s + chunk])) for s in starts)))
         if reuse:
             self.device = put_row_cache(self.device, jnp.int32(row), saved)
         for s in starts:
