@@ -7,10 +7,10 @@ Sessions are real turns: GSM8K questions rendered with the model's chat template
 --history_len), answered by the model itself with the sweep's decoding for exactly --response_len tokens
 (stop tokens ignored, so every session has the same number of Jacobian rows), then judged wrong (r = -1).
 For each variant and S: seconds per session of the update (compiled ahead of time, so compilation is
-not counted), update time / the generation time of the same turn, XLA's peak temporary memory, and
-three quality figures against the `paper` variant on the same sessions: KL(pi*||pi) after / before, the
-drop of the failed response's mean token log-prob, and the cosine between the two Δθ (variants that adapt
-the same parameters as `paper`).
+not counted), update time / the generation time of the same turn (decoded with --decode_dtype), XLA's peak
+temporary memory, KL(pi*||pi) after / before, the drop of the failed response's mean token log-prob, and, when
+`paper` runs or --reference gives it, these against the `paper` variant on the same sessions and the cosine
+between the two Δθ (variants that adapt the same parameters as `paper`).
 
 A variant is a preset name (`paper`, `fast`) optionally followed by overrides joined with `-`:
 `L<N>` the last N layers (`all` every layer), `k<K>` the head metric's top-k (`k0` exact), `cg<N>`
@@ -42,7 +42,8 @@ from rosa2_jax.model.lora import LORA_TARGETS, init_adapters
 FLAGS = flags.FLAGS
 define_model_flags()
 flags.DEFINE_list("sessions", ["1", "8"], "session counts S")
-flags.DEFINE_list("variants", ["paper", "fast"], "update variants (module doc); `paper` is the reference")
+flags.DEFINE_list("variants", ["paper", "fast"], "update variants (module doc); `paper` is the quality reference "
+                  "(without it or --reference, a timing-only run)")
 flags.DEFINE_integer("history_len", 128, "history tokens before the response (prompts are left-padded to it)")
 flags.DEFINE_integer("response_len", 512, "response tokens (rows of the Jacobian)")
 flags.DEFINE_float("temperature", 0.7, "decoding temperature of the generated responses")
@@ -119,19 +120,19 @@ def run_variant(model, preset: WeightsPreset, solver: dict, batch: UpdateBatch, 
 PER_SESSION = ("kl_before", "kl_after", "logp_before", "logp_after", "step_norm_sq")
 
 
-def quality(stats, deltas, ref: dict, ref_deltas) -> dict:
-    """Figures of one variant; `ref` holds the paper step's PER_SESSION arrays on the same sessions."""
+def quality(stats, deltas, ref: dict | None, ref_deltas) -> dict:
+    """Figures of one variant; `ref` holds the paper step's PER_SESSION arrays on the same sessions (None: no
+    figures against it)."""
     kl_drop = stats.kl_before - stats.kl_after
-    ref_kl_drop = ref["kl_before"] - ref["kl_after"]
     lp_drop = stats.logp_before - stats.logp_after
-    ref_lp_drop = ref["logp_before"] - ref["logp_after"]
     out = {"kl_after_over_before": float(np.mean(stats.kl_after / stats.kl_before)),
-           "kl_reduction_vs_paper": float(np.sum(kl_drop) / np.sum(ref_kl_drop)),
            "logp_drop": float(np.mean(lp_drop)),
-           "logp_drop_vs_paper": float(np.sum(lp_drop) / np.sum(ref_lp_drop)),
            "step_norm_sq": float(np.mean(stats.step_norm_sq)),
            "backtracked": int(np.sum(stats.backtracks > 0)), "rejected": int(np.sum(stats.rejected)),
            "cg_iters": float(np.mean(stats.cg_iters))}
+    if ref is not None:
+        out["kl_reduction_vs_paper"] = float(np.sum(kl_drop) / np.sum(ref["kl_before"] - ref["kl_after"]))
+        out["logp_drop_vs_paper"] = float(np.sum(lp_drop) / np.sum(ref["logp_before"] - ref["logp_after"]))
     if deltas is not None and ref_deltas is not None:
         out["cosine_vs_paper"] = float(np.mean([d @ r / max(np.linalg.norm(d) * np.linalg.norm(r), 1e-30)
                                                 for d, r in zip(deltas, ref_deltas)]))
@@ -148,7 +149,7 @@ def main(_):
         earlier = json.loads(Path(FLAGS.reference).read_text())
         references = {r["sessions"]: {k: np.asarray(v) for k, v in r["per_session"].items()}
                       for r in earlier["rows"] if r["variant"] == "paper"}
-    variants = {v: parse_variant(v) for v in ["paper"] + [v for v in FLAGS.variants if v != "paper"]}
+    variants = {v: parse_variant(v) for v in sorted(FLAGS.variants, key=lambda v: v != "paper")}
     sessions = sorted(map(int, FLAGS.sessions))
     prompts = gsm8k_prompts(model, max(sessions), H)
     pad = model.sampler.pad_id
@@ -177,7 +178,7 @@ def main(_):
             per_session = {k: np.asarray(getattr(stats, k)).tolist() for k in PER_SESSION}
             if name == "paper":
                 ref, ref_deltas = {k: np.asarray(v) for k, v in per_session.items()}, deltas
-            elif not np.allclose(stats.kl_before, ref["kl_before"], rtol=1e-3):
+            elif ref is not None and not np.allclose(stats.kl_before, ref["kl_before"], rtol=1e-3):
                 raise app.UsageError(f"--reference: its sessions differ from these (KL before {ref['kl_before']} "
                                      f"against {stats.kl_before}); rerun the paper step")
             same = preset.adapter == "lora" and (preset.lora_layers, preset.lora_targets) == ("all", ("q", "v"))
@@ -187,11 +188,12 @@ def main(_):
                    "generation_s": gen_s, "update_over_generation": seconds / gen_s, "peak_temp_bytes": mem,
                    "per_session": per_session} | q
             rows.append(row)
-            cos = f"{q['cosine_vs_paper']:.3f}" if "cosine_vs_paper" in q else "n/a"
+            vs = {k: f"{q[k]:.{d}f}" if k in q else "n/a" for k, d in
+                  (("kl_reduction_vs_paper", 2), ("logp_drop_vs_paper", 2), ("cosine_vs_paper", 3))}
             print(f"| {S} | {name} | {seconds / S:.2f} | {seconds / gen_s:.2f} | {mem / 2**30:.2f} GiB | "
-                  f"{q['kl_after_over_before']:.3f} | {q['kl_reduction_vs_paper']:.2f} | {q['logp_drop']:.4f} | "
-                  f"{q['logp_drop_vs_paper']:.2f} | {cos} | {q['step_norm_sq']:.3g} | {q['backtracked']} / {q['rejected']} |",
-                  flush=True)
+                  f"{q['kl_after_over_before']:.3f} | {vs['kl_reduction_vs_paper']} | {q['logp_drop']:.4f} | "
+                  f"{vs['logp_drop_vs_paper']} | {vs['cosine_vs_paper']} | {q['step_norm_sq']:.3g} | "
+                  f"{q['backtracked']} / {q['rejected']} |", flush=True)
         print(f"(S={S}: generating the turn took {gen_s:.1f} s)", flush=True)
     mem_rows = []
     if FLAGS.memory_response_lens:
