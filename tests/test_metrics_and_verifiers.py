@@ -7,7 +7,7 @@ import pytest
 from rosa2_jax.tasks.answers import BOXED_INSTRUCTION
 from rosa2_jax.tasks.problem import Problem
 from rosa2_jax.study.metrics import summarize, summarize_method
-from rosa2_jax.tasks.records import TurnRecord
+from rosa2_jax.tasks.records import ProblemRecord, TurnRecord
 from rosa2_jax.tasks.rewards import math_equal, verify
 from rosa2_jax.tasks.sandbox import run_python
 
@@ -21,6 +21,15 @@ def turn_record(**fields):
     base = dict(turn=1, user="question", system_prompt="system", response="answer", extracted=None, reward=-1.0,
                 response_tokens=5, finish_reason="stop", prompt_tokens=20)
     return TurnRecord(**(base | fields)).to_json()
+
+
+def test_a_record_reads_back_as_written_and_early_rows_take_defaults():
+    row = {"method": "rosa2", "dataset": "gsm8k", "problem_id": "p", "answer": "7", "solved_at": 2,
+           "turns": [turn_record(update={"cg_iters": 4}, step_norm_sq=0.5), turn_record(turn=2, reward=1.0)],
+           "seconds": 3.5, "error": None}
+    assert ProblemRecord.from_json(row).to_json() == row and list(ProblemRecord.from_json(row).to_json()) == list(row)
+    early = ProblemRecord.from_json({"method": "rosa", "problem_id": "q", "solved_at": None})
+    assert (early.dataset, early.answer, early.turns, early.seconds, early.error) == ("", "", [], 0.0, None)
 
 
 def test_metrics_on_a_hand_computed_case():

@@ -48,15 +48,17 @@ class ProblemRecord:
     error: str | None = None  # why it could not run (e.g. context overflow), None when it ran
 
     def to_json(self) -> dict[str, Any]:
-        return {"method": self.method, "dataset": self.dataset, "problem_id": self.problem_id, "answer": self.answer,
-                "solved_at": self.solved_at, "turns": [t.to_json() for t in self.turns], "seconds": self.seconds,
-                "error": self.error}
+        return {f.name: getattr(self, f.name) for f in dataclasses.fields(self)} | {
+            "turns": [t.to_json() for t in self.turns]}
 
     @classmethod
     def from_json(cls, row: dict[str, Any]) -> "ProblemRecord":
-        return cls(row["method"], row.get("dataset", ""), row["problem_id"], row.get("answer", ""), row["solved_at"],
-                   [TurnRecord.from_json(t) for t in row.get("turns", [])], row.get("seconds", 0.0), row.get("error"))
+        """Rows of early runs may lack dataset, answer, turns or seconds."""
+        known = {k: row[k] for k in _PROBLEM_FIELDS if k in row}
+        return cls(**{"dataset": "", "answer": "", "seconds": 0.0} | known | {
+            "turns": [TurnRecord.from_json(t) for t in row.get("turns", [])]})
 
 
 _TURN_FIELDS = tuple(f.name for f in dataclasses.fields(TurnRecord))
+_PROBLEM_FIELDS = tuple(f.name for f in dataclasses.fields(ProblemRecord))
 _REQUIRED = {f.name for f in dataclasses.fields(TurnRecord) if f.default is dataclasses.MISSING} | {"timing"}
