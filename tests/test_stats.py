@@ -3,7 +3,9 @@
 import numpy as np
 import pytest
 
+from experiments.wins import render, wins
 from rosa2_jax.study.metrics import compare_methods
+from rosa2_jax.tasks.problem import Problem
 from rosa2_jax.study.stats import mcnemar_exact, paired_bootstrap, wilson_interval
 
 
@@ -39,13 +41,17 @@ def test_paired_bootstrap_covers_the_true_difference_at_the_nominal_rate():
     assert 0.91 <= covered / 400 <= 0.98
 
 
-def test_compare_methods_pairs_problems_both_ran():
-    def rec(method, pid, solved_at):
-        return {"method": method, "problem_id": pid, "solved_at": solved_at}
+def rec(method, pid, solved_at):
+    return {"method": method, "problem_id": pid, "solved_at": solved_at}
 
-    records = ([rec("baseline", p, s) for p, s in [("p1", 1), ("p2", None), ("p3", None), ("p4", 2)]]
-               + [rec("rosa2", p, s) for p, s in [("p1", 1), ("p2", 3), ("p3", 2), ("p5", 1)]]
-               + [rec("rosa", p, s) for p, s in [("p1", None), ("p2", 2)]])
+
+RECORDS = ([rec("baseline", p, s) for p, s in [("p1", 1), ("p2", None), ("p3", None), ("p4", 2)]]
+           + [rec("rosa2", p, s) for p, s in [("p1", 1), ("p2", 3), ("p3", 2), ("p5", 1)]]
+           + [rec("rosa", p, s) for p, s in [("p1", None), ("p2", 2)]])
+
+
+def test_compare_methods_pairs_problems_both_ran():
+    records = RECORDS
     out = {(c["a"], c["b"]): c for c in compare_methods(records)}
     assert set(out) == {("rosa", "baseline"), ("rosa2", "baseline"), ("rosa2", "rosa")}
     c = out[("rosa2", "baseline")]
@@ -54,3 +60,16 @@ def test_compare_methods_pairs_problems_both_ran():
     assert c["mcnemar_p"] == pytest.approx(0.5)
     r = out[("rosa2", "rosa")]
     assert r["problems"] == 2 and (r["only_a"], r["only_b"]) == (1, 0)
+
+
+def test_wins_are_the_problems_only_the_method_solved_among_those_both_ran():
+    turns = [{"user": "q3", "response": "first"}, {"user": "Try again, step by step.", "response": "so \\boxed{9}"}]
+    records = [r | {"answer": "9", "turns": turns} for r in RECORDS]
+    won = wins(records, "rosa2", "baseline")
+    assert [r["problem_id"] for r in won] == ["p2", "p3"]  # p5: baseline did not run it
+    assert wins(records, "baseline", "rosa2") == [] and [r["problem_id"] for r in wins(records, "rosa", "rosa2")] == []
+    only = {(c["a"], c["b"]): c["only_a"] for c in compare_methods(RECORDS)}
+    assert len(won) == only[("rosa2", "baseline")]
+    text = render("rosa2", "baseline", won[1:], {"p3": Problem("p3", "q3", "9", "math", {"solution": "4 + 5 = 9"})})
+    assert "### p3 (turn 2; reference 9)" in text and "4 + 5 = 9" in text and "Try again, step by step." in text
+    assert text.count("Hand check:") == 1 and "so \\boxed{9}" in text

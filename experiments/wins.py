@@ -1,0 +1,71 @@
+"""The problems one method solved and another did not, laid out for a hand check of each derivation.
+
+    python -m experiments.wins --run_dir=results/qwen05-gsm8k-k5-study2 --against=baseline > WINS.md
+
+For every method of the folder (or --methods) against --against: each problem it solved within K that the other
+did not, with the question, the reference solution where the data set ships one, the message the solving turn
+answered and its response, and an empty "Hand check" line to fill in (is the derivation right, or only the number?).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from absl import app, flags
+
+from rosa2_jax.study.runs import read_records
+from rosa2_jax.tasks.data import load_problems
+
+FLAGS = flags.FLAGS
+flags.DEFINE_string("run_dir", None, "a sweep's folder (config.json + records*.jsonl)", required=True)
+flags.DEFINE_list("methods", [], "methods whose wins to list (default: every method of the folder but --against)")
+flags.DEFINE_string("against", "baseline", "the method a win is counted against")
+
+
+def wins(records: list[dict], method: str, against: str) -> list[dict]:
+    """`method`'s records of the problems it solved and `against` ran without solving, in problem order."""
+    solved = {r["problem_id"]: r["solved_at"] is not None for r in records if r["method"] == against}
+    return sorted((r for r in records if r["method"] == method and r["solved_at"] is not None
+                   and solved.get(r["problem_id"]) is False), key=lambda r: r["problem_id"])
+
+
+def render(method: str, against: str, won: list[dict], problems: dict) -> str:
+    lines = [f"## {method} over {against}: {len(won)} problems", ""]
+    for r in won:
+        turn = r["turns"][r["solved_at"] - 1]
+        problem = problems.get(r["problem_id"])
+        lines += [f"### {r['problem_id']} (turn {r['solved_at']}; reference {r['answer']})", ""]
+        if problem is not None:
+            lines += ["Question:", "", fenced(problem.question), ""]
+            if "solution" in problem.meta:
+                lines += ["Reference solution:", "", fenced(problem.meta["solution"]), ""]
+        if problem is None or turn["user"] != problem.question:
+            lines += [f"Turn {r['solved_at']} answered:", "", fenced(turn["user"]), ""]
+        lines += ["Response:", "", fenced(turn["response"]), "", "Hand check: ", ""]
+    return "\n".join(lines)
+
+
+def fenced(text: str) -> str:
+    fence = "````" if "```" in text else "```"
+    return f"{fence}text\n{text}\n{fence}"
+
+
+def main(_):
+    run_dir = Path(FLAGS.run_dir)
+    if not (run_dir / "config.json").is_file():
+        raise app.UsageError(f"{run_dir} is not a sweep's folder: it has no config.json")
+    config = json.loads((run_dir / "config.json").read_text())
+    records = [r for r in read_records(run_dir) if r["method"] in config["methods"]]
+    methods = FLAGS.methods or [m for m in config["methods"] if m != FLAGS.against]
+    unknown = sorted(set(methods + [FLAGS.against]) - set(config["methods"]))
+    if unknown:
+        raise app.UsageError(f"{unknown} not among the folder's methods {config['methods']}")
+    problems = {p.id: p for p in load_problems(config["dataset"], cache_dir=config.get("cache_dir"))[0]}
+    print(f"# Wins in {run_dir} against {FLAGS.against}\n")
+    for method in methods:
+        print(render(method, FLAGS.against, wins(records, method, FLAGS.against), problems))
+
+
+if __name__ == "__main__":
+    app.run(main)
