@@ -14,14 +14,14 @@ import pytest
 
 from conftest import tiny_chat_model
 from rosa2_jax.engine import streams
-from rosa2_jax.adapt.rosa import rosa_update
+from rosa2_jax.adapt.rosa import RosaConfig, rosa_update
 from rosa2_jax.adapt.text_models import make_text_model
 from rosa2_jax.checkpoint import load_model
 from rosa2_jax.engine import METHODS, SCHEDULERS, EngineConfig, Session, TokenEngine, TurnEngine
 from rosa2_jax.engine.rows import DecodeBatch
 from rosa2_jax.engine.stats import SchedulerStats
 from rosa2_jax.model.decode_rows import decode_chunk, empty_rows, prefill_row, put_row_cache, row_cache
-from rosa2_jax.model.generation import SamplingConfig, generate
+from rosa2_jax.model.generation import SamplingConfig, bucket_length, generate
 from rosa2_jax.model.lora import LoraConfig, parse_layers
 from rosa2_jax.tasks.problem import Problem
 
@@ -35,17 +35,17 @@ PROBLEMS = [Problem(f"p{i}", f"Which is right? (A) {i} (B) {i + 1}", "B", "choic
 
 
 def make_engine(model, scheduler: str, method: str, rows: int = 2, sessions: int = 3, critic=None,
-                sampling=SamplingConfig(max_new_tokens=10), adapter_cache=None):
+                sampling=SamplingConfig(max_new_tokens=10), adapter_cache=None, rosa=RosaConfig()):
     # 2 rows, 3 sessions in the pool, 5 tokens per decode call: rows stop mid-call and sessions change rows.
     # The critic is the policy itself unless another loaded model is given.
     cfg = EngineConfig(method=method, max_turns=3, rows=rows, sampling=sampling, max_context=512, critic_tokens=12,
-                       rewrite_tokens=8, sessions=sessions, decode_steps=5, switch_turn=2)
+                       rewrite_tokens=8, sessions=sessions, decode_steps=5, switch_turn=2, rosa=rosa)
     return SCHEDULERS[scheduler](model, cfg, make_text_model("local", model=critic or model), adapter_cache)
 
 
 def run(model, scheduler: str, method: str, rows: int = 2, sessions: int = 3, critic=None, problems=PROBLEMS,
-        sampling=SamplingConfig(max_new_tokens=10)):
-    engine = make_engine(model, scheduler, method, rows, sessions, critic, sampling)
+        sampling=SamplingConfig(max_new_tokens=10), rosa=RosaConfig()):
+    engine = make_engine(model, scheduler, method, rows, sessions, critic, sampling, rosa=rosa)
     finished = []
     try:
         engine.run(problems, finished.append)
@@ -284,6 +284,26 @@ def test_a_weights_step_runs_only_as_many_rows_as_its_failures_need(model, monke
     assert calls, "the tiny model should fail some turns"
     assert all(rows == 1 << (active - 1).bit_length() for rows, active in calls), calls
     assert any(rows < 16 for rows, _ in calls), calls
+
+
+def test_passes_of_one_step_each_session_alone_at_its_own_length(model, monkeypatch):
+    """With --update_batch=1 every failed session is its own step, its row padded to its own length only (and to
+    the window's), with no inactive rows; the records are those of the bucketed steps (‖Δθ‖² to rounding)."""
+    calls = []
+
+    def counting_update(params, adapters, batch, **kw):
+        calls.append((*batch.tokens.shape, int(batch.valid.sum()), int(batch.active.sum()), batch.window))
+        return rosa_update(params, adapters, batch, **kw)
+
+    monkeypatch.setattr(streams, "rosa_update", counting_update)
+    bucketed, _ = run(model, "token", "rosa", rows=4, sessions=4)
+    assert any(rows > 1 for rows, *_ in calls), "some bucket should hold several sessions"
+    calls.clear()
+    alone, _ = run(model, "token", "rosa", rows=4, sessions=4, rosa=RosaConfig(session_batch=1))
+    assert calls and all(rows == active == 1 for rows, _, _, active, _ in calls), calls
+    assert all(length == bucket_length(max(held, window + 1)) for _, length, held, _, window in calls), calls
+    assert trajectory(alone) == trajectory(bucketed)
+    np.testing.assert_allclose(step_norms(alone), step_norms(bucketed), rtol=1e-3)
 
 
 @pytest.mark.parametrize("failed,rows,data,bucket", [(1, 8, 1, 1), (3, 16, 1, 4), (5, 8, 1, 8), (9, 12, 1, 12),

@@ -187,12 +187,24 @@ class Weights(Stream):
         raise NotImplementedError
 
     def start(self, failed):
-        """One vmapped step on a bucket of `update_bucket` rows: the failed sessions, padded with inactive rows
-        of other pool slots (each slot at most once, so writing the bucket back is unambiguous)."""
+        """The failed sessions' step: one vmapped step on a bucket of them, or, in passes of one session on one
+        data shard (`--update_batch=1`, the CPU default), one step per session at its own length. A pass costs
+        what its padded shape costs, so a bucket would make each session pay for its longest neighbour's row
+        and for the inactive rows that round it up to a power of two."""
         ctx = self.ctx
         start = time.perf_counter()
         if len(failed) > ctx.cfg.rows:
             raise ValueError(f"{len(failed)} failed sessions exceed the update bucket of {ctx.cfg.rows}")
+        alone = ctx.cfg.rosa.session_batch == 1 and ctx.data_shards == 1
+        results = {}
+        for group in ([{i: failed[i]} for i in sorted(failed)] if alone else [failed]):
+            results |= self._bucket_step(group)
+        return completed((results, time.perf_counter() - start))
+
+    def _bucket_step(self, failed) -> dict[int, dict]:
+        """One vmapped step on a bucket of `update_bucket` rows: the failed sessions, padded with inactive rows
+        of other pool slots (each slot at most once, so writing the bucket back is unambiguous)."""
+        ctx = self.ctx
         bucket = update_bucket(len(failed), ctx.cfg.rows, ctx.data_shards)
         others = [i for i in range(ctx.pool_size) if i not in failed]
         slots = sorted([*failed, *others[: bucket - len(failed)]])
@@ -213,11 +225,10 @@ class Weights(Stream):
                                         jnp.asarray([i in failed for i in slots]), window=window),
                             ctx.mesh)
         stats = jax.device_get(self.step(batch, shard_batch(jnp.asarray(slots, jnp.int32), ctx.mesh)))
-        results = {i: {k: float(np.asarray(getattr(stats, k))[r]) for k in UPDATE_STATS} | {
+        return {i: {k: float(np.asarray(getattr(stats, k))[r]) for k in UPDATE_STATS} | {
             "cg_iters": int(stats.cg_iters[r]), "backtracks": int(stats.backtracks[r]),
             "rejected": bool(stats.rejected[r]), "nonfinite": bool(stats.nonfinite[r])}
             for r, i in enumerate(slots) if i in failed}
-        return completed((results, time.perf_counter() - start))
 
     def apply(self, session, record, result, message):
         record.update = result
