@@ -6,7 +6,7 @@ import numpy as np
 from conftest import hf_logits
 
 from rosa2_jax.checkpoint.hf_folder import load_hf_folder
-from rosa2_jax.model.decoder import forward
+from rosa2_jax.model.decoder import QUERY_BLOCK, attention, causal_attention, forward
 from rosa2_jax.model.generation import left_pad
 
 LENGTHS = (7, 19, 1, 12)
@@ -29,6 +29,36 @@ def test_logits_match_hf_on_rows_of_different_lengths(tiny_hf, rng):
     for i, row in enumerate(rows):
         ref = hf_logits(model, row)
         np.testing.assert_allclose(ours[i, T - len(row):], ref, atol=1e-4, rtol=0, err_msg=f"{kind} row {i}")
+
+
+def test_logits_match_hf_past_a_query_block(tiny_hf, rng):
+    """Teacher forcing runs its queries in blocks (causal_attention); rows longer than two blocks, left-padded."""
+    kind, model, folder = tiny_hf
+    cfg, params = load_hf_folder(folder)
+    lengths = (2 * QUERY_BLOCK + 37, QUERY_BLOCK + 5)
+    rows = [rng.randint(0, cfg.vocab_size, n).tolist() for n in lengths]
+    tokens, valid = left_pad(rows, max(lengths), pad_id=0)
+    ours = np.asarray(forward(jax.tree.map(jnp.asarray, params), jnp.asarray(tokens), jnp.asarray(valid), cfg=cfg))
+    T = tokens.shape[1]
+    for i, row in enumerate(rows):
+        np.testing.assert_allclose(ours[i, T - len(row):], hf_logits(model, row), atol=1e-4, rtol=0,
+                                   err_msg=f"{kind} row {i}")
+
+
+def test_blocked_causal_attention_equals_masked_attention_and_its_gradient(rng):
+    """causal_attention (query blocks over the keys up to each block's end, mask as a bias) against the plain
+    masked softmax, values and VJP, with left padding and a length that is not a multiple of the block."""
+    B, T, H, K, D = 2, 23, 6, 2, 8
+    q, k, v = (jnp.asarray(rng.standard_normal((B, T, n, D)), jnp.float32) for n in (H, K, K))
+    valid = jnp.arange(T)[None] >= jnp.asarray([[0], [9]])  # row 1 left-padded by 9
+    mask = jnp.tril(jnp.ones((T, T), bool))[None] & valid[:, None, :]
+    cotangent = jnp.asarray(rng.standard_normal((B, T, H * D)), jnp.float32) * valid[..., None]
+    ref, ref_vjp = jax.vjp(lambda *a: attention(*a, mask), q, k, v)
+    for block in (0, 5, 8, T):
+        out, out_vjp = jax.vjp(lambda *a: causal_attention(*a, mask, block), q, k, v)
+        np.testing.assert_allclose(out * valid[..., None], ref * valid[..., None], atol=1e-6, err_msg=f"block {block}")
+        for got, want in zip(out_vjp(cotangent), ref_vjp(cotangent)):
+            np.testing.assert_allclose(got, want, atol=1e-5, err_msg=f"block {block}")
 
 
 def test_bfloat16_forward_tracks_float32(tiny_hf, rng):
