@@ -26,8 +26,8 @@ from rosa2_jax.model.lora import LoraAdapters
 from rosa2_jax.model.params import Params
 
 _MASKED = -1e30  # large finite negative: a fully masked (padding) query row stays finite.
-# Query rows per block of teacher-forced attention (`causal_attention`): at T = 1,024, blocks of 128 took the 0.5B's
-# fast Weights step from 40 s to 27-29 s, blocks of 64 to 26 s with half again the compile time.
+# Query rows per block of teacher-forced attention (`causal_attention`); on the 0.5B's fast Weights step at T = 1,024:
+# one block 40 s, 128 rows 27-29 s, 64 rows 26 s with 1.5x the compile time (BUILD_NOTES.md, "The Weights step").
 QUERY_BLOCK = 128
 
 
@@ -167,8 +167,8 @@ def causal_attention(
     query_block: int = QUERY_BLOCK,
 ) -> Float[Array, "B T H*D"]:
     """`attention` with a causal `mask` (a token sees none after it), shaped for the ROSA update, which linearizes
-    and transposes the [T, T] scores of every adapted layer in every CG iteration (BUILD_NOTES.md, "The Weights
-    step"):
+    and transposes the [T, T] scores of every adapted layer in every CG iteration
+    (BUILD_NOTES.md, "The Weights step"):
 
     - the queries run in blocks of `query_block` rows, each over the keys up to its last row only, so most of the
       masked upper triangle is never computed;
