@@ -8,12 +8,11 @@ was interrupted, e.g. a study committed as its records grow.
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 from absl import app, flags
 
-from rosa2_jax.study.runs import read_records
+from rosa2_jax.study.runs import NotARunError, read_run
 from rosa2_jax.tasks.data import DatasetError, load_problems
 from rosa2_jax.study.report import write_report
 
@@ -23,11 +22,10 @@ flags.DEFINE_string("run_dir", None, "a sweep's folder (config.json + records*.j
 
 def main(_):
     run_dir = Path(FLAGS.run_dir)
-    if not (run_dir / "config.json").is_file():
-        raise app.UsageError(f"{run_dir} is not a sweep's folder: it has no config.json (experiments.math_sweep "
-                             "--run_dir=DIR writes one when it starts)")
-    config = json.loads((run_dir / "config.json").read_text())
-    records = [r for r in read_records(run_dir) if r["method"] in config["methods"]]
+    try:
+        config, records = read_run(run_dir)
+    except NotARunError as e:
+        raise app.UsageError(str(e)) from None
     try:  # the problems' text only lets the Words table count numbers that are not in the problem
         questions = {p.id: p.question for p in load_problems(config["dataset"], cache_dir=config.get("cache_dir"))[0]}
     except DatasetError as e:

@@ -9,12 +9,11 @@ answered and its response, and an empty "Hand check" line to fill in (is the der
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 from absl import app, flags
 
-from rosa2_jax.study.runs import read_records
+from rosa2_jax.study.runs import NotARunError, read_run
 from rosa2_jax.tasks.data import load_problems
 
 FLAGS = flags.FLAGS
@@ -53,10 +52,10 @@ def fenced(text: str) -> str:
 
 def main(_):
     run_dir = Path(FLAGS.run_dir)
-    if not (run_dir / "config.json").is_file():
-        raise app.UsageError(f"{run_dir} is not a sweep's folder: it has no config.json")
-    config = json.loads((run_dir / "config.json").read_text())
-    records = [r for r in read_records(run_dir) if r["method"] in config["methods"]]
+    try:
+        config, records = read_run(run_dir)
+    except NotARunError as e:
+        raise app.UsageError(str(e)) from None
     methods = FLAGS.methods or [m for m in config["methods"] if m != FLAGS.against]
     unknown = sorted(set(methods + [FLAGS.against]) - set(config["methods"]))
     if unknown:

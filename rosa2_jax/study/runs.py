@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import IO, Iterable
 
 from rosa2_jax.distributed import ProcessInfo
+from rosa2_jax.errors import Rosa2Error
 
 RECORDS = "records.jsonl"
 IN_FLIGHT = "in_flight.jsonl"
@@ -98,6 +99,20 @@ def read_records(run_dir: Path) -> list[dict]:
                 seen.add((r["method"], r["problem_id"]))
                 records.append(r)
     return records
+
+
+class NotARunError(Rosa2Error, FileNotFoundError):
+    """A folder given as a sweep's has no config.json."""
+
+
+def read_run(run_dir: Path) -> tuple[dict, list[dict]]:
+    """(the sweep's config, its finished records of the config's methods): a folder read on its own, e.g. by the
+    commands that report on a study still running."""
+    if not (run_dir / "config.json").is_file():
+        raise NotARunError(f"{run_dir} is not a sweep's folder: it has no config.json (experiments.math_sweep "
+                           "--run_dir=DIR writes one when it starts)")
+    config = json.loads((run_dir / "config.json").read_text())
+    return config, [r for r in read_records(run_dir) if r["method"] in config["methods"]]
 
 
 def merge_records(run_dir: Path) -> list[dict]:
