@@ -16,21 +16,13 @@ the calls) once and does every multiply-add once; `fraction` is roofline time / 
 
 from __future__ import annotations
 
-import collections
-import gzip
-import json
-import re
-import tempfile
-import time
-from pathlib import Path
-
 import jax
 import jax.numpy as jnp
 import numpy as np
 from absl import app, flags
 
 from experiments.common import (best_time, decode_roofline, define_model_flags, gsm8k_prompts, matmul_peak_flops,
-                                model_from_flags, read_bandwidth)
+                                model_from_flags, read_bandwidth, traced_op_seconds)
 from rosa2_jax.model.decode_rows import decode_chunk, empty_rows, prefill_row
 from rosa2_jax.model.generation import SamplingConfig, bucket_length
 
@@ -84,35 +76,13 @@ CATEGORIES = (("sampling", "/sampling/"), ("LM head", "/lm_head/"), ("cache writ
 
 
 def profile_decode(decode, hlo: str, steps: int, calls: int = 3) -> list[tuple[str, float]]:
-    """(category, ms per step) of the traced calls, from XLA's per-op events; `host and gaps` is the wall time
-    that no op covers (dispatch, argument handling, threads waiting)."""
-    op_names, skip = {}, set()
-    for line in hlo.splitlines():
-        m = re.match(r"\s*(?:ROOT )?%?([\w.-]+) = .*?\b([a-z][\w-]*)\(", line)
-        if not m:
-            continue
-        name, opcode = m.groups()
-        op_name = re.search(r'op_name="([^"]*)"', line)
-        op_names[name] = op_name.group(1) if op_name else ""
-        if opcode in ("while", "conditional", "call"):  # containers: their bodies' ops have their own events
-            skip.add(name)
-    with tempfile.TemporaryDirectory() as folder:
-        with jax.profiler.trace(folder, create_perfetto_trace=True):
-            start = time.perf_counter()
-            for _ in range(calls):
-                decode()
-            wall = time.perf_counter() - start
-        trace = json.load(gzip.open(next(Path(folder).rglob("perfetto_trace.json.gz"))))
-    events = trace["traceEvents"] if isinstance(trace, dict) else trace
-    spent = collections.Counter()
-    for e in events:
-        name = e.get("name")
-        if e.get("ph") == "X" and name in op_names and name not in skip:
-            label = next((c for c, key in CATEGORIES if key in op_names[name]), "other ops")
-            spent[label] += e["dur"] / 1e6
+    """(part, ms per step) of the traced calls; `host and gaps` is the wall time that no op covers (dispatch,
+    argument handling, threads waiting)."""
+    spent, wall = traced_op_seconds(decode, hlo, lambda op: next((c for c, key in CATEGORIES if key in op),
+                                                                 "other ops"), calls)
     per_step = 1000 / (calls * steps)
-    shares = [(label, seconds * per_step) for label, seconds in spent.most_common()]
-    return shares + [("host and gaps", max(wall - sum(spent.values()), 0.0) * per_step)]
+    return [(label, seconds * per_step) for label, seconds in spent] + [
+        ("host and gaps", max(wall - sum(s for _, s in spent), 0.0) * per_step)]
 
 
 def main(_):

@@ -18,6 +18,10 @@ CG iterations, `bt<N>` backtracking halvings, `tr<X>` the trust region on ||Δθ
 linear layer (not only q, v), `nr` activations stored instead of recomputed (--noremat for one variant),
 `pb<N>` the sessions solved in passes of N (the sweep's --update_batch), `hidden` the hidden-state offset.
 `L4` = paper with LoRA on the last 4 layers only; `fast-pb1-nr` = the sweep's step on a short history.
+
+`--profile` traces each update once more and splits its time by the decoder's named scopes (q/k/v, attention, output
+projection, MLP; the head and the solver are "other") and by pass (forward, JVP, VJP): the profile in BUILD_NOTES.md,
+"The Weights step".
 """
 
 from __future__ import annotations
@@ -32,7 +36,7 @@ import numpy as np
 from absl import app, flags, logging
 from jax.flatten_util import ravel_pytree
 
-from experiments.common import best_time, define_model_flags, gsm8k_prompts, model_from_flags
+from experiments.common import best_time, define_model_flags, gsm8k_prompts, model_from_flags, traced_op_seconds
 from rosa2_jax.adapt.rosa import UpdateBatch, hidden_offset_update, rosa_update
 from rosa2_jax.engine import PRESETS, WeightsPreset
 from rosa2_jax.engine.streams import HIDDEN_OFFSET_TOP_K
@@ -51,6 +55,8 @@ flags.DEFINE_float("top_p", 0.8, "decoding nucleus mass")
 flags.DEFINE_bool("remat", True, "recompute layer activations in the JVP/VJP (False stores them: faster, more memory)")
 flags.DEFINE_list("memory_response_lens", [], "T values for a memory sweep of the last variant at S=1")
 flags.DEFINE_string("out", "runs/bench_update.json", "where to write the measurements")
+flags.DEFINE_bool("profile", False, "also trace each update once and split its time by layer part (named scopes of "
+                  "model/decoder.py) and pass (forward, JVP, VJP)")
 flags.DEFINE_string("reference", None, "an earlier --out of the same model and sizes: its `paper` rows (per session) "
                     "are the reference, so the 25-minute paper step is not rerun (the sessions are checked to be "
                     "the same)")
@@ -88,8 +94,9 @@ def parse_variant(name: str) -> tuple[WeightsPreset, dict]:
     return preset, solver
 
 
-def timed_compiled(jitted, *args, **static):
-    """(compiled call, seconds of one call): compiled ahead of time so that the time is the run's alone."""
+def timed_compiled(jitted, *args, traced: bool = False, **static):
+    """(compiled call, seconds of one call, its output): compiled ahead of time so that the time is the run's
+    alone. `traced`: one more call is traced and its split printed."""
     compiled = jitted.lower(*args, **static).compile()
     out = None
 
@@ -97,7 +104,24 @@ def timed_compiled(jitted, *args, **static):
         nonlocal out
         out = jax.block_until_ready(compiled(*args))
 
-    return compiled, best_time(call, repeats=1), out
+    seconds = best_time(call, repeats=1)
+    if traced:
+        print_profile(*traced_op_seconds(call, compiled.as_text(), update_part))
+    return compiled, seconds, out
+
+
+def update_part(op_name: str) -> str:
+    """An update's op by the decoder's named scope it runs in and by pass: the forward, the JVP (jax.linearize's
+    tangents) or the VJP (their transpose). The head, the solver and the layer norms outside a scope are "other"."""
+    scope = next((s for s in ("qkv", "attention", "out_proj", "mlp") if f"/{s}/" in op_name), "other")
+    return f"{scope}, {'VJP' if 'transpose(' in op_name else 'JVP' if 'jvp(' in op_name else 'forward'}"
+
+
+def print_profile(spent: list[tuple[str, float]], wall: float) -> None:
+    traced = sum(seconds for _, seconds in spent)
+    print(f"\nprofile of one update call ({wall:.1f} s wall, {traced:.1f} s of traced ops):\n| part | s | share |\n"
+          "|---|---|---|\n" + "".join(f"| {part} | {seconds:.2f} | {seconds / traced:.0%} |\n"
+                                      for part, seconds in spent), flush=True)
 
 
 def run_variant(model, preset: WeightsPreset, solver: dict, batch: UpdateBatch, S: int):
@@ -106,12 +130,13 @@ def run_variant(model, preset: WeightsPreset, solver: dict, batch: UpdateBatch, 
     if preset.adapter == "hidden":
         theta = jnp.zeros((S, cfg.hidden_size), jnp.float32)
         compiled, seconds, (new, stats) = timed_compiled(
-            hidden_offset_update, params, theta, batch, cfg=cfg, rosa=rosa,
+            hidden_offset_update, params, theta, batch, traced=FLAGS.profile, cfg=cfg, rosa=rosa,
             top_k=preset.head_top_k or HIDDEN_OFFSET_TOP_K)
         deltas = None
     else:
         theta = init_adapters(cfg, preset.lora(cfg.num_layers), S, jax.random.key(0))  # A as `paper`'s
-        compiled, seconds, (new, stats) = timed_compiled(rosa_update, params, theta, batch, cfg=cfg, rosa=rosa)
+        compiled, seconds, (new, stats) = timed_compiled(rosa_update, params, theta, batch, traced=FLAGS.profile,
+                                                          cfg=cfg, rosa=rosa)
         deltas = [np.asarray(ravel_pytree(jax.tree.map(lambda a, b: a[s] - b[s], new.factors, theta.factors))[0])
                   for s in range(S)]
     return seconds, int(compiled.memory_analysis().temp_size_in_bytes), jax.device_get(stats), deltas

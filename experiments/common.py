@@ -4,8 +4,14 @@ step."""
 
 from __future__ import annotations
 
+import collections
 import dataclasses
+import gzip
+import json
+import re
+import tempfile
 import time
+from pathlib import Path
 from typing import Callable
 
 import jax
@@ -190,6 +196,38 @@ def best_time(fn: Callable[[], object], repeats: int = 3) -> float:
         fn()
         best = min(best, time.perf_counter() - start)
     return best
+
+
+def traced_op_seconds(run: Callable[[], object], hlo: str, part: Callable[[str], str],
+                      calls: int = 1) -> tuple[list[tuple[str, float]], float]:
+    """([(part, seconds)] most first, wall seconds) of `calls` traced runs of `run`, a compiled program whose HLO
+    text is `hlo`: XLA's per-op events (jax.profiler), each op put in `part(op_name)` by the op_name of its HLO
+    metadata (the named scopes and transforms, e.g. ".../transpose(jvp())/.../attention/..."). XLA runs
+    independent ops on both cores at once, so the parts can add up to more than the wall time: read them as
+    shares."""
+    op_names, containers = {}, set()
+    for line in hlo.splitlines():
+        m = re.match(r"\s*(?:ROOT )?%?([\w.-]+) = .*?\b([a-z][\w-]*)\(", line)
+        if not m:
+            continue
+        name, opcode = m.groups()
+        op_name = re.search(r'op_name="([^"]*)"', line)
+        op_names[name] = op_name.group(1) if op_name else ""
+        if opcode in ("while", "conditional", "call"):  # their bodies' ops have their own events
+            containers.add(name)
+    with tempfile.TemporaryDirectory() as folder:
+        with jax.profiler.trace(folder, create_perfetto_trace=True):
+            start = time.perf_counter()
+            for _ in range(calls):
+                run()
+            wall = time.perf_counter() - start
+        trace = json.load(gzip.open(next(Path(folder).rglob("perfetto_trace.json.gz"))))
+    spent = collections.Counter()
+    for e in trace["traceEvents"] if isinstance(trace, dict) else trace:
+        name = e.get("name")
+        if e.get("ph") == "X" and name in op_names and name not in containers:
+            spent[part(op_names[name])] += e["dur"] / 1e6
+    return spent.most_common(), wall
 
 
 def matmul_peak_flops(n: int = 2048, dtype=jnp.float32) -> float:
