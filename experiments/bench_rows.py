@@ -24,6 +24,7 @@ from absl import app, flags
 from experiments.common import (best_time, decode_roofline, define_model_flags, gsm8k_prompts, matmul_peak_flops,
                                 model_from_flags, read_bandwidth, traced_op_seconds)
 from rosa2_jax.model.decode_rows import decode_chunk, empty_rows, prefill_row
+from rosa2_jax.model.decoder import cache_dtype
 from rosa2_jax.model.generation import SamplingConfig, bucket_length
 
 FLAGS = flags.FLAGS
@@ -50,7 +51,7 @@ def decode_rows_call(model, rows: int, capacity: int | None, steps: int):
     prompts = gsm8k_prompts(model, rows, max_tokens=256)
     added = TIMED_CALLS * steps
     capacity = capacity or bucket_length(max(map(len, prompts)) + added + 1)
-    state = empty_rows(cfg, rows, capacity, SAMPLING.max_new_tokens, params["embed"].dtype, pad_id=0)
+    state = empty_rows(cfg, rows, capacity, SAMPLING.max_new_tokens, cache_dtype(params), pad_id=0)
     for row, prompt in enumerate(prompts):
         padded = np.zeros(bucket_length(len(prompt)), np.int32)
         padded[: len(prompt)] = prompt
@@ -97,7 +98,7 @@ def main(_):
     key = jax.random.key(0)
     pieces = list(map(int, FLAGS.pieces))
     rows = empty_rows(cfg, int(FLAGS.rows[0]), bucket_length(FLAGS.prefix + max(pieces, default=0)),
-                      SAMPLING.max_new_tokens, params["embed"].dtype, pad_id=0)
+                      SAMPLING.max_new_tokens, cache_dtype(params), pad_id=0)
     for n in pieces:
         tokens = jnp.asarray(np.arange(n) + 100, jnp.int32)
 

@@ -6,7 +6,9 @@ logits' error.
 Each GSM8K prompt (the sweep's chat template) is answered greedily with both decode layouts. Reported: the share of
 answers that are token for token the same, the mean number of tokens before the first difference, and, teacher
 forced on the float32 answers, the share of positions whose argmax agrees, the largest and mean absolute logit
-difference, and the mean absolute difference of the log-probabilities of the float32 argmax tokens.
+difference, and the mean absolute difference of the log-probabilities of the float32 argmax tokens. Then the token
+engine's rows (model/decode_rows.py), whose cache follows the decode weights' dtype: the bfloat16 weights' greedy
+answers with a bfloat16 cache against the same weights with a float32 cache, counted the same way.
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ import numpy as np
 from absl import app, flags
 
 from experiments.common import define_model_flags, gsm8k_prompts, model_from_flags
+from rosa2_jax.model.decode_rows import decode_chunk, empty_rows, prefill_row
 from rosa2_jax.model.decoder import decode_layout, forward
 from rosa2_jax.model.generation import SamplingConfig, bucket_length, generate
 
@@ -35,14 +38,7 @@ def main(_):
     answers = {name: [g.tokens for g in generate(params, cfg, prompts, greedy, stop_token_ids=sampler.stop_ids,
                                                  pad_id=sampler.pad_id)]
                for name, params in layouts.items()}
-    same, first_difference = 0, []
-    for a, b in zip(answers["float32"], answers["bfloat16"]):
-        same += a == b
-        n = min(len(a), len(b))
-        diff = next((i for i in range(n) if a[i] != b[i]), n)
-        first_difference.append(diff)
-    print(f"greedy answers identical: {same}/{len(prompts)}; tokens before the first difference: mean "
-          f"{np.mean(first_difference):.0f}, min {min(first_difference)} (answers of {FLAGS.new_tokens} tokens at most)")
+    print("generate, bfloat16 against float32 weights: " + agreement(answers["float32"], answers["bfloat16"]))
 
     score = jax.jit(sequence_logits, static_argnames="cfg")
     agree, errors, logp_errors = [], [], []
@@ -61,6 +57,40 @@ def main(_):
           f"{np.mean(np.concatenate(agree)):.2%}; |logit difference| max {err.max():.3f}, mean {err.mean():.4f}; "
           f"|log-prob difference| of the float32 argmax token: mean {np.mean(np.concatenate(logp_errors)):.4f}, "
           f"max {np.max(np.concatenate(logp_errors)):.3f}")
+
+    caches = {dtype: rows_answers(layouts["bfloat16"], cfg, prompts, dtype, FLAGS.new_tokens, sampler)
+              for dtype in (jnp.float32, jnp.bfloat16)}
+    print("the token engine's rows, bfloat16 weights, bfloat16 against float32 cache: "
+          + agreement(caches[jnp.float32], caches[jnp.bfloat16]))
+
+
+def agreement(reference: list[list[int]], other: list[list[int]]) -> str:
+    """How many answers are token for token the same, and where the others part."""
+    first_difference = []
+    for a, b in zip(reference, other):
+        n = min(len(a), len(b))
+        first_difference.append(next((i for i in range(n) if a[i] != b[i]), n))
+    same = sum(a == b for a, b in zip(reference, other))
+    return (f"greedy answers identical: {same}/{len(reference)}; tokens before the first difference: mean "
+            f"{np.mean(first_difference):.0f}, min {min(first_difference)} (answers of {FLAGS.new_tokens} tokens at "
+            "most)")
+
+
+def rows_answers(params, cfg, prompts, dtype, new_tokens: int, sampler) -> list[list[int]]:
+    """Greedy answers decoded as the token engine decodes: one prompt per row, a cache of `dtype`, 16-step calls."""
+    rows = empty_rows(cfg, len(prompts), bucket_length(max(map(len, prompts)) + new_tokens + 1), new_tokens, dtype,
+                      sampler.pad_id)
+    for row, prompt in enumerate(prompts):
+        padded = np.full(bucket_length(len(prompt)), sampler.pad_id, np.int32)
+        padded[: len(prompt)] = prompt
+        rows = prefill_row(params, rows, jnp.int32(row), jnp.asarray(padded), jnp.int32(len(prompt)), jnp.int32(0),
+                           jax.random.key(row), None, None, jnp.int32(0), cfg=cfg, fresh=True)
+    sessions, greedy = jnp.zeros(len(prompts), jnp.int32), SamplingConfig(max_new_tokens=new_tokens)
+    while not bool(jnp.all(rows.done)):
+        rows, *_ = decode_chunk(params, rows, None, None, sessions, cfg=cfg, sampling=greedy,
+                                stop_ids=tuple(sampler.stop_ids), pad_id=sampler.pad_id, steps=16)
+    out, count = jax.device_get((rows.out, rows.count))
+    return [out[row, : count[row]].tolist() for row in range(len(prompts))]
 
 
 def sequence_logits(params, tokens, length, *, cfg):

@@ -23,7 +23,7 @@ from experiments import common
 from rosa2_jax.adapt.words import WORDS_STREAM
 from rosa2_jax.distributed import initialize, process_info
 from rosa2_jax.engine import METHODS, SCHEDULERS
-from rosa2_jax.model.generation import DECODE_PATH, SAMPLER
+from rosa2_jax.model.generation import SAMPLER, decode_path
 from rosa2_jax.model.sharding import make_mesh
 from rosa2_jax.study.runs import RunInUse, lock_run
 from rosa2_jax.study.study import Study, StudyConfig, StudyConfigError
@@ -83,7 +83,7 @@ def main(_):
             key_flags = FLAGS.get_key_flags_for_module(sys.modules[__name__])
             # A folder from before these were recorded drew over the whole vocabulary, rewrote the whole message and
             # sized its cache to each turn.
-            code = {"sampler": SAMPLER, "words_stream": WORDS_STREAM, "decode_path": DECODE_PATH}
+            code = {"sampler": SAMPLER, "words_stream": WORDS_STREAM, "decode_path": decode_path(FLAGS.decode_dtype)}
             before = {"sampler": "full-vocabulary", "words_stream": "rewrite", "decode_path": "turn-sized-cache"}
             try:
                 study.check_config({f.name: f.value for f in key_flags} | code,

@@ -21,6 +21,7 @@ from rosa2_jax.engine import METHODS, SCHEDULERS, EngineConfig, Session, TokenEn
 from rosa2_jax.engine.rows import DecodeBatch
 from rosa2_jax.engine.stats import SchedulerStats
 from rosa2_jax.model.decode_rows import decode_chunk, empty_rows, prefill_row, put_row_cache, row_cache
+from rosa2_jax.model.decoder import cache_dtype, decode_layout, forward
 from rosa2_jax.model.generation import SamplingConfig, bucket_length, generate
 from rosa2_jax.model.lora import LoraConfig, parse_layers
 from rosa2_jax.tasks.problem import Problem
@@ -394,6 +395,40 @@ def test_a_decode_call_returns_in_the_step_a_row_stops(model):
     rows, generated, steps = decode(rows)
     assert int(steps) == 9 and int(generated) == 9
     np.testing.assert_array_equal(np.asarray(rows.out[1]), np.asarray(reference.out[1]))
+
+
+def test_a_bfloat16_cache_is_written_once_per_call_as_one_step_calls_write_it(model):
+    """bfloat16 decode weights keep a bfloat16 cache, which a decode call only reads: its new keys/values go to a
+    buffer attended beside the cache and merged into it at the call's end. Rows of three lengths decoded in calls of
+    12 steps give the tokens, logits and cache of one-step calls (each merging at once), and the last logits stay
+    within bfloat16's error of the float32 forward over the prompt and the decoded tokens."""
+    cfg = model.cfg
+    params = decode_layout(model.params, jnp.bfloat16)
+    assert cache_dtype(params) == jnp.bfloat16
+    rng = np.random.default_rng(1)
+    prompts = [rng.integers(3, cfg.vocab_size, n).tolist() for n in (10, 17, 24)]
+    rows = empty_rows(cfg, 3, 128, 40, cache_dtype(params), 0)
+    for row, prompt in enumerate(prompts):
+        padded = np.zeros(64, np.int32)
+        padded[:len(prompt)] = prompt
+        rows = prefill_row(params, rows, jnp.int32(row), jnp.asarray(padded), jnp.int32(len(prompt)), jnp.int32(0),
+                           jax.random.key(row), None, None, jnp.int32(0), cfg=cfg, fresh=True)
+    decode = functools.partial(decode_chunk, params, adapters=None, offsets=None, sessions=jnp.zeros(3, jnp.int32),
+                               cfg=cfg, sampling=SamplingConfig(max_new_tokens=40), stop_ids=(), pad_id=0)
+    calls, steps = jax.tree.map(jnp.copy, rows), rows
+    for _ in range(3):
+        calls, *_ = decode(calls, steps=12)
+    for _ in range(36):
+        steps, *_ = decode(steps, steps=1)
+    assert calls.cache.k[0].dtype == jnp.bfloat16 and np.asarray(calls.length).tolist() == [46, 53, 60]
+    for a, b in zip(jax.tree.leaves((calls.out, calls.logits, calls.cache)), jax.tree.leaves((steps.out, steps.logits,
+                                                                                             steps.cache))):
+        np.testing.assert_allclose(np.asarray(a, np.float32), np.asarray(b, np.float32), atol=1e-5, rtol=0)
+    for row, prompt in enumerate(prompts):
+        sequence = jnp.asarray([prompt + np.asarray(calls.out[row, :36]).tolist()], jnp.int32)
+        reference = forward(model.params, sequence, jnp.ones(sequence.shape, bool), cfg=cfg)[0, -1]
+        error = np.abs(np.asarray(calls.logits[row] - reference)).max()
+        assert error < 0.02 * np.abs(np.asarray(reference)).max()
 
 
 def test_a_greedy_row_beside_sampled_rows_decodes_its_argmax_and_stops_at_its_own_limit(model):

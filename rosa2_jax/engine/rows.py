@@ -14,6 +14,7 @@ from rosa2_jax.checkpoint import LoadedModel
 from rosa2_jax.engine.config import EngineConfig
 from rosa2_jax.engine.stats import SchedulerStats
 from rosa2_jax.model.decode_rows import decode_chunk, empty_rows, prefill_row, put_row_cache, resize_rows, row_cache
+from rosa2_jax.model.decoder import cache_dtype
 from rosa2_jax.model.generation import bucket_length
 
 
@@ -25,8 +26,8 @@ class DecodeBatch:
                  stats: SchedulerStats):
         self.model, self.cfg, self.stats, self.lora_kernel = model, cfg, stats, lora_kernel
         self.sampler = model.sampler
-        self.device = empty_rows(model.cfg, cfg.rows, bucket_length(1), max_new, model.params["embed"].dtype,
-                                 self.sampler.pad_id)
+        self.device = empty_rows(model.cfg, cfg.rows, bucket_length(1), max_new,
+                                 cache_dtype(self.sampler.decode_params), self.sampler.pad_id)
         self.slot: list[int | None] = [None] * cfg.rows  # the pool slot generating in each row
         self.text: list[Any] = [None] * cfg.rows  # or (a text request, its prompt's index)
         self.need = [0] * cfg.rows  # cache slots each row's turn can reach: prompt + its token limit + 1

@@ -176,16 +176,21 @@ def decode_chunk(
     the pool's adapter / offset `sessions[b]`. Returns (rows, tokens generated, steps run)."""
     B, N = rows.out.shape
     row_adapters = _session_adapters(adapters, sessions)
-    offset = _session_offset(offsets, sessions, rows.cache.k[0].dtype)
+    offset = _session_offset(offsets, sessions, rows.logits.dtype)
     stop = jnp.asarray(stop_ids, jnp.int32)
     idle = rows.done
+    # A cache narrower than float32 is only read during the call: its new keys/values go to a buffer of `steps`
+    # slots, merged into it after the loop (XLA CPU writes one slot of a bfloat16 array by converting all of it).
+    buffered = jnp.dtype(rows.cache.k[0].dtype).itemsize < 4
+    cache, start = rows.cache, rows.length
+    buffer = KVCache.empty(cfg, B, steps, cache.k[0].dtype) if buffered else None
 
     def cond(state):
-        i, rows, _ = state
+        i, rows, _, _ = state
         return (i < steps) & ~jnp.any(rows.done & ~idle) & ~jnp.all(rows.done)
 
     def body(state):
-        i, rows, generated = state
+        i, rows, buffer, generated = state
         running = ~rows.done
         with jax.named_scope("sampling"):
             step_keys = jax.vmap(jax.random.fold_in)(rows.keys, rows.count)
@@ -197,14 +202,41 @@ def decode_chunk(
         done = rows.done | jnp.isin(tok, stop) | (count >= rows.limit)
         # The sampled token is fed even when it ends the turn: the cache then holds the whole turn, which
         # the session's next turn reuses. Rows not running write an invalid slot past their length.
-        hidden, cache = decoder_hidden(params, tok[:, None], rows.length[:, None], running[:, None], cfg=cfg,
-                                       cache=rows.cache, cache_index=rows.length, adapters=row_adapters,
-                                       lora_kernel=lora_kernel)
+        hidden, written = decoder_hidden(
+            params, tok[:, None], rows.length[:, None], running[:, None], cfg=cfg,
+            cache=cache if buffered else rows.cache, cache_index=start if buffered else rows.length,
+            adapters=row_adapters, lora_kernel=lora_kernel, buffer=buffer, buffer_index=i)
         with jax.named_scope("lm_head"):
             logits = lm_logits(params, hidden[:, 0] + offset, cfg).astype(jnp.float32)
-        rows = rows.replace(cache=cache, length=rows.length + running, logits=logits, count=count, done=done,
-                            out=out)
-        return i + 1, rows, generated + jnp.sum(running)
+        rows = rows.replace(length=rows.length + running, logits=logits, count=count, done=done, out=out)
+        if buffered:
+            buffer = written
+        else:
+            rows = rows.replace(cache=written)
+        return i + 1, rows, buffer, generated + jnp.sum(running)
 
-    steps_run, rows, generated = jax.lax.while_loop(cond, body, (jnp.int32(0), rows, jnp.int32(0)))
+    steps_run, rows, buffer, generated = jax.lax.while_loop(cond, body, (jnp.int32(0), rows, buffer, jnp.int32(0)))
+    if buffered:
+        with jax.named_scope("cache_write"):
+            rows = rows.replace(cache=_merge_buffer(cache, buffer, start))
     return rows, generated, steps_run
+
+
+def _merge_buffer(cache: KVCache, buffer: KVCache, start: Int[Array, "B"]) -> KVCache:
+    """The cache with a decode call's buffer written in: row b's valid buffer slots t at slots start[b] + t.
+
+    A select over every slot rather than a scatter: XLA CPU scatters into a bfloat16 array by converting all of it
+    to float32 and back (with fresh buffers' page faults, ~10 ms a step amortized at 16 rows x 384 slots)."""
+    T, S = buffer.valid.shape[1], cache.valid.shape[1]
+    offset = jnp.arange(S)[None] - start[:, None]  # [B, S]: the buffer slot each cache slot would take
+    source = jnp.clip(offset, 0, T - 1)
+    take = (offset >= 0) & (offset < T) & jnp.take_along_axis(buffer.valid, source, axis=1)
+
+    def merged(old, new, axis):  # a cache array and its buffer, slots along `axis`
+        shape = [1] * old.ndim
+        shape[0], shape[axis] = -1, S
+        index, where = source.reshape(shape), take.reshape(shape)
+        return jnp.where(where, jnp.take_along_axis(new, index, axis=axis), old)
+
+    return KVCache(tuple(merged(k, n, 3) for k, n in zip(cache.k, buffer.k)),
+                   tuple(merged(v, n, 2) for v, n in zip(cache.v, buffer.v)), cache.valid | take)

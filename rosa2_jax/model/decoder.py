@@ -105,6 +105,15 @@ def decode_layout(params: Params, dtype=None, *, out_in: bool | None = None) -> 
     return decoded
 
 
+def cache_dtype(params: Params) -> jnp.dtype:
+    """The dtype of a decode cache for these weights: that of `decode_layout`'s matmul weights (bfloat16 decode
+    weights keep bfloat16 keys/values, which halves what attention reads), else the params'."""
+    layers = params["layers"]
+    if isinstance(layers, tuple):
+        return next(w.dtype for name, w in layers[0].items() if name.removesuffix("_t") in LINEARS)
+    return params["embed"].dtype
+
+
 def accumulation_dtype(dtype) -> jnp.dtype:
     """At least float32: bfloat16 accumulates in float32, float64 (x64 checks) stays float64."""
     return jnp.promote_types(dtype, jnp.float32)
@@ -215,19 +224,39 @@ def _linear(x, lp, la, name, scale, lora_kernel):
 
 def decode_attention(
     q: Float[Array, "B 1 H D"], cache_k: Float[Array, "B K D S"], cache_v: Float[Array, "B K S D"],
-    mask: Bool[Array, "B S"],
+    mask: Bool[Array, "B S"], buffer: tuple[Array, Array, Array] | None = None,
 ) -> Float[Array, "B 1 H*D"]:
     """One new token attending to the cached slots in `mask`, its own among them: the cache is written before it
     is read, so the write can update it in place (reading the old cache and writing after made XLA keep the old
-    one alive by copying every layer's cache at every step)."""
+    one alive by copying every layer's cache at every step).
+
+    With `buffer` (keys [B, K, D, T], values [B, K, T, D], mask [B, T]: a decode call's tokens so far, its own
+    among them) the token attends to the cache's slots in `mask` and to the buffer's in one softmax. A cache
+    narrower than float32 is read in its own dtype, the query rounded to it, with float32 accumulation."""
     B, _, H, D = q.shape
     K = cache_k.shape[1]
-    qg = q.reshape(B, K, H // K, D)
     acc = accumulation_dtype(q.dtype)
-    scores = jnp.einsum("bkgd,bkds->bkgs", qg, cache_k, preferred_element_type=acc) / math.sqrt(D)
-    scores = jnp.where(mask[:, None, None, :], scores, _MASKED)
-    probs = jax.nn.softmax(scores, axis=-1).astype(cache_v.dtype)
-    return jnp.einsum("bkgs,bksd->bkgd", probs, cache_v).reshape(B, 1, H * D)
+    qg = q.reshape(B, K, H // K, D).astype(cache_k.dtype)
+
+    def scores(keys, mask, spec):
+        s = jnp.einsum(spec, qg, keys, preferred_element_type=acc) / math.sqrt(D)
+        return jnp.where(mask[:, None, None, :], s, _MASKED)
+
+    def weighted(probs, values, spec):
+        return jnp.einsum(spec, probs.astype(values.dtype), values, preferred_element_type=acc)
+
+    cached = scores(cache_k, mask, "bkgd,bkds->bkgs")
+    if buffer is None:
+        out = weighted(jax.nn.softmax(cached, axis=-1), cache_v, "bkgs,bksd->bkgd")
+    else:  # one softmax over both, without concatenating them
+        buffer_k, buffer_v, buffer_mask = buffer
+        new = scores(buffer_k, buffer_mask, "bkgd,bkdt->bkgt")
+        top = jnp.maximum(jnp.max(cached, -1, keepdims=True), jnp.max(new, -1, keepdims=True))
+        cached, new = jnp.exp(cached - top), jnp.exp(new - top)
+        total = jnp.sum(cached, -1, keepdims=True) + jnp.sum(new, -1, keepdims=True)
+        out = (weighted(cached / total, cache_v, "bkgs,bksd->bkgd")
+               + weighted(new / total, buffer_v, "bkgt,bktd->bkgd"))
+    return out.astype(q.dtype).reshape(B, 1, H * D)
 
 
 def prefix_attention(
@@ -268,6 +297,8 @@ def decoder_hidden(
     inputs: Float[Array, "B T d"] | None = None,
     final_norm: bool = True,
     continue_prefix: bool = False,
+    buffer: KVCache | None = None,
+    buffer_index: Int[Array, ""] | int = 0,
 ) -> tuple[Float[Array, "B T d"], KVCache | None]:
     """Hidden states after the final norm (before it with `final_norm=False`).
 
@@ -278,7 +309,10 @@ def decoder_hidden(
     to every valid slot before cache_index (a turn whose history is cached); a single token (a decode
     step) attends to every valid slot before it and to itself. A decode step writes each layer's new k/v into
     its cache and then attends over it, so the write updates the cache in place; a prefill writes after the
-    layers ran.
+    layers ran. A decode step with a `buffer` (a decode call's new keys/values, `KVCache` of T slots) reads the
+    cache's valid slots before `cache_index` without writing it, writes its keys/values into the buffer's slot
+    `buffer_index` and attends to both; it returns the buffer (model/decode_rows.py merges it into the cache once
+    per call: XLA CPU updates a bfloat16 array by converting all of it).
     `valid` marks real tokens; padding is never attended to. `remat` recomputes each layer's
     activations when differentiating instead of storing them (used by the ROSA update). `lora_kernel`
     applies adapters with the Pallas kernel (forward only; GPU/TPU) instead of the jnp reference.
@@ -301,6 +335,9 @@ def decoder_hidden(
         old_mask = cache.valid & (slots[None, :] < jnp.reshape(cache_index, (-1, 1)))
         # a decode step's token attends to itself at its slot (even on a row that is not running, as before)
         step_mask = old_mask | (slots[None, :] == jnp.reshape(cache_index, (-1, 1)))
+    if buffer is not None:
+        buffer_valid = jax.lax.dynamic_update_slice(buffer.valid, valid, (0, buffer_index))
+        buffer_mask = buffer_valid | (jnp.arange(buffer.valid.shape[1]) == buffer_index)[None]
     layer_adapters = adapters.per_layer() if adapters is not None else None
     scale = adapters.scale if adapters is not None else 1.0
 
@@ -320,7 +357,12 @@ def decoder_hidden(
             q = apply_rope(q, positions, inv_freq)
             k = apply_rope(k, positions, inv_freq)
         with jax.named_scope("attention"):
-            if decoding:
+            if decoding and buffer is not None:
+                cache_k, cache_v, *layer_buffer = layer_cache
+                with jax.named_scope("cache_write"):
+                    layer_cache = _write_layer(*layer_buffer, k, v, buffer_index)
+                o = decode_attention(q, cache_k, cache_v, old_mask, (*layer_cache, buffer_mask))
+            elif decoding:
                 with jax.named_scope("cache_write"):
                     layer_cache = _write_layer(*layer_cache, k, v, cache_index)
                 o = decode_attention(q, *layer_cache, step_mask)
@@ -335,7 +377,8 @@ def decoder_hidden(
             gated = (jax.nn.silu(_linear(h, lp, la, "gate", scale, lora_kernel))
                      * _linear(h, lp, la, "up", scale, lora_kernel))
             x = x + _linear(gated, lp, la, "down", scale, lora_kernel)
-        # a decode step returns the layer's written cache, a prefill its new keys/values (written after the layers)
+        # a decode step returns the layer's written cache (or buffer), a prefill its new keys/values (written after
+        # the layers)
         return x, (layer_cache if decoding else (k, v) if cache is not None else None)
 
     step = jax.checkpoint(layer) if remat else layer
@@ -348,6 +391,8 @@ def decoder_hidden(
         for i in range(first, last):
             la = None if layer_adapters is None else jax.tree.map(lambda a: a[i - first], layer_adapters)
             layer_cache = (cache.k[i], cache.v[i]) if decoding or extending else None
+            if buffer is not None:
+                layer_cache += (buffer.k[i], buffer.v[i])
             x, out = step(x, (_layer_params(params, i), la, layer_cache))
             if cache is not None and not decoding:
                 with jax.named_scope("cache_write"):
@@ -359,6 +404,8 @@ def decoder_hidden(
         x = rms_norm(x, params["final_norm"], cfg.rms_norm_eps)
     if cache is None:
         return x, None
+    if buffer is not None:
+        return x, KVCache(tuple(new_k), tuple(new_v), buffer_valid)
     if jnp.ndim(cache_index) == 0:
         valid = jax.lax.dynamic_update_slice(cache.valid, valid, (0, cache_index))
     else:

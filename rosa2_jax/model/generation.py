@@ -64,11 +64,16 @@ def bucket_length(n: int, buckets: Sequence[int] = PROMPT_BUCKETS) -> int:
 # (the first study, results/qwen05-gsm8k-k5, drew over the whole vocabulary: "full-vocabulary").
 SAMPLER = "nucleus-candidates"
 TOP_P_CANDIDATES = 256
-# How a decode step computes, recorded beside SAMPLER: the same settings give the same trajectories only on the same
-# path, since a float32 sum in another order rounds otherwise. "flat-matmuls-fitted-cache": every matmul over
-# [rows, in] (decoder._linear) and the token engine's cache sized to its rows' tokens (engine/rows.py); the runs
-# before it: "turn-sized-cache".
-DECODE_PATH = "flat-matmuls-fitted-cache"
+
+
+def decode_path(decode_dtype) -> str:
+    """How a decode step computes with these decode weights, recorded beside SAMPLER: the same settings give the same
+    trajectories only on the same path, since a float32 sum in another order rounds otherwise.
+    "flat-matmuls-fitted-cache": every matmul over [rows, in] (decoder._linear) and the token engine's cache sized
+    to its rows' tokens (engine/rows.py); the runs before it: "turn-sized-cache". "bfloat16-cache": bfloat16 decode
+    weights keep the token engine's cache in bfloat16, written once per decode call (decode_rows.decode_chunk);
+    float32 weights compute as "flat-matmuls-fitted-cache" did."""
+    return "bfloat16-cache" if jnp.dtype(decode_dtype).itemsize < 4 else "flat-matmuls-fitted-cache"
 
 
 def sample_logits(logits: Float[Array, "B V"], keys: jax.Array, sampling: SamplingConfig,
