@@ -22,7 +22,7 @@ import numpy as np
 from absl import app, flags
 
 from experiments.common import (best_time, decode_roofline, define_model_flags, gsm8k_prompts, matmul_peak_flops,
-                                model_from_flags, read_bandwidth, traced_op_seconds)
+                                model_from_flags, prefilled_rows, read_bandwidth, traced_op_seconds)
 from rosa2_jax.model.decode_rows import decode_chunk, empty_rows, prefill_row
 from rosa2_jax.model.decoder import cache_dtype
 from rosa2_jax.model.generation import SamplingConfig, bucket_length
@@ -51,12 +51,7 @@ def decode_rows_call(model, rows: int, capacity: int | None, steps: int):
     prompts = gsm8k_prompts(model, rows, max_tokens=256)
     added = TIMED_CALLS * steps
     capacity = capacity or bucket_length(max(map(len, prompts)) + added + 1)
-    state = empty_rows(cfg, rows, capacity, SAMPLING.max_new_tokens, cache_dtype(params), pad_id=0)
-    for row, prompt in enumerate(prompts):
-        padded = np.zeros(bucket_length(len(prompt)), np.int32)
-        padded[: len(prompt)] = prompt
-        state = prefill_row(params, state, jnp.int32(row), jnp.asarray(padded), jnp.int32(len(prompt)), jnp.int32(0),
-                            jax.random.key(row), None, None, jnp.int32(0), cfg=cfg, fresh=True)
+    state = prefilled_rows(params, cfg, prompts, capacity, SAMPLING.max_new_tokens, cache_dtype(params), pad_id=0)
     sessions = jnp.zeros(rows, jnp.int32)
     compiled = decode_chunk.lower(params, state, None, None, sessions, cfg=cfg, sampling=SAMPLING, stop_ids=(-1,),
                                   pad_id=0, steps=steps).compile()

@@ -16,6 +16,7 @@ from typing import Callable
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from absl import app, flags
 from jax.sharding import Mesh
 
@@ -26,8 +27,9 @@ from rosa2_jax.checkpoint import LoadedModel, load_model
 from rosa2_jax.engine import ADAPTERS, MATH_SYSTEM_PROMPT, PRESETS, REWARDS, EngineConfig, WeightsPreset
 from rosa2_jax.fetch import cache_root
 from rosa2_jax.model.config import ModelConfig
+from rosa2_jax.model.decode_rows import DecodeRows, empty_rows, prefill_row
 from rosa2_jax.model.decoder import decode_layout
-from rosa2_jax.model.generation import SamplingConfig
+from rosa2_jax.model.generation import SamplingConfig, bucket_length
 from rosa2_jax.tasks.data import load_problems
 from rosa2_jax.tasks.rewards import EQUIVALENCES
 
@@ -186,6 +188,18 @@ def gsm8k_prompts(model: LoadedModel, count: int, max_tokens: int) -> list[list[
         if len(prompts) == count:
             return prompts
     raise app.UsageError(f"fewer than {count} GSM8K prompts have at most {max_tokens} tokens")
+
+
+def prefilled_rows(params, cfg: ModelConfig, prompts: list[list[int]], capacity: int, max_new_tokens: int, dtype,
+                   pad_id: int) -> DecodeRows:
+    """Token-engine rows of a `capacity`-slot cache of `dtype`, one prompt prefilled into each (row r keyed r)."""
+    rows = empty_rows(cfg, len(prompts), capacity, max_new_tokens, dtype, pad_id)
+    for row, prompt in enumerate(prompts):
+        padded = np.full(bucket_length(len(prompt)), pad_id, np.int32)
+        padded[: len(prompt)] = prompt
+        rows = prefill_row(params, rows, jnp.int32(row), jnp.asarray(padded), jnp.int32(len(prompt)), jnp.int32(0),
+                           jax.random.key(row), None, None, jnp.int32(0), cfg=cfg, fresh=True)
+    return rows
 
 
 def best_time(fn: Callable[[], object], repeats: int = 3) -> float:

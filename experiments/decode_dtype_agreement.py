@@ -18,8 +18,8 @@ import jax.numpy as jnp
 import numpy as np
 from absl import app, flags
 
-from experiments.common import define_model_flags, gsm8k_prompts, model_from_flags
-from rosa2_jax.model.decode_rows import decode_chunk, empty_rows, prefill_row
+from experiments.common import define_model_flags, gsm8k_prompts, model_from_flags, prefilled_rows
+from rosa2_jax.model.decode_rows import decode_chunk
 from rosa2_jax.model.decoder import decode_layout, forward
 from rosa2_jax.model.generation import SamplingConfig, bucket_length, generate
 
@@ -78,13 +78,8 @@ def agreement(reference: list[list[int]], other: list[list[int]]) -> str:
 
 def rows_answers(params, cfg, prompts, dtype, new_tokens: int, sampler) -> list[list[int]]:
     """Greedy answers decoded as the token engine decodes: one prompt per row, a cache of `dtype`, 16-step calls."""
-    rows = empty_rows(cfg, len(prompts), bucket_length(max(map(len, prompts)) + new_tokens + 1), new_tokens, dtype,
-                      sampler.pad_id)
-    for row, prompt in enumerate(prompts):
-        padded = np.full(bucket_length(len(prompt)), sampler.pad_id, np.int32)
-        padded[: len(prompt)] = prompt
-        rows = prefill_row(params, rows, jnp.int32(row), jnp.asarray(padded), jnp.int32(len(prompt)), jnp.int32(0),
-                           jax.random.key(row), None, None, jnp.int32(0), cfg=cfg, fresh=True)
+    capacity = bucket_length(max(map(len, prompts)) + new_tokens + 1)
+    rows = prefilled_rows(params, cfg, prompts, capacity, new_tokens, dtype, sampler.pad_id)
     sessions, greedy = jnp.zeros(len(prompts), jnp.int32), SamplingConfig(max_new_tokens=new_tokens)
     while not bool(jnp.all(rows.done)):
         rows, *_ = decode_chunk(params, rows, None, None, sessions, cfg=cfg, sampling=greedy,

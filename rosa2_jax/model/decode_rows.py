@@ -27,7 +27,7 @@ from flax import struct
 from jaxtyping import Array, Bool, Float, Int
 
 from rosa2_jax.model.config import ModelConfig
-from rosa2_jax.model.decoder import KVCache, Params, decoder_hidden, lm_logits
+from rosa2_jax.model.decoder import KVCache, Params, cache_is_buffered, decoder_hidden, lm_logits
 from rosa2_jax.model.generation import SamplingConfig, sample_logits
 from rosa2_jax.model.lora import LoraAdapters, take_sessions
 
@@ -179,9 +179,9 @@ def decode_chunk(
     offset = _session_offset(offsets, sessions, rows.logits.dtype)
     stop = jnp.asarray(stop_ids, jnp.int32)
     idle = rows.done
-    # A cache narrower than float32 is only read during the call: its new keys/values go to a buffer of `steps`
-    # slots, merged into it after the loop (XLA CPU writes one slot of a bfloat16 array by converting all of it).
-    buffered = jnp.dtype(rows.cache.k[0].dtype).itemsize < 4
+    # A buffered cache is only read during the call: its new keys/values go to a buffer of `steps` slots, merged
+    # into it after the loop.
+    buffered = cache_is_buffered(rows.cache.k[0].dtype)
     cache, start = rows.cache, rows.length
     buffer = KVCache.empty(cfg, B, steps, cache.k[0].dtype) if buffered else None
 
@@ -201,7 +201,8 @@ def decode_chunk(
         count = rows.count + running
         done = rows.done | jnp.isin(tok, stop) | (count >= rows.limit)
         # The sampled token is fed even when it ends the turn: the cache then holds the whole turn, which
-        # the session's next turn reuses. Rows not running write an invalid slot past their length.
+        # the session's next turn reuses. Rows not running write an invalid slot: past their length in the
+        # cache, or in the buffer, which the merge then skips.
         hidden, written = decoder_hidden(
             params, tok[:, None], rows.length[:, None], running[:, None], cfg=cfg,
             cache=cache if buffered else rows.cache, cache_index=start if buffered else rows.length,

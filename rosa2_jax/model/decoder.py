@@ -114,6 +114,13 @@ def cache_dtype(params: Params) -> jnp.dtype:
     return params["embed"].dtype
 
 
+def cache_is_buffered(dtype) -> bool:
+    """Whether a decode cache of `dtype` is only read inside a decode call, its new keys/values written once at the
+    call's end (decode_rows.decode_chunk): XLA CPU writes one slot of an array narrower than float32 by converting
+    all of it."""
+    return jnp.dtype(dtype).itemsize < 4
+
+
 def accumulation_dtype(dtype) -> jnp.dtype:
     """At least float32: bfloat16 accumulates in float32, float64 (x64 checks) stays float64."""
     return jnp.promote_types(dtype, jnp.float32)

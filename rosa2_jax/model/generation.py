@@ -20,7 +20,8 @@ from jaxtyping import Array, Bool, Float, Int
 from rosa2_jax.errors import ContextOverflowError
 from rosa2_jax.kernels.lora_matmul import kernel_supported
 from rosa2_jax.model.config import ModelConfig
-from rosa2_jax.model.decoder import KVCache, Params, decoder_hidden, lm_logits, positions_from_valid
+from rosa2_jax.model.decoder import (KVCache, Params, cache_is_buffered, decoder_hidden, lm_logits,
+                                     positions_from_valid)
 from rosa2_jax.model.lora import LoraAdapters, take_sessions
 from rosa2_jax.model.sharding import shard_batch
 
@@ -73,7 +74,7 @@ def decode_path(decode_dtype) -> str:
     to its rows' tokens (engine/rows.py); the runs before it: "turn-sized-cache". "bfloat16-cache": bfloat16 decode
     weights keep the token engine's cache in bfloat16, written once per decode call (decode_rows.decode_chunk);
     float32 weights compute as "flat-matmuls-fitted-cache" did."""
-    return "bfloat16-cache" if jnp.dtype(decode_dtype).itemsize < 4 else "flat-matmuls-fitted-cache"
+    return "bfloat16-cache" if cache_is_buffered(decode_dtype) else "flat-matmuls-fitted-cache"
 
 
 def sample_logits(logits: Float[Array, "B V"], keys: jax.Array, sampling: SamplingConfig,
