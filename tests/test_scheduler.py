@@ -4,7 +4,6 @@ against a full prefill."""
 import functools
 import json
 import re
-import threading
 import time
 import warnings
 
@@ -306,48 +305,6 @@ def test_passes_of_one_step_each_session_alone_at_its_own_length(model, monkeypa
     assert all(length == bucket_length(max(held, window + 1)) for _, length, held, _, window in calls), calls
     assert trajectory(alone) == trajectory(bucketed)
     np.testing.assert_allclose(step_norms(alone), step_norms(bucketed), rtol=1e-3)
-
-
-def test_a_weights_step_runs_on_its_own_thread_beside_other_sessions_decode_calls(model, monkeypatch):
-    """On one device a Weights step does not hold up the rows: other sessions decode while it runs, and every
-    session writes what it writes when the steps run between decode calls (passes of one session: bit for bit)."""
-    decoded, beside = threading.Event(), []
-    decode, step = DecodeBatch.decode, streams.LoraWeights.step
-
-    def watched_decode(self, *args, **kw):
-        decoded.set()
-        return decode(self, *args, **kw)
-
-    def watched_step(self, batch, slots):
-        if len(beside) < 3:  # a decode call starts while this step waits (or none does in 10 s)
-            decoded.clear()
-            beside.append(decoded.wait(timeout=10))
-        return step(self, batch, slots)
-
-    monkeypatch.setattr(DecodeBatch, "decode", watched_decode)
-    monkeypatch.setattr(streams.LoraWeights, "step", watched_step)
-    problems = [(m, p) for p in PROBLEMS for m in ("rosa", "baseline")]
-    rosa = RosaConfig(session_batch=1)
-    records = {}
-    for where in ("beside", "between"):
-        engine = make_engine(model, "token", "baseline", rows=2, sessions=3, rosa=rosa)
-        if where == "between":  # as on a mesh
-            engine.weights_thread.shutdown()
-            engine.weights_thread = None
-        finished = []
-        try:
-            engine.run(problems, finished.append)
-        finally:
-            engine.close()
-        records[where] = sorted((s.record("toy") for s in finished), key=lambda r: (r.method, r.problem_id))
-        if where == "beside":
-            assert any(beside), "no decode call ran while a Weights step did"
-            assert engine.stats.decode_beside_update_s > 0 and engine.stats.updates > 0
-        else:
-            assert engine.stats.decode_beside_update_s == 0
-    assert trajectory(records["beside"]) == trajectory(records["between"])
-    assert step_norms(records["beside"]) == step_norms(records["between"])
-    assert step_norms(records["beside"]), "the tiny model should fail some turns"
 
 
 @pytest.mark.parametrize("failed,rows,data,bucket", [(1, 8, 1, 1), (3, 16, 1, 4), (5, 8, 1, 8), (9, 12, 1, 12),

@@ -18,7 +18,6 @@ class SchedulerStats:
     prefill_s: float = 0.0
     update_s: float = 0.0
     updates: int = 0  # Weights buckets run
-    decode_beside_update_s: float = 0.0  # decode calls made while a Weights step ran on its own thread
 
     @property
     def occupancy(self) -> float:
@@ -27,5 +26,4 @@ class SchedulerStats:
     def __str__(self) -> str:
         return (f"decode {self.decode_s:.0f} s, {self.generated:,} tokens ({self.text_generated:,} for the text model), "
                 f"occupancy {self.occupancy:.2f}; prefill {self.prefill_s:.0f} s, {self.prefilled:,} tokens "
-                f"({self.reused:,} reused); {self.updates} Weights steps {self.update_s:.0f} s, "
-                f"{self.decode_beside_update_s:.0f} s of decode beside them")
+                f"({self.reused:,} reused); {self.updates} Weights steps {self.update_s:.0f} s")

@@ -9,7 +9,6 @@ A new kind of adaptation is one `Stream` subclass and one row of `methods.METHOD
 from __future__ import annotations
 
 import dataclasses
-import threading
 import time
 from concurrent.futures import Future
 from typing import TYPE_CHECKING, Any, Callable, Mapping
@@ -171,20 +170,9 @@ class Weights(Stream):
     changes_weights = True
     timing_key = "update_s"
 
-    def __init__(self, ctx):
-        super().__init__(ctx)
-        # A step may run on the token engine's Weights thread while the engine resets or restores other slots:
-        # the pool is read and written under this lock, and a step writes back only its active rows.
-        self.pool_lock = threading.Lock()
-
     @classmethod
     def create(cls, ctx):
         return ADAPTERS[ctx.cfg.adapter](ctx)
-
-    @property
-    def one_at_a_time(self) -> bool:
-        """Whether a step runs in passes of one session on one data shard (`--update_batch=1`, the CPU default)."""
-        return self.ctx.cfg.rosa.session_batch == 1 and self.ctx.data_shards == 1
 
     def step(self, batch: UpdateBatch, slots: Int[Array, "U"]) -> UpdateStats:
         """Update the adapters of pool slots `slots` (the batch's rows, in order) where the batch is active;
@@ -207,8 +195,9 @@ class Weights(Stream):
         start = time.perf_counter()
         if len(failed) > ctx.cfg.rows:
             raise ValueError(f"{len(failed)} failed sessions exceed the update bucket of {ctx.cfg.rows}")
+        alone = ctx.cfg.rosa.session_batch == 1 and ctx.data_shards == 1
         results = {}
-        for group in ([{i: failed[i]} for i in sorted(failed)] if self.one_at_a_time else [failed]):
+        for group in ([{i: failed[i]} for i in sorted(failed)] if alone else [failed]):
             results |= self._bucket_step(group)
         return completed((results, time.perf_counter() - start))
 
@@ -264,16 +253,8 @@ def _take(pool, slots):
 
 
 @jax.jit
-def _put(pool, slots, bucket, active):
-    """`pool` with the bucket's active rows written to their slots; its inactive rows are other sessions' slots,
-    which may have been reset since the bucket was taken, so the pool keeps what it holds there now."""
-    def kept(new, old):
-        return jnp.where(active.reshape((-1,) + (1,) * (new.ndim - 1)), new, old)
-
-    if isinstance(pool, LoraAdapters):
-        now = take_sessions(pool, slots)
-        return put_sessions(pool, slots, bucket.replace(factors=jax.tree.map(kept, bucket.factors, now.factors)))
-    return pool.at[slots].set(kept(bucket, pool[slots]))
+def _put(pool, slots, bucket):
+    return put_sessions(pool, slots, bucket) if isinstance(pool, LoraAdapters) else pool.at[slots].set(bucket)
 
 
 class LoraWeights(Weights):
@@ -287,10 +268,9 @@ class LoraWeights(Weights):
     def reset(self, slot, session):
         key = jax.random.key(session_seed(self.ctx.cfg.seed, session.problem.id, 0))
         fresh = init_adapters(self.ctx.model.cfg, self.ctx.cfg.lora, 1, key)
-        with self.pool_lock:
-            self.adapters = shard_batch(self.adapters.replace(
-                factors=jax.tree.map(lambda a, f: a.at[slot].set(f[0]), self.adapters.factors, fresh.factors)),
-                self.ctx.mesh)
+        self.adapters = shard_batch(self.adapters.replace(
+            factors=jax.tree.map(lambda a, f: a.at[slot].set(f[0]), self.adapters.factors, fresh.factors)),
+            self.ctx.mesh)
 
     def generation_inputs(self):
         return {"adapters": self.adapters}
@@ -308,18 +288,14 @@ class LoraWeights(Weights):
                 want, got = (x.shape[1] - first, *x.shape[2:]), state[f"{t}.{ab}"].shape
                 if got != want:
                     raise ValueError(f"adapter state {t}.{ab} has shape {got}, the pool's is {want}")
-        with self.pool_lock:
-            factors = {t: (a.at[slot, first:].set(state[f"{t}.a"]), b.at[slot, first:].set(state[f"{t}.b"]))
-                       for t, (a, b) in self.adapters.factors.items()}
-            self.adapters = shard_batch(self.adapters.replace(factors=factors), self.ctx.mesh)
+        factors = {t: (a.at[slot, first:].set(state[f"{t}.a"]), b.at[slot, first:].set(state[f"{t}.b"]))
+                   for t, (a, b) in self.adapters.factors.items()}
+        self.adapters = shard_batch(self.adapters.replace(factors=factors), self.ctx.mesh)
 
     def step(self, batch, slots):
-        with self.pool_lock:
-            theta = _take(self.adapters, slots)
-        bucket, stats = rosa_update(self.ctx.model.params, theta, batch, cfg=self.ctx.model.cfg,
-                                    rosa=self.ctx.cfg.rosa)
-        with self.pool_lock:
-            self.adapters = shard_batch(_put(self.adapters, slots, bucket, batch.active), self.ctx.mesh)
+        bucket, stats = rosa_update(self.ctx.model.params, _take(self.adapters, slots), batch,
+                                    cfg=self.ctx.model.cfg, rosa=self.ctx.cfg.rosa)
+        self.adapters = shard_batch(_put(self.adapters, slots, bucket), self.ctx.mesh)
         return stats
 
 
@@ -331,8 +307,7 @@ class HiddenOffsetWeights(Weights):
         self.offsets = shard_batch(jnp.zeros((ctx.pool_size, ctx.model.cfg.hidden_size), jnp.float32), ctx.mesh)
 
     def reset(self, slot, session):
-        with self.pool_lock:
-            self.offsets = shard_batch(self.offsets.at[slot].set(0.0), self.ctx.mesh)
+        self.offsets = shard_batch(self.offsets.at[slot].set(0.0), self.ctx.mesh)
 
     def generation_inputs(self):
         return {"hidden_offset": self.offsets}
@@ -343,17 +318,14 @@ class HiddenOffsetWeights(Weights):
     def load_state(self, slot, state):
         if state["offset"].shape != self.offsets.shape[1:]:
             raise ValueError(f"offset state has shape {state['offset'].shape}, the pool's is {self.offsets.shape[1:]}")
-        with self.pool_lock:
-            self.offsets = shard_batch(self.offsets.at[slot].set(state["offset"]), self.ctx.mesh)
+        self.offsets = shard_batch(self.offsets.at[slot].set(state["offset"]), self.ctx.mesh)
 
     def step(self, batch, slots):
         rosa = self.ctx.cfg.rosa
-        with self.pool_lock:
-            theta = _take(self.offsets, slots)
-        bucket, stats = hidden_offset_update(self.ctx.model.params, theta, batch, cfg=self.ctx.model.cfg, rosa=rosa,
+        bucket, stats = hidden_offset_update(self.ctx.model.params, _take(self.offsets, slots), batch,
+                                             cfg=self.ctx.model.cfg, rosa=rosa,
                                              top_k=rosa.head_top_k or HIDDEN_OFFSET_TOP_K)
-        with self.pool_lock:
-            self.offsets = shard_batch(_put(self.offsets, slots, bucket, batch.active), self.ctx.mesh)
+        self.offsets = shard_batch(_put(self.offsets, slots, bucket), self.ctx.mesh)
         return stats
 
 

@@ -13,13 +13,9 @@ through the lifecycle on its own:
 Each pass of the loop is three steps over one state (`_Run`): schedule (admit problems into the pool, restore,
 fill free rows with ready sessions or text requests), execute (one decode call of up to `decode_steps` tokens,
 which returns as soon as a row stops), update (judge the stopped rows, hand finished host jobs their sessions,
-start new ones, start or run a Weights bucket). A session whose weights did not change keeps its KV cache while
-it waits and prefills only what its next prompt adds. On one device in one process a Weights step runs on its own
-thread beside the decode calls, one at a time, on the failures queued when it starts (one session at a time with
-`--update_batch=1`): the two programs share the cores, and neither keeps them busy alone (BUILD_NOTES.md, "The
-Weights step beside decode"). On a mesh or across processes, where every device must run the same programs in the
-same order, it runs between decode calls, when its bucket is full or when a row would otherwise decode empty.
-A Words job starts on the worker threads as soon as a session fails (beside another job
+start new ones, run a Weights bucket). A session whose weights did not change keeps its KV cache while it waits
+and prefills only what its next prompt adds. A Weights step runs when its bucket is full, or when a row would
+otherwise decode empty. A Words job starts on the worker threads as soon as a session fails (beside another job
 if the critic is the policy, whose requests decode in the rows; else one at a time, the failures queued
 meanwhile going together). The rows may hold sessions of several methods at once.
 
@@ -33,7 +29,7 @@ import dataclasses
 import threading
 import time
 from collections import deque
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import Future
 from queue import Empty, SimpleQueue
 from typing import Any, Callable, Iterable
 
@@ -124,8 +120,6 @@ class TokenEngine(Engine):
                               adapter_cache=adapter_cache)
         self.lora_kernel = kernel_supported(model.mesh)
         self.stats = SchedulerStats()
-        beside = jax.process_count() == 1 and (model.mesh is None or model.mesh.size == 1)
-        self.weights_thread = ThreadPoolExecutor(1, thread_name_prefix="weights") if beside else None
 
     @property
     def max_new(self) -> int:
@@ -204,47 +198,34 @@ class TokenEngine(Engine):
         if not any(map(run.batch.occupied, range(self.cfg.rows))):
             return False
         running = [i for i in run.batch.slot if i is not None]
-        beside = any(stream.on_device for stream, _ in run.host_jobs)
         t0 = time.perf_counter()
         run.batch.decode(self.life.generation_inputs(), self.base_slot)
         seconds = time.perf_counter() - t0
         self.stats.decode_s += seconds
-        self.stats.decode_beside_update_s += seconds * beside
         run.charge(running, seconds)
         return True
 
     def _update(self, run: _Run, decoded: bool) -> None:
-        """Judge the stopped rows, deliver finished host jobs and start new ones; start a Weights step (see the
-        module doc for when), else wait for a host job when nothing else can move."""
+        """Judge the stopped rows, deliver finished host jobs and start new ones; run a Weights bucket when it
+        is full or a row would decode empty, else wait for a host job when nothing else can move."""
         if decoded:
             self._collect(run)
         for stream, future in [job for job in run.host_jobs if job[1].done()]:
             run.host_jobs.remove((stream, future))
-            self._finished_job(run, stream, *future.result())
+            results, seconds = future.result()
+            run.charge(list(results), seconds)
+            self._deliver(run, stream, results, seconds)
         self._start_host_jobs(run)
         occupied = [run.batch.occupied(row) for row in range(self.cfg.rows)]
         nothing_ready = not run.ready and not run.text_ready and not (run.free and self.life.admissible())
         idle = nothing_ready and not any(occupied)
-        if run.weights_queue and self._weights_due(run, nothing_ready and not all(occupied)):
+        # A row that nothing can fill would decode empty: the queued Weights step goes first, so that its
+        # sessions fill it (beside other methods' sessions, the bucket may never fill).
+        if run.weights_queue and (len(run.weights_queue) >= self.cfg.rows or (nothing_ready and not all(occupied))):
             self._weights_step(run)
         elif idle and run.host_jobs:
             self.wake.wait()  # for a host job to finish or to ask for text
             self.wake.clear()
-
-    def _finished_job(self, run: _Run, stream: Stream, results: dict[int, Any], seconds: float) -> None:
-        if stream.on_device:
-            self.stats.update_s += seconds
-            self.stats.updates += 1
-        run.charge(list(results), seconds)
-        self._deliver(run, stream, results, seconds)
-
-    def _weights_due(self, run: _Run, empty_row: bool) -> bool:
-        """Beside the decode calls: whenever no step is running. Between them: when the bucket is full, or when a
-        row that nothing can fill would decode empty, so that the step's sessions fill it (beside other methods'
-        sessions, the bucket may never fill)."""
-        if self.weights_thread is not None:
-            return not any(stream.on_device for stream, _ in run.host_jobs)
-        return len(run.weights_queue) >= self.cfg.rows or empty_row
 
     def _start_text(self, batch: DecodeBatch, row: int, request: _TextRequest, j: int) -> None:
         """Put prompt j of a text request into `row`, on the base weights."""
@@ -340,21 +321,12 @@ class TokenEngine(Engine):
         self.life.ready(i, run.sessions[i], run.on_ready)
 
     def _weights_step(self, run: _Run) -> None:
-        """A step on the queued failures, up to a bucket: started on the Weights thread (one session if it runs
-        them one at a time, so that each goes on as soon as its own step is done), or run here."""
-        stream = self.life.weights()
-        size = 1 if self.weights_thread is not None and stream.one_at_a_time else self.cfg.rows
-        bucket = dict(list(run.weights_queue.items())[:size])
+        bucket = dict(list(run.weights_queue.items())[: self.cfg.rows])
         for i in bucket:
             del run.weights_queue[i]
-        if self.weights_thread is None:
-            self._finished_job(run, stream, *stream.start(bucket).result())
-            return
-        future = self.weights_thread.submit(lambda: stream.start(bucket).result())
-        future.add_done_callback(lambda _: self.wake.set())
-        run.host_jobs.append((stream, future))
-
-    def close(self) -> None:
-        if self.weights_thread is not None:
-            self.weights_thread.shutdown(wait=True)
-        super().close()
+        stream = next(st for st in self.life.streams.values() if st.on_device)
+        results, seconds = stream.start(bucket).result()
+        self.stats.update_s += seconds
+        self.stats.updates += 1
+        run.charge(list(bucket), seconds)
+        self._deliver(run, stream, results, seconds)
