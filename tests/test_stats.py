@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 
-from experiments.wins import render, wins
+from experiments.wins import hand_checks, render, wins
 from rosa2_jax.study.metrics import compare_methods
 from rosa2_jax.tasks.problem import Problem
 from rosa2_jax.study.stats import mcnemar_exact, paired_bootstrap, wilson_interval
@@ -73,3 +73,18 @@ def test_wins_are_the_problems_only_the_method_solved_among_those_both_ran():
     text = render("rosa2", "baseline", won[1:], {"p3": Problem("p3", "q3", "9", "math", {"solution": "4 + 5 = 9"})})
     assert "### p3 (turn 2; reference 9)" in text and "4 + 5 = 9" in text and "Try again, step by step." in text
     assert text.count("Hand check:") == 1 and "so \\boxed{9}" in text
+
+
+def test_filled_hand_checks_survive_a_new_rendering_and_are_counted():
+    turns = [{"user": "q2", "response": "### p3 (a heading of the model's own)\nHand check: not one\n\\boxed{9}"}] * 3
+    records = [r | {"answer": "9", "turns": turns} for r in RECORDS]
+    won = wins(records, "rosa2", "baseline")
+    first = render("rosa2", "baseline", won, {})
+    assert "(hand checked: 0 right, 0 number only; 2 open)" in first and hand_checks(first) == {}
+    filled = first.replace("Hand check: \n", "Hand check: number only: 3 x 3 read as 3 + 6\n", 1)
+    checks = hand_checks("# Wins\n\n" + filled)
+    assert checks == {("rosa2", "baseline", "p2"): "number only: 3 x 3 read as 3 + 6"}
+    again = render("rosa2", "baseline", won, {}, checks)
+    assert "(hand checked: 0 right, 1 number only; 1 open)" in again
+    assert again.count("Hand check: number only: 3 x 3 read as 3 + 6") == 1
+    assert render("rosa", "baseline", won, {}, checks).count("number only: 3 x 3") == 0  # another section's
