@@ -30,6 +30,7 @@ from rosa2_jax.model.config import ModelConfig
 from rosa2_jax.model.decode_rows import DecodeRows, empty_rows, prefill_row
 from rosa2_jax.model.decoder import decode_layout
 from rosa2_jax.model.generation import SamplingConfig, bucket_length
+from rosa2_jax.study.runs import NotARunError, read_run
 from rosa2_jax.tasks.data import load_problems
 from rosa2_jax.tasks.rewards import EQUIVALENCES
 
@@ -136,6 +137,15 @@ def define_engine_flags(*, max_turns: int, slots: int, max_context: int) -> None
     define_words_flags()
     flags.DEFINE_integer("switch_turn", 5, "`switch`: turn from which the second axis is used")
     flags.DEFINE_enum("switch_first", "words", ["words", "weights"], "`switch`: the axis used first")
+
+
+def run_from_flags() -> tuple[Path, dict, list[dict]]:
+    """--run_dir, its config and its records; a folder that is not a sweep's is a usage error."""
+    run_dir = Path(FLAGS.run_dir)
+    try:
+        return run_dir, *read_run(run_dir)
+    except NotARunError as e:
+        raise app.UsageError(str(e)) from None
 
 
 def weights_preset() -> WeightsPreset:

@@ -8,11 +8,9 @@ was interrupted, e.g. a study committed as its records grow.
 
 from __future__ import annotations
 
-from pathlib import Path
-
 from absl import app, flags
 
-from rosa2_jax.study.runs import NotARunError, read_run
+from experiments.common import run_from_flags
 from rosa2_jax.tasks.data import DatasetError, load_problems
 from rosa2_jax.study.report import write_report
 
@@ -21,11 +19,7 @@ flags.DEFINE_string("run_dir", None, "a sweep's folder (config.json + records*.j
 
 
 def main(_):
-    run_dir = Path(FLAGS.run_dir)
-    try:
-        config, records = read_run(run_dir)
-    except NotARunError as e:
-        raise app.UsageError(str(e)) from None
+    run_dir, config, records = run_from_flags()
     try:  # the problems' text only lets the Words table count numbers that are not in the problem
         questions = {p.id: p.question for p in load_problems(config["dataset"], cache_dir=config.get("cache_dir"))[0]}
     except DatasetError as e:

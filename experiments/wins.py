@@ -17,7 +17,7 @@ from pathlib import Path
 
 from absl import app, flags
 
-from rosa2_jax.study.runs import NotARunError, read_run
+from experiments.common import run_from_flags
 from rosa2_jax.tasks.data import load_problems
 
 FLAGS = flags.FLAGS
@@ -79,11 +79,7 @@ def fenced(text: str) -> str:
 
 
 def main(_):
-    run_dir = Path(FLAGS.run_dir)
-    try:
-        config, records = read_run(run_dir)
-    except NotARunError as e:
-        raise app.UsageError(str(e)) from None
+    run_dir, config, records = run_from_flags()
     methods = FLAGS.methods or [m for m in config["methods"] if m != FLAGS.against]
     unknown = sorted(set(methods + [FLAGS.against]) - set(config["methods"]))
     if unknown:
