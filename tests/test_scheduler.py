@@ -18,7 +18,7 @@ from rosa2_jax.adapt.rosa import RosaConfig, rosa_update
 from rosa2_jax.adapt.text_models import make_text_model
 from rosa2_jax.checkpoint import load_model
 from rosa2_jax.engine import METHODS, SCHEDULERS, EngineConfig, Session, TokenEngine, TurnEngine
-from rosa2_jax.engine.rows import DecodeBatch
+from rosa2_jax.engine.rows import TEXT_CACHES, DecodeBatch
 from rosa2_jax.engine.stats import SchedulerStats
 from rosa2_jax.model.decode_rows import decode_chunk, empty_rows, prefill_row, put_row_cache, row_cache
 from rosa2_jax.model.decoder import cache_dtype, decode_layout, forward
@@ -345,6 +345,40 @@ def test_a_turn_prefilled_after_its_kept_prefix_equals_a_full_prefill(model):
     assert out[0, : int(rows.count[0])].tolist() == out[2, : int(rows.count[2])].tolist()
     reference = generate(params, cfg, [turn], SamplingConfig(max_new_tokens=8), stop_token_ids=(2,), pad_id=0)[0]
     assert out[0, : int(rows.count[0])].tolist() == reference.tokens
+
+
+def test_a_text_prompt_takes_the_kept_text_cache_sharing_its_longest_prefix(model):
+    """A finished text request's cache serves a later prompt that shares its prefix (a writer's retry, a system
+    message): only the rest is prefilled, and the greedy answer is a fresh prefill's. At most TEXT_CACHES kept."""
+    cfg = EngineConfig(method="words", rows=2, sessions=2, decode_steps=5, max_context=512,
+                       sampling=SamplingConfig(max_new_tokens=6))
+    stats = SchedulerStats()
+    batch = DecodeBatch(model, cfg, max_new=6, lora_kernel=False, stats=stats)
+    rng = np.random.default_rng(5)
+    words = lambda n: rng.integers(3, model.cfg.vocab_size, n).tolist()  # noqa: E731
+    system, question = words(30), words(12)
+    first, retry, other = system + question + words(9), system + question + words(4), system[:10] + words(25)
+
+    def answer(row, prompt):
+        before = stats.reused
+        batch.prefill(row, 2, prompt, jax.random.key(0), {}, greedy=True, text=True)
+        batch.text[row] = "request"
+        while not (stopped := batch.stopped()):
+            batch.decode({}, base_slot=2)
+        [(_, tokens, _)] = stopped
+        batch.text[row] = None
+        batch.keep_text(row, prompt)
+        reference = generate(model.params, model.cfg, [prompt], SamplingConfig(max_new_tokens=6),
+                             stop_token_ids=model.sampler.stop_ids, pad_id=model.sampler.pad_id)[0]
+        assert tokens == reference.tokens
+        return stats.reused - before
+
+    assert answer(0, first) == 0
+    assert answer(1, other) == 10  # the system message's first 10 tokens
+    assert answer(0, retry) == 42  # the system message and the question, from `first` (not `other`)
+    for _ in range(TEXT_CACHES):
+        answer(1, words(8))
+    assert len(batch.text_kept) == TEXT_CACHES and answer(0, retry) == 0  # the oldest were evicted
 
 
 def test_the_rows_cache_grows_with_its_row_and_shrinks_when_it_leaves(model):

@@ -1,6 +1,6 @@
 """The token engine's decode batch on the host side: which pool slot (or text request) each row holds, the cache
-slots its turn needs, the caches kept for sessions between turns, and the device calls on the rows
-(model/decode_rows.py)."""
+slots its turn needs, the caches kept for sessions between turns and for text prompts that share a prefix, and the
+device calls on the rows (model/decode_rows.py)."""
 
 from __future__ import annotations
 
@@ -17,6 +17,9 @@ from rosa2_jax.model.decode_rows import decode_chunk, empty_rows, prefill_row, p
 from rosa2_jax.model.decoder import cache_dtype
 from rosa2_jax.model.generation import bucket_length
 
+# Prompts of finished text requests whose caches are kept: a Words step's critic and writer prompts each open with
+# their fixed system message, and a writer's retry repeats its whole first prompt but the last message.
+TEXT_CACHES = 8
 
 class DecodeBatch:
     """`cfg.rows` rows over one cache of a bucketed capacity. A row is free, generates a session's turn
@@ -33,6 +36,7 @@ class DecodeBatch:
         self.need = [0] * cfg.rows  # cache slots each row's turn can reach: prompt + its token limit + 1
         self.held = [0] * cfg.rows  # at most this many tokens in each row's cache (prompt + tokens decoded so far)
         self.kept: dict[int, tuple[Any, list[int]]] = {}  # pool slot -> (its row's cache, the tokens it holds)
+        self.text_kept: list[tuple[Any, list[int]]] = []  # (a text prompt's cache, the prompt), oldest first
 
     def occupied(self, row: int) -> bool:
         return self.slot[row] is not None or self.text[row] is not None
@@ -51,14 +55,17 @@ class DecodeBatch:
         return min(self.need[row], self.held[row] + self.cfg.decode_steps + 1)
 
     def prefill(self, row: int, slot: int, prompt: list[int], key: jax.Array, inputs: dict[str, Any],
-                limit: int | None = None, greedy: bool = False) -> None:
-        """Put session `slot`'s turn into `row`: its kept cache where the prompt extends it, the rest prefilled
-        with the streams' `inputs`. The row then generates at most `limit` tokens (default max_new_tokens),
-        greedily if `greedy`."""
-        saved, reuse = None, 0
-        if slot in self.kept:
-            saved, tokens = self.kept.pop(slot)
-            reuse = min(common_prefix(tokens, prompt), len(prompt) - 1)
+                limit: int | None = None, greedy: bool = False, text: bool = False) -> None:
+        """Put session `slot`'s turn into `row` (a text request's prompt with `text`, on the base weights' slot):
+        its kept cache (for text, the kept text prompt sharing the longest prefix) where the prompt extends it,
+        the rest prefilled with the streams' `inputs`. The row then generates at most `limit` tokens (default
+        max_new_tokens), greedily if `greedy`."""
+        if text and self.text_kept:
+            self.text_kept.append(self.text_kept.pop(self._closest_text(prompt)))  # the most recently used goes last
+            saved, tokens = self.text_kept[-1]
+        else:
+            saved, tokens = (None, []) if text else self.kept.pop(slot, (None, []))
+        reuse = min(common_prefix(tokens, prompt), len(prompt) - 1)
         chunk = self.cfg.prefill_chunk
         starts = range(reuse, len(prompt), chunk)
         limit = limit or self.cfg.sampling.max_new_tokens
@@ -108,6 +115,17 @@ class DecodeBatch:
     def keep(self, slot: int, row: int, tokens: list[int]) -> None:
         """Keep `row`'s cache (holding `tokens`) for pool slot `slot`'s next turn."""
         self.kept[slot] = (row_cache(self.device, jnp.int32(row)), tokens)
+
+    def keep_text(self, row: int, prompt: list[int]) -> None:
+        """Keep the cache of a text request's `row` for later prompts that share a prefix with its `prompt` (the
+        `TEXT_CACHES` most recently used)."""
+        others = [kept for kept in self.text_kept if kept[1] != prompt]
+        self.text_kept = (others + [(row_cache(self.device, jnp.int32(row)), prompt)])[-TEXT_CACHES:]
+
+    def _closest_text(self, prompt: list[int]) -> int:
+        """Index of the kept text prompt sharing the longest prefix with `prompt` (the most recent among equals)."""
+        shared = [common_prefix(tokens, prompt) for _, tokens in self.text_kept]
+        return max(range(len(shared)), key=lambda k: (shared[k], k))
 
 
 def common_prefix(a: list[int], b: list[int]) -> int:

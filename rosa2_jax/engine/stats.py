@@ -13,7 +13,7 @@ class SchedulerStats:
     text_generated: int = 0  # of which text-model requests (Words critiques and instructions decoded in the rows)
     row_steps: int = 0  # decode steps x rows
     prefilled: int = 0  # prompt tokens computed (token engine)
-    reused: int = 0  # prompt tokens taken from a session's kept cache (token engine)
+    reused: int = 0  # prompt tokens taken from a kept cache: a session's, or a text prompt's (token engine)
     decode_s: float = 0.0  # the turn engine: its generate calls, prefill included
     prefill_s: float = 0.0
     update_s: float = 0.0

@@ -231,7 +231,7 @@ class TokenEngine(Engine):
         """Put prompt j of a text request into `row`, on the base weights."""
         seed = 0 if request.seeds is None else request.seeds[j]
         batch.prefill(row, self.base_slot, request.prompts[j], jax.random.key(seed), self.life.generation_inputs(),
-                      limit=request.max_tokens, greedy=request.seeds is None)
+                      limit=request.max_tokens, greedy=request.seeds is None, text=True)
         jax.block_until_ready(batch.device.length)
         batch.text[row] = (request, j)
 
@@ -257,6 +257,7 @@ class TokenEngine(Engine):
                 request, j = batch.text[row]
                 batch.text[row] = None
                 request.gens[j] = Generation(tokens, finish, len(request.prompts[j]))
+                batch.keep_text(row, request.prompts[j])
                 self.stats.text_generated += len(tokens)
                 if None not in request.gens:
                     request.future.set_result(request.gens)
