@@ -61,9 +61,9 @@ def measure(scheduler: str, model, text_model, method, problems) -> dict:
                "useful_tokens_per_s": useful / wall, "occupancy": st.occupancy,
                "solved": sum(s.solved_at is not None for s in finished)}
     if scheduler == "token":
-        figures |= {"prefilled": st.prefilled, "reused": st.reused, "text_generated": st.text_generated,
-                    "decode_s": st.decode_s, "prefill_s": st.prefill_s, "update_s": st.update_s,
-                    "updates": st.updates}
+        figures |= {"prefilled": st.prefilled, "reused": st.reused, "text_reused": st.text_reused,
+                    "text_generated": st.text_generated, "decode_s": st.decode_s, "prefill_s": st.prefill_s,
+                    "update_s": st.update_s, "updates": st.updates}
     return figures
 
 

@@ -83,8 +83,9 @@ def test_greedy_records_equal_the_turn_engines(model, method):
         assert stats.updates > 0 and stats.reused == 0
         assert any(t.step_norm_sq for r in token for t in r.turns)
     words = any(k.needs_text_model for k in METHODS[method].all_streams(engine.cfg))
-    # The policy's own critic decodes in the rows, beside the turns (12 critic tokens: longer than a turn).
-    assert (stats.text_generated > 0) == words
+    # The policy's own critic decodes in the rows, beside the turns (12 critic tokens: longer than a turn); its
+    # prompts open with their system messages, which later prompts take from the kept text caches.
+    assert (stats.text_generated > 0) == (stats.text_reused > 0) == words
 
 
 @pytest.mark.parametrize("temperature", [0.0, 0.7])
@@ -360,7 +361,7 @@ def test_a_text_prompt_takes_the_kept_text_cache_sharing_its_longest_prefix(mode
     first, retry, other = system + question + words(9), system + question + words(4), system[:10] + words(25)
 
     def answer(row, prompt):
-        before = stats.reused
+        before = stats.text_reused
         batch.prefill(row, 2, prompt, jax.random.key(0), {}, greedy=True, text=True)
         batch.text[row] = "request"
         while not (stopped := batch.stopped()):
@@ -371,7 +372,7 @@ def test_a_text_prompt_takes_the_kept_text_cache_sharing_its_longest_prefix(mode
         reference = generate(model.params, model.cfg, [prompt], SamplingConfig(max_new_tokens=6),
                              stop_token_ids=model.sampler.stop_ids, pad_id=model.sampler.pad_id)[0]
         assert tokens == reference.tokens
-        return stats.reused - before
+        return stats.text_reused - before
 
     assert answer(0, first) == 0
     assert answer(1, other) == 10  # the system message's first 10 tokens

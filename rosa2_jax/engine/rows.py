@@ -82,7 +82,10 @@ class DecodeBatch:
                                       inputs.get("hidden_offset"), jnp.int32(slot), jnp.int32(limit),
                                       jnp.bool_(greedy), cfg=self.model.cfg, fresh=s == 0,
                                       lora_kernel=self.lora_kernel)
-        self.stats.reused += reuse
+        if text:
+            self.stats.text_reused += reuse
+        else:
+            self.stats.reused += reuse
         self.stats.prefilled += len(prompt) - reuse
 
     def decode(self, inputs: dict[str, Any], base_slot: int) -> None:

@@ -13,7 +13,8 @@ class SchedulerStats:
     text_generated: int = 0  # of which text-model requests (Words critiques and instructions decoded in the rows)
     row_steps: int = 0  # decode steps x rows
     prefilled: int = 0  # prompt tokens computed (token engine)
-    reused: int = 0  # prompt tokens taken from a kept cache: a session's, or a text prompt's (token engine)
+    reused: int = 0  # prompt tokens taken from a session's kept cache (token engine)
+    text_reused: int = 0  # text prompts' tokens taken from the cache of an earlier text prompt (token engine)
     decode_s: float = 0.0  # the turn engine: its generate calls, prefill included
     prefill_s: float = 0.0
     update_s: float = 0.0
@@ -24,6 +25,7 @@ class SchedulerStats:
         return self.generated / max(self.row_steps, 1)
 
     def __str__(self) -> str:
-        return (f"decode {self.decode_s:.0f} s, {self.generated:,} tokens ({self.text_generated:,} for the text model), "
-                f"occupancy {self.occupancy:.2f}; prefill {self.prefill_s:.0f} s, {self.prefilled:,} tokens "
-                f"({self.reused:,} reused); {self.updates} Weights steps {self.update_s:.0f} s")
+        return (f"decode {self.decode_s:.0f} s, {self.generated:,} tokens ({self.text_generated:,} for the text "
+                f"model), occupancy {self.occupancy:.2f}; prefill {self.prefill_s:.0f} s, {self.prefilled:,} tokens "
+                f"({self.reused:,} reused by sessions, {self.text_reused:,} by text prompts); {self.updates} Weights "
+                f"steps {self.update_s:.0f} s")
