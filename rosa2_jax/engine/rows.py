@@ -21,6 +21,7 @@ from rosa2_jax.model.generation import bucket_length
 # their fixed system message, and a writer's retry repeats its whole first prompt but the last message.
 TEXT_CACHES = 8
 
+
 class DecodeBatch:
     """`cfg.rows` rows over one cache of a bucketed capacity. A row is free, generates a session's turn
     (`slot[row]`, its pool slot) or decodes a text request's prompt (`text[row]`, on the base weights)."""
