@@ -398,7 +398,8 @@ def test_top_k_head_metric_with_the_whole_vocabulary_is_exact(tiny):
         flat, unravel = ravel_pytree(theta)
         v = unravel(jax.random.normal(jax.random.key(0), flat.shape, jnp.float64))
         ref = ravel_pytree(exact.gram(v))[0]
-        np.testing.assert_allclose(ravel_pytree(full_support.gram(v))[0], ref, rtol=1e-10, atol=1e-12 * jnp.abs(ref).max())
+        np.testing.assert_allclose(ravel_pytree(full_support.gram(v))[0], ref, rtol=1e-10,
+                                   atol=1e-12 * jnp.abs(ref).max())
         # a small support is an approximation, and it is used only inside CG: the rhs and KL stay exact
         assert not np.allclose(ravel_pytree(truncated.gram(v))[0], ref, rtol=1e-6)
         np.testing.assert_array_equal(ravel_pytree(truncated.rhs)[0], ravel_pytree(exact.rhs)[0])
@@ -411,15 +412,23 @@ def peaked(params, factor):
     return params | {"lm_head": factor * params["lm_head"]}
 
 
-def test_backtracking_keeps_kl_at_or_below_its_value_before_the_step(tiny):
-    cfg, params = tiny
-    params = peaked(params, 12.0)
+def confident_wrong_sessions(cfg, params, dtype=jnp.float32):
+    """A peaked head, four adapters and four failed sessions whose sampled tokens are each row's most likely
+    token, as a confident wrong answer's would be: converged steps overshoot on some of them."""
+    params = jax.tree.map(lambda x: jnp.asarray(x, dtype), peaked(params, 12.0))
     adapters = init_adapters(cfg, LoraConfig(rank=4, alpha=8.0), 4, jax.random.key(2))
+    adapters = LoraAdapters(jax.tree.map(lambda x: jnp.asarray(x, dtype), adapters.factors), adapters.scale)
     batch = make_batch(cfg, 11, [-1.0] * 4, [True] * 4)
-    # the sampled tokens: each row's most likely token, as a confident wrong answer would be
     logits = forward(params, batch.tokens, batch.valid, cfg=cfg)
     greedy = jnp.argmax(logits[:, -WINDOW - 1:-1], -1)
-    batch = batch.replace(tokens=batch.tokens.at[:, -WINDOW:].set(greedy.astype(batch.tokens.dtype)))
+    batch = batch.replace(tokens=batch.tokens.at[:, -WINDOW:].set(greedy.astype(batch.tokens.dtype)),
+                          reward=batch.reward.astype(dtype))
+    return params, adapters, batch
+
+
+def test_backtracking_keeps_kl_at_or_below_its_value_before_the_step(tiny):
+    cfg, params = tiny
+    params, adapters, batch = confident_wrong_sessions(cfg, params)
     converged = dict(position_chunk=CHUNK, cg_iters=200, cg_tol=1e-10, max_step_norm=1e3)
     _, plain = rosa_update(params, adapters, batch, cfg=cfg, rosa=RosaConfig(**converged))
     raised = np.asarray(plain.kl_after > plain.kl_before)
@@ -435,3 +444,43 @@ def test_backtracking_keeps_kl_at_or_below_its_value_before_the_step(tiny):
                 assert np.array_equal(np.asarray(x[s]), np.asarray(y[s]))
     for s in np.flatnonzero(~raised):  # a step that lowered KL is taken whole
         assert int(safe.backtracks[s]) == 0 and float(safe.kl_after[s]) == pytest.approx(float(plain.kl_after[s]))
+
+
+@pytest.mark.parametrize("tilt", ["token", "suffix"])
+def test_stats_are_the_kl_and_log_prob_under_the_adapter_kept(tiny, tilt):
+    """kl_before/kl_after and logp_before/logp_after against full logits of both adapters: KL(p*||p) summed
+    over the whole vocabulary, p* the tilted policy before the step (spec 1.2), on sessions where steps are
+    taken whole and halved (float64, so that the check is about the formula)."""
+    cfg, params = tiny
+    with jax.enable_x64(True):
+        params64, adapters, batch = confident_wrong_sessions(cfg, params, jnp.float64)
+        rosa = RosaConfig(position_chunk=CHUNK, tilt=tilt, backtrack=2, cg_iters=200, cg_tol=1e-10, max_step_norm=1e3)
+        new, stats = rosa_update(params64, adapters, batch, cfg=cfg, rosa=rosa)
+        assert {0, 2} <= set(np.asarray(stats.backtracks).tolist())
+        for s in range(4):
+            tokens, valid = batch.tokens[s], batch.valid[s]
+            y = tokens[-WINDOW:]
+            mask = np.arange(WINDOW) >= WINDOW - int(batch.response_len[s])
+            rows = [jax.nn.log_softmax(window_rows(cfg, params64, LoraAdapters(
+                jax.tree.map(lambda x: x[s:s + 1], ad.factors), ad.scale), tokens, valid)) for ad in (adapters, new)]
+            logp_old, logp_new = (np.asarray(r, np.float64) for r in rows)
+            lp_y = logp_old[np.arange(WINDOW), np.asarray(y)]
+            if tilt == "token":
+                log_w = np.full(WINDOW, -1.0)
+            else:
+                masked = np.where(mask, lp_y, 0.0)
+                log_w = np.log1p(-np.exp([masked[i + 1:].sum() for i in range(WINDOW)]) * (1 - np.exp(-1.0)))
+            log_star = logp_old.copy()
+            log_star[np.arange(WINDOW), np.asarray(y)] += log_w
+            log_star -= np.log(np.exp(log_star).sum(-1, keepdims=True))
+            p_star = np.exp(log_star)
+
+            def kl(logp):
+                return (p_star * (log_star - logp)).sum(-1)[mask].mean()
+
+            assert float(stats.kl_before[s]) == pytest.approx(kl(logp_old), rel=1e-9)
+            assert float(stats.kl_after[s]) == pytest.approx(kl(logp_new), rel=1e-9)
+            assert float(stats.logp_before[s]) == pytest.approx(lp_y[mask].mean(), rel=1e-9)
+            assert float(stats.logp_after[s]) == pytest.approx(logp_new[np.arange(WINDOW), np.asarray(y)][mask].mean(),
+                                                                rel=1e-9)
+        assert bool(jnp.all(stats.updated)) and float(jnp.max(stats.kl_before - stats.kl_after)) > 0

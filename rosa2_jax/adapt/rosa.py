@@ -141,6 +141,15 @@ def _softmax_chunk(h, w):
     return jax.nn.softmax(jnp.dot(h, w, preferred_element_type=w.dtype), axis=-1)
 
 
+def _softmax_lse_chunk(h, w):
+    """(softmax, log-sum-exp) of one chunk's logits; the softmax as `jax.nn.softmax` computes it."""
+    logits = jnp.dot(h, w, preferred_element_type=w.dtype)
+    top = jnp.max(logits, axis=-1, keepdims=True)
+    unnormalized = jnp.exp(logits - top)
+    total = jnp.sum(unnormalized, axis=-1, keepdims=True)
+    return unnormalized / total, (top + jnp.log(total))[:, 0]
+
+
 def _target_prob(p, y):
     return jnp.take_along_axis(p, y[:, None], axis=-1)[:, 0]
 
@@ -183,6 +192,8 @@ class HeadTerms(NamedTuple):
     log_w: Float[Array, "W"]
     logp_y: Float[Array, "W"]  # log p_i[y_i]
     metric: Callable[[Array], Array]  # g [W, d] -> per-row W_Uᵀ A_i² W_U g_i (masked)
+    target_mean: Float[Array, "W d"]  # W_U p*_i: the target's expected unembedding, for a tried step's KL
+    log_normalizer: Float[Array, "W"]  # log Σ_v exp(W_U h_i)_v at θ
 
 
 def centred_head_gram(w_head: Float[Array, "d V"]) -> Float[Array, "d d"]:
@@ -204,22 +215,25 @@ def head_terms(h, targets, row_mask, reward, w_head, rosa: RosaConfig) -> HeadTe
 
     # Pass 2: the right-hand side in hidden space, ||R_i||², KL(p*_i || p_i) and the metric's support.
     def rhs_chunk(hc, yc, lwc, mask):
-        p = _softmax_chunk(hc, w_head)
+        p, lse = _softmax_lse_chunk(hc, w_head)
         resid, log_z, p_y = _tilted_residual(p, yc, lwc)
         kl = -log_z + p_y * jnp.exp(lwc - log_z) * lwc
         if rosa.residual == "prob":
-            rhs = jnp.dot(_softmax_jacobian(p, resid), w_head.T) * mask[:, None]
+            # one product for both: XLA CPU contracts over the vocabulary faster with more rows
+            both = jnp.dot(jnp.concatenate([_softmax_jacobian(p, resid), p + resid]), w_head.T)
+            rhs, target_mean = both[:hc.shape[0]] * mask[:, None], both[hc.shape[0]:]
             r2 = jnp.sum(resid * resid, -1)
         else:  # centred log-prob residual log w_i (e_y - 1/V): Jᵀ R = log w_i (W_U[y] - mean_v W_U[v])
             rhs = lwc[:, None] * (w_head.T[yc] - jnp.mean(w_head, axis=1)) * mask[:, None]
+            target_mean = jnp.dot(p + resid, w_head.T)
             r2 = lwc**2 * (1.0 - 1.0 / p.shape[-1])
-        terms = (rhs, r2 * mask, kl * mask, jnp.log(p_y))
+        terms = (rhs, r2 * mask, kl * mask, jnp.log(p_y), target_mean, lse)
         if not truncated:
             return terms
         support = vocab_support(p, yc, rosa.head_top_k)
         return terms + (support, jnp.take_along_axis(p, support, -1))
 
-    rhs_rows, r2, kl, logp_y, *support_terms = _chunked(rhs_chunk, C, h, targets, log_w, row_mask)
+    rhs_rows, r2, kl, logp_y, target_mean, lse, *support_terms = _chunked(rhs_chunk, C, h, targets, log_w, row_mask)
 
     if truncated:  # computed once per update: each CG product is then O(W k d), not O(W V d)
         support, p_support = support_terms
@@ -242,7 +256,7 @@ def head_terms(h, targets, row_mask, reward, w_head, rosa: RosaConfig) -> HeadTe
         def metric(g):
             return (g @ centred) * row_mask[:, None]
 
-    return HeadTerms(rhs_rows, r2, kl, log_w, logp_y, metric)
+    return HeadTerms(rhs_rows, r2, kl, log_w, logp_y, metric, target_mean, lse)
 
 
 # ---------------------------------------------------------------- one session
@@ -318,18 +332,21 @@ def gauss_newton_system(params, theta: LoraAdapters, tokens, valid, response_len
     return GaussNewtonSystem(rhs, gram, damping, win, h, head)
 
 
-def kl_to_target(hidden_old, hidden_new, targets, log_w, row_mask, w_head, chunk: int):
-    """(KL(p*_i || p_i(θ')), log p_i(θ')[y_i]) per row, p* built from the policy at `hidden_old` (the one
-    that was tilted). Exact over the full vocabulary, streamed in chunks of positions."""
-    def one(hc, hnc, yc, lwc, mask):
-        p = _softmax_chunk(hc, w_head)
-        resid, _, _ = _tilted_residual(p, yc, lwc)
-        p_star = p + resid
-        logp_new = jax.nn.log_softmax(jnp.dot(hnc, w_head, preferred_element_type=w_head.dtype), -1)
-        kl = jnp.sum(jax.scipy.special.xlogy(p_star, p_star) - p_star * logp_new, -1)
-        return kl * mask, _target_prob(logp_new, yc) * mask
+def kl_to_target(head: HeadTerms, hidden_old, hidden_new, targets, row_mask, w_head, chunk: int):
+    """(KL(p*_i || p_i(θ')), log p_i(θ')[y_i]) per row, p* the target `head` was built for at `hidden_old`.
+    Exact over the full vocabulary from the new logits alone: with z = W_U h and Σ_v p*_v = 1,
 
-    return _chunked(one, chunk, hidden_old, hidden_new, targets, log_w, row_mask)
+        KL(p* || p(θ')) = KL(p* || p(θ)) + (lse(z') - lse(z)) - (h' - h) · W_U p*,
+
+    which needs neither the old softmax again nor a difference of two full-vocabulary sums."""
+    def one(hc, hnc, yc, mean, lse_old, kl_old, mask):
+        logits = jnp.dot(hnc, w_head, preferred_element_type=w_head.dtype)
+        lse = jax.nn.logsumexp(logits, axis=-1)
+        kl = kl_old + (lse - lse_old) - jnp.sum((hnc - hc) * mean, -1)
+        return kl * mask, (_target_prob(logits, yc) - lse) * mask
+
+    return _chunked(one, chunk, hidden_old, hidden_new, targets, head.target_mean, head.log_normalizer, head.kl,
+                    row_mask)
 
 
 def _finish(theta, delta, iters, rel, active, system: GaussNewtonSystem, hidden_at: Callable[[Any], Array],
@@ -342,7 +359,7 @@ def _finish(theta, delta, iters, rel, active, system: GaussNewtonSystem, hidden_
     head, row_mask = system.head, system.window.row_mask
 
     def evaluate(new_theta):
-        return kl_to_target(system.hidden, hidden_at(new_theta), system.window.targets, head.log_w, row_mask,
+        return kl_to_target(head, system.hidden, hidden_at(new_theta), system.window.targets, row_mask,
                             system.window.w_head, rosa.position_chunk)
 
     norm = jnp.sqrt(tree_vdot(delta, delta))
@@ -455,7 +472,8 @@ def _offset_session_update(params, delta, tokens, valid, response_len, reward, a
     else:
         gram = jnp.sum(win.row_mask) * centred_head_gram(win.w_head)
     d = gram.shape[0]
-    damping = rosa.damping * jnp.trace(gram) / d + 1e-12 if rosa.damping_mode == "relative" else jnp.asarray(rosa.damping, acc)
+    damping = (rosa.damping * jnp.trace(gram) / d + 1e-12 if rosa.damping_mode == "relative"
+               else jnp.asarray(rosa.damping, acc))
     system = gram + damping * jnp.eye(d, dtype=acc)
     step = jax.scipy.linalg.cho_solve(jax.scipy.linalg.cho_factor(system), rhs)
     rel = jnp.linalg.norm(rhs - system @ step) / jnp.maximum(jnp.linalg.norm(rhs), 1e-30)
