@@ -137,10 +137,6 @@ def _chunked(fn, chunk: int, *arrays):
     return jax.tree.map(lambda o: o.reshape((-1,) + o.shape[2:]), _map_chunks(fn, chunk, *arrays))
 
 
-def _softmax_chunk(h, w):
-    return jax.nn.softmax(jnp.dot(h, w, preferred_element_type=w.dtype), axis=-1)
-
-
 def _softmax_lse_chunk(h, w):
     """(softmax, log-sum-exp) of one chunk's logits; the softmax as `jax.nn.softmax` computes it."""
     logits = jnp.dot(h, w, preferred_element_type=w.dtype)
@@ -148,6 +144,10 @@ def _softmax_lse_chunk(h, w):
     unnormalized = jnp.exp(logits - top)
     total = jnp.sum(unnormalized, axis=-1, keepdims=True)
     return unnormalized / total, (top + jnp.log(total))[:, 0]
+
+
+def _softmax_chunk(h, w):
+    return _softmax_lse_chunk(h, w)[0]
 
 
 def _target_prob(p, y):
