@@ -99,6 +99,8 @@ def define_engine_flags(*, max_turns: int, slots: int, max_context: int) -> None
     flags.DEFINE_integer("decode_steps", 16,
                          "--scheduler=token: most tokens decoded per device call (it also ends when an answer stops)")
     flags.DEFINE_integer("prefill_chunk", 512, "--scheduler=token: longest prompt piece prefilled in one call")
+    flags.DEFINE_integer("max_programs", 64, "compiled programs (one per shape) held before all are released, "
+                         "bounding host memory over a long run; 0 = never (rosa2_jax/engine/programs.py)")
     flags.DEFINE_integer("seed", 0, "problem subsample, adapter init and sampling seed")
     flags.DEFINE_integer("max_context", max_context, "token budget per prompt + response; older turns are trimmed")
     flags.DEFINE_enum("equivalence", "math-verify", list(EQUIVALENCES), "math answer equivalence")
@@ -171,7 +173,7 @@ def engine_config_from_flags(method: str, num_layers: int) -> EngineConfig:
         seed=FLAGS.seed, equivalence=FLAGS.equivalence, boxed_only=FLAGS.boxed_only, reward=FLAGS.reward,
         critic_tokens=FLAGS.critic_tokens, rewrite_tokens=FLAGS.rewrite_tokens, words_retries=FLAGS.words_retries,
         critic_reference=FLAGS.critic_reference, max_context=FLAGS.max_context, sessions=FLAGS.sessions,
-        decode_steps=FLAGS.decode_steps, prefill_chunk=FLAGS.prefill_chunk)
+        decode_steps=FLAGS.decode_steps, prefill_chunk=FLAGS.prefill_chunk, max_programs=FLAGS.max_programs)
 
 
 def text_model_from_flags(policy: LoadedModel, mesh: Mesh | None = None) -> TextModel:

@@ -18,6 +18,7 @@ from rosa2_jax.adapt.rosa import RosaConfig, rosa_update
 from rosa2_jax.adapt.text_models import make_text_model
 from rosa2_jax.checkpoint import load_model
 from rosa2_jax.engine import METHODS, SCHEDULERS, EngineConfig, Session, TokenEngine, TurnEngine
+from rosa2_jax.engine.programs import programs_held, release_programs
 from rosa2_jax.engine.rows import TEXT_CACHES, DecodeBatch
 from rosa2_jax.engine.stats import SchedulerStats
 from rosa2_jax.model.decode_rows import decode_chunk, empty_rows, prefill_row, put_row_cache, row_cache
@@ -36,17 +37,19 @@ PROBLEMS = [Problem(f"p{i}", f"Which is right? (A) {i} (B) {i + 1}", "B", "choic
 
 
 def make_engine(model, scheduler: str, method: str, rows: int = 2, sessions: int = 3, critic=None,
-                sampling=SamplingConfig(max_new_tokens=10), adapter_cache=None, rosa=RosaConfig()):
+                sampling=SamplingConfig(max_new_tokens=10), adapter_cache=None, rosa=RosaConfig(), max_programs=0):
     # 2 rows, 3 sessions in the pool, 5 tokens per decode call: rows stop mid-call and sessions change rows.
     # The critic is the policy itself unless another loaded model is given.
     cfg = EngineConfig(method=method, max_turns=3, rows=rows, sampling=sampling, max_context=512, critic_tokens=12,
-                       rewrite_tokens=8, sessions=sessions, decode_steps=5, switch_turn=2, rosa=rosa)
+                       rewrite_tokens=8, sessions=sessions, decode_steps=5, switch_turn=2, rosa=rosa,
+                       max_programs=max_programs)
     return SCHEDULERS[scheduler](model, cfg, make_text_model("local", model=critic or model), adapter_cache)
 
 
 def run(model, scheduler: str, method: str, rows: int = 2, sessions: int = 3, critic=None, problems=PROBLEMS,
-        sampling=SamplingConfig(max_new_tokens=10), rosa=RosaConfig()):
-    engine = make_engine(model, scheduler, method, rows, sessions, critic, sampling, rosa=rosa)
+        sampling=SamplingConfig(max_new_tokens=10), rosa=RosaConfig(), max_programs=0):
+    engine = make_engine(model, scheduler, method, rows, sessions, critic, sampling, rosa=rosa,
+                         max_programs=max_programs)
     finished = []
     try:
         engine.run(problems, finished.append)
@@ -102,6 +105,29 @@ def test_one_engine_running_every_method_writes_each_methods_records(model, temp
         assert trajectory(mine) == trajectory(alone[m]), m
         np.testing.assert_allclose(step_norms(mine), step_norms(alone[m]), rtol=1e-5)
     assert engine.stats.updates > 0 and engine.stats.text_generated > 0
+
+
+def test_release_programs_drops_every_compiled_program_past_the_budget(model):
+    cfg, params = model.cfg, model.sampler.decode_params
+    rows = empty_rows(cfg, 2, 64, 8, cache_dtype(params), pad_id=0)
+    for n in (8, 16):  # two prompt pieces: two programs
+        rows = prefill_row(params, rows, jnp.int32(0), jnp.ones(n, jnp.int32), jnp.int32(n), jnp.int32(0),
+                           jax.random.key(0), None, None, jnp.int32(0), cfg=cfg, fresh=True)
+    held = programs_held()
+    assert held >= 2
+    assert not release_programs(0) and not release_programs(held)
+    assert release_programs(held - 1) and programs_held() == 0
+
+
+def test_releasing_the_compiled_programs_changes_no_record(model):
+    """A budget of three programs releases them all again and again during the run: the programs compiled again are
+    the same, so the sampled records are those of a run that keeps its programs."""
+    sampling = SamplingConfig(max_new_tokens=10, temperature=0.7, top_p=0.8)
+    kept, _ = run(model, "token", "rosa", sampling=sampling)
+    released, engine = run(model, "token", "rosa", sampling=sampling, max_programs=3)
+    assert trajectory(released) == trajectory(kept)
+    np.testing.assert_allclose(step_norms(released), step_norms(kept), rtol=1e-5)
+    assert engine.stats.programs_released >= 3 and engine.stats.updates > 0
 
 
 class _Stopped(Exception):

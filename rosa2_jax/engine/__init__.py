@@ -10,6 +10,7 @@
     token.py      TokenEngine: continuous batching over a pool of sessions (the default)
     rows.py       the token engine's decode batch on the host side
     stats.py      SchedulerStats
+    programs.py   the compiled programs a long run holds, within a budget
 """
 
 from rosa2_jax.engine.config import MATH_SYSTEM_PROMPT, REWARDS, EngineConfig

@@ -19,6 +19,7 @@ class SchedulerStats:
     prefill_s: float = 0.0
     update_s: float = 0.0
     updates: int = 0  # Weights buckets run
+    programs_released: int = 0  # times the compiled programs were released (engine/programs.py)
 
     @property
     def occupancy(self) -> float:
@@ -28,4 +29,4 @@ class SchedulerStats:
         return (f"decode {self.decode_s:.0f} s, {self.generated:,} tokens ({self.text_generated:,} for the text "
                 f"model), occupancy {self.occupancy:.2f}; prefill {self.prefill_s:.0f} s, {self.prefilled:,} tokens "
                 f"({self.reused:,} reused by sessions, {self.text_reused:,} by text prompts); {self.updates} Weights "
-                f"steps {self.update_s:.0f} s")
+                f"steps {self.update_s:.0f} s; compiled programs released {self.programs_released} times")

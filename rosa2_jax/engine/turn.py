@@ -10,6 +10,7 @@ import time
 from typing import Callable, Iterable
 
 from rosa2_jax.engine.lifecycle import Engine, Lifecycle, words_model
+from rosa2_jax.engine.programs import release_programs
 from rosa2_jax.engine.session import Session, Work, session_seed
 from rosa2_jax.engine.stats import SchedulerStats
 from rosa2_jax.model.generation import Generation
@@ -62,6 +63,7 @@ class TurnEngine(Engine):
         queue = life.start(problems)
         slots: dict[int, Session] = {}
         while life.admissible() or slots:
+            self.stats.programs_released += release_programs(self.cfg.max_programs)
             for i in range(self.cfg.rows):
                 while i not in slots and life.admissible():
                     s = life.admit(i, queue.popleft())
