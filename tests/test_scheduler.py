@@ -107,29 +107,6 @@ def test_one_engine_running_every_method_writes_each_methods_records(model, temp
     assert engine.stats.updates > 0 and engine.stats.text_generated > 0
 
 
-def test_release_programs_drops_every_compiled_program_past_the_budget(model):
-    cfg, params = model.cfg, model.sampler.decode_params
-    rows = empty_rows(cfg, 2, 64, 8, cache_dtype(params), pad_id=0)
-    for n in (8, 16):  # two prompt pieces: two programs
-        rows = prefill_row(params, rows, jnp.int32(0), jnp.ones(n, jnp.int32), jnp.int32(n), jnp.int32(0),
-                           jax.random.key(0), None, None, jnp.int32(0), cfg=cfg, fresh=True)
-    held = programs_held()
-    assert held >= 2
-    assert not release_programs(0) and not release_programs(held)
-    assert release_programs(held - 1) and programs_held() == 0
-
-
-def test_releasing_the_compiled_programs_changes_no_record(model):
-    """A budget of three programs releases them all again and again during the run: the programs compiled again are
-    the same, so the sampled records are those of a run that keeps its programs."""
-    sampling = SamplingConfig(max_new_tokens=10, temperature=0.7, top_p=0.8)
-    kept, _ = run(model, "token", "rosa", sampling=sampling)
-    released, engine = run(model, "token", "rosa", sampling=sampling, max_programs=3)
-    assert trajectory(released) == trajectory(kept)
-    np.testing.assert_allclose(step_norms(released), step_norms(kept), rtol=1e-5)
-    assert engine.stats.programs_released >= 3 and engine.stats.updates > 0
-
-
 class _Stopped(Exception):
     """Ends a run from inside, as a kill would."""
 
@@ -562,3 +539,27 @@ def test_a_stop_before_the_run_starts_admits_nothing(model, scheduler):
 def test_pool_smaller_than_the_decode_batch_is_refused(model):
     with pytest.raises(ValueError, match=r"sessions=2 must be at least the decode rows \(4"):
         TokenEngine(model, EngineConfig(method="baseline", rows=4, sessions=2))
+
+
+def test_release_programs_drops_every_compiled_program_past_the_budget(model):
+    cfg, params = model.cfg, model.sampler.decode_params
+    rows = empty_rows(cfg, 2, 64, 8, cache_dtype(params), pad_id=0)
+    for n in (8, 16):  # two prompt pieces: two programs
+        rows = prefill_row(params, rows, jnp.int32(0), jnp.ones(n, jnp.int32), jnp.int32(n), jnp.int32(0),
+                           jax.random.key(0), None, None, jnp.int32(0), cfg=cfg, fresh=True)
+    held = programs_held()
+    assert held >= 2
+    assert not release_programs(0) and not release_programs(held)
+    assert release_programs(held - 1) and programs_held() == 0
+
+
+def test_releasing_the_compiled_programs_changes_no_record(model):
+    """A budget of six programs releases them all during the run: the programs compiled again are the same, so the
+    sampled records are those of a run that keeps its programs. (Last in the module: a release makes every later
+    test compile again.)"""
+    sampling = SamplingConfig(max_new_tokens=10, temperature=0.7, top_p=0.8)
+    kept, _ = run(model, "token", "rosa", sampling=sampling)
+    released, engine = run(model, "token", "rosa", sampling=sampling, max_programs=6)
+    assert trajectory(released) == trajectory(kept)
+    np.testing.assert_allclose(step_norms(released), step_norms(kept), rtol=1e-5)
+    assert engine.stats.programs_released >= 2 and engine.stats.updates > 0
