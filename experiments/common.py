@@ -100,7 +100,7 @@ def define_engine_flags(*, max_turns: int, slots: int, max_context: int) -> None
                          "--scheduler=token: most tokens decoded per device call (it also ends when an answer stops)")
     flags.DEFINE_integer("prefill_chunk", 512, "--scheduler=token: longest prompt piece prefilled in one call")
     flags.DEFINE_integer("max_programs", 64, "compiled programs (one per shape) held before all are released, "
-                         "bounding host memory over a long run; 0 = never (rosa2_jax/engine/programs.py)")
+                         "bounding host memory over a long run; 0 = never (rosa2_jax/engine/host_memory.py)")
     flags.DEFINE_integer("seed", 0, "problem subsample, adapter init and sampling seed")
     flags.DEFINE_integer("max_context", max_context, "token budget per prompt + response; older turns are trimmed")
     flags.DEFINE_enum("equivalence", "math-verify", list(EQUIVALENCES), "math answer equivalence")

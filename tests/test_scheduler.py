@@ -18,7 +18,8 @@ from rosa2_jax.adapt.rosa import RosaConfig, rosa_update
 from rosa2_jax.adapt.text_models import make_text_model
 from rosa2_jax.checkpoint import load_model
 from rosa2_jax.engine import METHODS, SCHEDULERS, EngineConfig, Session, TokenEngine, TurnEngine
-from rosa2_jax.engine.programs import programs_held, release_programs
+from rosa2_jax.engine import host_memory
+from rosa2_jax.engine.host_memory import HostMemory, programs_held
 from rosa2_jax.engine.rows import TEXT_CACHES, DecodeBatch
 from rosa2_jax.engine.stats import SchedulerStats
 from rosa2_jax.model.decode_rows import decode_chunk, empty_rows, prefill_row, put_row_cache, row_cache
@@ -541,7 +542,9 @@ def test_pool_smaller_than_the_decode_batch_is_refused(model):
         TokenEngine(model, EngineConfig(method="baseline", rows=4, sessions=2))
 
 
-def test_release_programs_drops_every_compiled_program_past_the_budget(model):
+def test_host_memory_releases_every_compiled_program_past_the_budget_and_trims_the_heap(model, monkeypatch):
+    trims = []
+    monkeypatch.setattr(host_memory, "trim_heap", lambda: trims.append(1))
     cfg, params = model.cfg, model.sampler.decode_params
     rows = empty_rows(cfg, 2, 64, 8, cache_dtype(params), pad_id=0)
     for n in (8, 16):  # two prompt pieces: two programs
@@ -549,8 +552,10 @@ def test_release_programs_drops_every_compiled_program_past_the_budget(model):
                            jax.random.key(0), None, None, jnp.int32(0), cfg=cfg, fresh=True)
     held = programs_held()
     assert held >= 2
-    assert not release_programs(0) and not release_programs(held)
-    assert release_programs(held - 1) and programs_held() == 0
+    assert not HostMemory(0, trim_every_s=1e9).tend() and not HostMemory(held, trim_every_s=1e9).tend()
+    assert trims == []
+    assert not HostMemory(held, trim_every_s=0).tend() and len(trims) == 1  # a trim due, nothing to release
+    assert HostMemory(held - 1, trim_every_s=1e9).tend() and programs_held() == 0 and len(trims) == 2
 
 
 def test_releasing_the_compiled_programs_changes_no_record(model):

@@ -37,7 +37,7 @@ class EngineConfig:
     words_retries: int = RETRIES  # sampled candidates after a refused one (adapt/words.py)
     critic_reference: str = "none"  # what the critic sees of the reference (REFERENCES)
     max_context: int | None = None  # default: the model's window
-    max_programs: int = 64  # compiled programs held before all are released (engine/programs.py); 0: never
+    max_programs: int = 64  # compiled programs held before all are released (engine/host_memory.py); 0: never
     # the token-level engine (engine/token.py); the turn engine ignores these
     sessions: int = 0  # sessions in the pool (0: twice `slots`)
     decode_steps: int = 16  # most tokens decoded per device call (a call also ends when a row stops)

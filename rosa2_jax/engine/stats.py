@@ -19,7 +19,7 @@ class SchedulerStats:
     prefill_s: float = 0.0
     update_s: float = 0.0
     updates: int = 0  # Weights buckets run
-    programs_released: int = 0  # times the compiled programs were released (engine/programs.py)
+    programs_released: int = 0  # times the compiled programs were released (engine/host_memory.py)
 
     @property
     def occupancy(self) -> float:

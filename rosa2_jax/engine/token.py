@@ -37,7 +37,7 @@ import jax
 
 from rosa2_jax.adapt.text_models import LocalTextModel
 from rosa2_jax.engine.lifecycle import Engine, Lifecycle, Queued, data_shards, words_model
-from rosa2_jax.engine.programs import release_programs
+from rosa2_jax.engine.host_memory import HostMemory
 from rosa2_jax.engine.rows import DecodeBatch
 from rosa2_jax.engine.session import Failure, Session, Work, session_seed
 from rosa2_jax.engine.stats import SchedulerStats
@@ -163,9 +163,10 @@ class TokenEngine(Engine):
                             stats=self.stats)
         run = _Run(queue, on_finish, on_ready, free=deque(range(self.sessions)), batch=batch)
         self.stopped.clear()
+        host_memory = HostMemory(self.cfg.max_programs)
         try:
             while self.life.admissible() or run.sessions:
-                self.stats.programs_released += release_programs(self.cfg.max_programs)
+                self.stats.programs_released += host_memory.tend()
                 self._schedule(run)
                 decoded = self._execute(run)
                 self._update(run, decoded)

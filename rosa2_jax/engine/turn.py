@@ -10,7 +10,7 @@ import time
 from typing import Callable, Iterable
 
 from rosa2_jax.engine.lifecycle import Engine, Lifecycle, words_model
-from rosa2_jax.engine.programs import release_programs
+from rosa2_jax.engine.host_memory import HostMemory
 from rosa2_jax.engine.session import Session, Work, session_seed
 from rosa2_jax.engine.stats import SchedulerStats
 from rosa2_jax.model.generation import Generation
@@ -62,8 +62,9 @@ class TurnEngine(Engine):
         life = self.life
         queue = life.start(problems)
         slots: dict[int, Session] = {}
+        host_memory = HostMemory(self.cfg.max_programs)
         while life.admissible() or slots:
-            self.stats.programs_released += release_programs(self.cfg.max_programs)
+            self.stats.programs_released += host_memory.tend()
             for i in range(self.cfg.rows):
                 while i not in slots and life.admissible():
                     s = life.admit(i, queue.popleft())
