@@ -36,8 +36,8 @@ from typing import Any, Callable, Iterable
 import jax
 
 from rosa2_jax.adapt.text_models import LocalTextModel
-from rosa2_jax.engine.lifecycle import Engine, Lifecycle, Queued, data_shards, words_model
 from rosa2_jax.engine.host_memory import HostMemory
+from rosa2_jax.engine.lifecycle import Engine, Lifecycle, Queued, data_shards, words_model
 from rosa2_jax.engine.rows import DecodeBatch
 from rosa2_jax.engine.session import Failure, Session, Work, session_seed
 from rosa2_jax.engine.stats import SchedulerStats

@@ -9,8 +9,8 @@ from __future__ import annotations
 import time
 from typing import Callable, Iterable
 
-from rosa2_jax.engine.lifecycle import Engine, Lifecycle, words_model
 from rosa2_jax.engine.host_memory import HostMemory
+from rosa2_jax.engine.lifecycle import Engine, Lifecycle, words_model
 from rosa2_jax.engine.session import Session, Work, session_seed
 from rosa2_jax.engine.stats import SchedulerStats
 from rosa2_jax.model.generation import Generation

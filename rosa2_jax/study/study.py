@@ -37,8 +37,8 @@ from rosa2_jax.tasks.problem import Problem
 
 # Settings that change how a study is scheduled or where it runs, never a problem's trajectory.
 SCHEDULING = {"methods", "num_problems", "problems_per_round", "slots", "scheduler", "sessions", "update_batch",
-              "decode_steps", "prefill_chunk", "max_programs", "mesh", "distributed", "coordinator_address", "num_processes",
-              "process_id", "run_dir", "cache_dir"}
+              "decode_steps", "prefill_chunk", "max_programs", "mesh", "distributed", "coordinator_address",
+              "num_processes", "process_id", "run_dir", "cache_dir"}
 
 
 class StudyConfigError(Rosa2Error, ValueError):
