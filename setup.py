@@ -5,10 +5,11 @@ setup(
     version="0.1.0",
     description="ROSA2 test-time co-adaptation (Words & Weights) in JAX",
     python_requires=">=3.10",
-    # The Pallas kernels live in the top-level kernels/ folder and install as rosa2_jax.kernels: a top-level
+    # The kernels live in the top-level kernels/ folder and install as rosa2_jax.kernels: a top-level
     # package named `kernels` would collide with the PyPI project of that name.
     packages=find_packages(include=["rosa2_jax", "rosa2_jax.*", "experiments", "experiments.*"]) + ["rosa2_jax.kernels"],
     package_dir={"rosa2_jax.kernels": "kernels"},
+    package_data={"rosa2_jax.kernels": ["*.cc"]},  # the AMX kernel's source, compiled on first use
     install_requires=[
         "jax>=0.6,<0.11",
         "flax>=0.10,<0.13",

@@ -84,7 +84,7 @@ def profile_decode(decode, hlo: str, steps: int, calls: int = 3) -> list[tuple[s
 def main(_):
     model = model_from_flags()
     cfg, params = model.cfg, model.sampler.decode_params
-    matmul_dtype = next(w.dtype for w in jax.tree.leaves(params["layers"]) if w.ndim == 2)
+    matmul_dtype = next(w.dtype for w in jax.tree.leaves(params["layers"]) if w.ndim >= 2)
     # The larger rate is what the machine allows: XLA CPU's large bfloat16 matmul can run below float32's.
     rates = {dtype: matmul_peak_flops(dtype=dtype) for dtype in dict.fromkeys((jnp.dtype(jnp.float32), matmul_dtype))}
     peak, bandwidth = max(rates.values()), read_bandwidth()

@@ -300,8 +300,8 @@ def decode_roofline(cfg: ModelConfig, params, rows: int, context: int, peak_flop
     """The matmuls of every layer and the LM head for each row, plus attention over `context` slots, with the
     weights as generation holds them (decoder.decode_layout: their dtype sets the bytes read)."""
     decoded = decode_layout(params)
-    matrices = [w for w in jax.tree.leaves(decoded["layers"]) if w.ndim == 2]
-    head = decoded.get("head_t", decoded.get("lm_head", decoded["embed"]))
+    matrices = [w for w in jax.tree.leaves(decoded["layers"]) if w.ndim >= 2]  # [out, in] or packed into tiles
+    head = next(decoded[k] for k in ("head_tiles", "head_t", "lm_head", "embed") if k in decoded)
     weights = sum(w.size for w in matrices) + head.size
     attention_flops = 4 * cfg.num_layers * cfg.num_heads * cfg.head_dim * context
     kv_bytes = 2 * cfg.num_layers * cfg.num_kv_heads * cfg.head_dim * context * kv_itemsize

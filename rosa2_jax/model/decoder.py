@@ -20,6 +20,7 @@ from flax import struct
 from jax.sharding import NamedSharding, PartitionSpec
 from jaxtyping import Array, Bool, Float, Int
 
+from rosa2_jax.kernels.amx_matmul import amx_matmul, amx_ready, pack_tiles, packable
 from rosa2_jax.kernels.lora_matmul import lora_delta, lora_matmul, lora_matmul_reference
 from rosa2_jax.model.config import ModelConfig
 from rosa2_jax.model.lora import LoraAdapters
@@ -55,7 +56,7 @@ class KVCache:
 LINEARS = ("q", "k", "v", "o", "gate", "up", "down")
 
 
-def decode_layout(params: Params, dtype=None, *, out_in: bool | None = None) -> Params:
+def decode_layout(params: Params, dtype=None, *, out_in: bool | None = None, tiles: bool | None = None) -> Params:
     """The weights as generation runs fastest on them, measured on XLA CPU (BUILD_NOTES.md, "The decode step against its roofline"):
 
     - `layers` a tuple of per-layer dicts: slicing the stacked [L, ...] weights inside a decode step copies every
@@ -64,7 +65,10 @@ def decode_layout(params: Params, dtype=None, *, out_in: bool | None = None) -> 
       and the LM head as `head_t` [V, d] (the embedding itself when tied): XLA CPU's small-batch matmul reads a
       weight 1.2x (float32) to 2x (bfloat16) faster in that layout;
     - matmul weights in `dtype` (default: as stored), multiplied with float32 accumulation while the residual
-      stream, norms and embedding lookup keep the params' own dtype.
+      stream, norms and embedding lookup keep the params' own dtype;
+    - with `tiles` (default: where `kernels.amx_matmul.amx_ready()`) each bfloat16 [out, in] weight on one device
+      packed once into AMX tiles, `<name>_tiles` and `head_tiles`, for the AMX kernel: XLA's matmul repacks the
+      weight at every call.
 
     On an accelerator the weights keep their [in, out] layout (the Pallas LoRA kernel takes it). The stacked
     layout stays the canonical one: checkpoints, sharding rules, LoRA factors and the ROSA update's scan.
@@ -72,6 +76,17 @@ def decode_layout(params: Params, dtype=None, *, out_in: bool | None = None) -> 
     if isinstance(params["layers"], tuple):
         return params
     out_in = jax.default_backend() == "cpu" if out_in is None else out_in
+    if tiles is None:
+        tiles = out_in and amx_ready()
+
+    def one_device(w):
+        sharding = getattr(w, "sharding", None)
+        return sharding is None or len(sharding.device_set) == 1
+
+    def transposed(name, w, like):  # [out, in] under `<name>_t`, or packed into tiles under `<name>_tiles`
+        if tiles and w.dtype == jnp.bfloat16 and packable(w) and one_device(like):
+            return {f"{name}_tiles": pack_tiles(w)}
+        return {f"{name}_t": w}
 
     def place(w, like, spec):  # keeps a sharded weight's layout under its new axes
         sharding = getattr(like, "sharding", None)
@@ -88,8 +103,10 @@ def decode_layout(params: Params, dtype=None, *, out_in: bool | None = None) -> 
     def layer(i):
         out = {}
         for name, w in params["layers"].items():
-            if name in LINEARS:
-                out[f"{name}_t" if out_in else name] = matrix(w, i)
+            if name in LINEARS and out_in:
+                out.update(transposed(name, matrix(w, i), w))
+            elif name in LINEARS:
+                out[name] = matrix(w, i)
             else:
                 out[name] = place(w[i], w, lambda spec: spec[1:])
         return out
@@ -99,7 +116,7 @@ def decode_layout(params: Params, dtype=None, *, out_in: bool | None = None) -> 
     if out_in:
         head = params["lm_head"].T if "lm_head" in params else params["embed"]
         decoded.pop("lm_head", None)
-        decoded["head_t"] = head.astype(dtype or head.dtype)
+        decoded.update(transposed("head", head.astype(dtype or head.dtype), head))
     elif dtype is not None and "lm_head" in params:
         decoded["lm_head"] = params["lm_head"].astype(dtype)
     return decoded
@@ -110,7 +127,8 @@ def cache_dtype(params: Params) -> jnp.dtype:
     weights keep bfloat16 keys/values, which halves what attention reads), else the params'."""
     layers = params["layers"]
     if isinstance(layers, tuple):
-        return next(w.dtype for name, w in layers[0].items() if name.removesuffix("_t") in LINEARS)
+        return next(w.dtype for name, w in layers[0].items()
+                    if name.removesuffix("_tiles").removesuffix("_t") in LINEARS)
     return params["embed"].dtype
 
 
@@ -209,14 +227,22 @@ def causal_attention(
     return out.reshape(B, T, H * D)
 
 
-def _linear(x, lp, la, name, scale, lora_kernel):
-    if f"{name}_t" in lp:  # decode_layout's [out, in] weight, possibly in a narrower dtype
-        # Flattened to [rows, in]: with the decode step's [B, 1, in] XLA CPU turned every weight back to [in, out]
-        # (a copy of all of them per call) and ran the slower kernel for that layout.
+def _transposed_matmul(x: Float[Array, "... in"], lp: Params, name: str) -> Float[Array, "... out"]:
+    """x times decode_layout's `<name>_tiles` (the AMX kernel) or `<name>_t` ([out, in], possibly in a narrower
+    dtype), over x flattened to [rows, in]: with the decode step's [B, 1, in] XLA CPU turned every weight back to
+    [in, out] (a copy of all of them per call) and ran the slower kernel for that layout."""
+    x2 = x.reshape(-1, x.shape[-1])
+    if f"{name}_tiles" in lp:
+        y = amx_matmul(x2, lp[f"{name}_tiles"])
+    else:
         w = lp[f"{name}_t"]
-        x2 = x.reshape(-1, x.shape[-1]).astype(w.dtype)
-        y = jnp.einsum("ni,oi->no", x2, w, preferred_element_type=accumulation_dtype(x.dtype))
-        y = y.astype(x.dtype).reshape(*x.shape[:-1], w.shape[0])
+        y = jnp.einsum("ni,oi->no", x2.astype(w.dtype), w, preferred_element_type=accumulation_dtype(x.dtype))
+    return y.reshape(*x.shape[:-1], y.shape[-1])
+
+
+def _linear(x, lp, la, name, scale, lora_kernel):
+    if f"{name}_t" in lp or f"{name}_tiles" in lp:
+        y = _transposed_matmul(x, lp, name).astype(x.dtype)
         if la is not None and name in la:
             y = y + lora_delta(x, *la[name], scale)
     elif la is not None and name in la:
@@ -446,6 +472,8 @@ def head_weight(params: Params, cfg: ModelConfig) -> Float[Array, "d V"]:
 
 def lm_logits(params: Params, hidden: Float[Array, "... d"], cfg: ModelConfig) -> Float[Array, "... V"]:
     """LM head, accumulated in (at least) float32."""
+    if "head_tiles" in params:  # decode_layout's [V, d] head, packed for the AMX kernel
+        return _transposed_matmul(hidden, params, "head")
     if "head_t" in params:  # decode_layout's [V, d] head
         w = params["head_t"]
         return jnp.einsum("...d,vd->...v", hidden.astype(w.dtype), w,

@@ -18,6 +18,7 @@ from jax.sharding import Mesh
 from jaxtyping import Array, Bool, Float, Int
 
 from rosa2_jax.errors import ContextOverflowError
+from rosa2_jax.kernels.amx_matmul import amx_ready
 from rosa2_jax.kernels.lora_matmul import kernel_supported
 from rosa2_jax.model.config import ModelConfig
 from rosa2_jax.model.decoder import (KVCache, Params, cache_is_buffered, decoder_hidden, lm_logits,
@@ -73,8 +74,12 @@ def decode_path(decode_dtype) -> str:
     "flat-matmuls-fitted-cache": every matmul over [rows, in] (decoder._linear) and the token engine's cache sized
     to its rows' tokens (engine/rows.py); the runs before it: "turn-sized-cache". "bfloat16-cache": bfloat16 decode
     weights keep the token engine's cache in bfloat16, written once per decode call (decode_rows.decode_chunk);
-    float32 weights compute as "flat-matmuls-fitted-cache" did."""
-    return "bfloat16-cache" if cache_is_buffered(decode_dtype) else "flat-matmuls-fitted-cache"
+    float32 weights compute as "flat-matmuls-fitted-cache" did. "bfloat16-cache-amx": the same on a CPU with
+    AMX, the matmuls on weights packed into tiles (kernels/amx_matmul.py): bit for bit XLA's sums except in a
+    one-row matmul, which XLA computes in another order."""
+    if not cache_is_buffered(decode_dtype):
+        return "flat-matmuls-fitted-cache"
+    return "bfloat16-cache-amx" if amx_ready() else "bfloat16-cache"
 
 
 def sample_logits(logits: Float[Array, "B V"], keys: jax.Array, sampling: SamplingConfig,
