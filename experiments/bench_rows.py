@@ -11,7 +11,9 @@ XLA op computes (the named scopes of model/decoder.py and model/decode_rows.py),
 The decode figures are per step of a `--decode_steps` call, sampled as the sweep does (T = 0.7, top-p 0.8), with
 every row answering its own GSM8K question (prefilled in the chat template, then decoding from call to call). The
 roofline (experiments.common.decode_roofline) reads every weight and the rows' keys/values (their mean length over
-the calls) once and does every multiply-add once; `fraction` is roofline time / measured time.
+the calls) once and does every multiply-add once, at the fastest matmul rate measured (XLA's float32 or bfloat16,
+or the AMX kernel's where decoding runs on it); `fraction` is roofline time / measured time, and the last column the
+same at XLA's rate alone (the roofline before the AMX kernel).
 """
 
 from __future__ import annotations
@@ -85,10 +87,15 @@ def main(_):
     model = model_from_flags()
     cfg, params = model.cfg, model.sampler.decode_params
     matmul_dtype = next(w.dtype for w in jax.tree.leaves(params["layers"]) if w.ndim >= 2)
-    # The larger rate is what the machine allows: XLA CPU's large bfloat16 matmul can run below float32's.
-    rates = {dtype: matmul_peak_flops(dtype=dtype) for dtype in dict.fromkeys((jnp.dtype(jnp.float32), matmul_dtype))}
+    # The largest rate is what the machine allows: XLA CPU's large bfloat16 matmul can run below float32's, and
+    # where decoding runs on the AMX kernel, its rate counts too.
+    rates = {dtype.name: matmul_peak_flops(dtype=dtype)
+             for dtype in dict.fromkeys((jnp.dtype(jnp.float32), matmul_dtype))}
+    if any(name.endswith("_tiles") for name in params["layers"][0]):
+        rates["bfloat16 AMX kernel"] = matmul_peak_flops(amx=True)
     peak, bandwidth = max(rates.values()), read_bandwidth()
-    print("machine: matmul (2048^2, jitted) " + ", ".join(f"{d.name} {r / 1e9:.0f}" for d, r in rates.items())
+    xla_peak = max(r for name, r in rates.items() if "AMX" not in name)
+    print("machine: matmul (2048^2, jitted) " + ", ".join(f"{d} {r / 1e9:.0f}" for d, r in rates.items())
           + f" GFLOP/s, read bandwidth {bandwidth / 1e9:.1f} GB/s")
     key = jax.random.key(0)
     pieces = list(map(int, FLAGS.pieces))
@@ -106,16 +113,17 @@ def main(_):
         prefill()
         print(f"prefill {n:5d} tokens  {1000 * best_time(prefill):8.1f} ms", flush=True)
 
-    print("| rows | slots | ms per step | tokens/s | roofline ms | bound | fraction of roofline |")
-    print("|---|---|---|---|---|---|---|")
+    print("| rows | slots | ms per step | tokens/s | roofline ms | bound | fraction of roofline | at XLA's matmul rate |")
+    print("|---|---|---|---|---|---|---|---|")
     for batch in map(int, FLAGS.rows):
         for capacity in list(map(int, FLAGS.capacities)) or [None]:
             decode, hlo, context, slots = decode_rows_call(model, batch, capacity, FLAGS.decode_steps)
             decode()
             step = best_time(decode) / FLAGS.decode_steps
             roof = decode_roofline(cfg, params, batch, context, peak, bandwidth)
+            xla_roof = decode_roofline(cfg, params, batch, context, xla_peak, bandwidth)
             print(f"| {batch} | {slots} | {1000 * step:.1f} | {batch / step:.0f} | {1000 * roof.seconds:.1f} | "
-                  f"{roof.bound} | {roof.seconds / step:.2f} |", flush=True)
+                  f"{roof.bound} | {roof.seconds / step:.2f} | {xla_roof.seconds / step:.2f} |", flush=True)
             if FLAGS.profile and batch == int(FLAGS.rows[0]):
                 shares = profile_decode(decode, hlo, FLAGS.decode_steps)
                 total = sum(ms for _, ms in shares)

@@ -26,6 +26,7 @@ from rosa2_jax.adapt.words import REFERENCES, RETRIES
 from rosa2_jax.checkpoint import LoadedModel, load_model
 from rosa2_jax.engine import ADAPTERS, MATH_SYSTEM_PROMPT, PRESETS, REWARDS, EngineConfig, WeightsPreset
 from rosa2_jax.fetch import cache_root
+from rosa2_jax.kernels.amx_matmul import amx_matmul, pack_tiles
 from rosa2_jax.model.config import ModelConfig
 from rosa2_jax.model.decode_rows import DecodeRows, empty_rows, prefill_row
 from rosa2_jax.model.decoder import decode_layout
@@ -256,12 +257,13 @@ def traced_op_seconds(run: Callable[[], object], hlo: str, part: Callable[[str],
     return spent.most_common(), wall
 
 
-def matmul_peak_flops(n: int = 2048, dtype=jnp.float32) -> float:
-    """Measured FLOP/s of one large square matmul on the default device."""
-    a = jax.random.normal(jax.random.key(0), (n, n), dtype)
-    f = jax.jit(lambda x: x @ x)
-    f(a).block_until_ready()
-    return 2 * n**3 / best_time(lambda: f(a).block_until_ready(), repeats=5)
+def matmul_peak_flops(n: int = 2048, dtype=jnp.float32, *, amx: bool = False) -> float:
+    """Measured FLOP/s of one large square matmul on the default device: XLA's, or with `amx` the AMX kernel's on
+    bfloat16 weights packed into tiles (kernels/amx_matmul.py), as decoding runs it on a CPU that has one."""
+    a = jax.random.normal(jax.random.key(0), (n, n), jnp.bfloat16 if amx else dtype)
+    f, args = (jax.jit(amx_matmul), (a, pack_tiles(a))) if amx else (jax.jit(lambda x: x @ x), (a,))
+    f(*args).block_until_ready()
+    return 2 * n**3 / best_time(lambda: f(*args).block_until_ready(), repeats=5)
 
 
 def param_count(tree) -> int:

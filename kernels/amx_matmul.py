@@ -73,11 +73,11 @@ def _cache_dir() -> Path:
 
 
 def _build(compiler: str) -> Path:
-    """The shared library for this source, jaxlib and compiler, compiled once (atomically: concurrent processes may
-    race to build it) and kept in the user's cache."""
-    import jaxlib
-
-    key = hashlib.sha256(SOURCE.read_bytes() + jaxlib.__version__.encode() + compiler.encode()).hexdigest()[:16]
+    """The shared library for this source, JAX's FFI header and the compiler, compiled once (atomically: concurrent
+    processes may race to build it) and kept in the user's cache."""
+    header = Path(jax.ffi.include_dir()) / "xla" / "ffi" / "api" / "ffi.h"
+    key = hashlib.sha256(SOURCE.read_bytes() + header.read_bytes() + jax.__version__.encode()
+                         + compiler.encode()).hexdigest()[:16]
     lib = _cache_dir() / f"amx_matmul-{key}.so"
     if lib.exists():
         return lib

@@ -11,6 +11,7 @@ import pytest
 from conftest import tiny_chat_model
 from test_sweep import PROBLEMS, ROOT, run, sweep_cmd
 
+pytestmark = pytest.mark.slow  # whole sweeps on three meshes and on two processes (tests/test_sharding.py: the mesh)
 METHODS = "--methods=baseline,rosa,rosa2"
 
 

@@ -69,7 +69,9 @@ def step_norms(records):
     return [t.step_norm_sq for r in records for t in r.turns if t.step_norm_sq is not None]
 
 
-@pytest.mark.parametrize("method", list(METHODS))
+# rosa2 runs both streams in the default run; the single-stream and reference-critic methods in `pytest -m slow`.
+@pytest.mark.parametrize("method", [pytest.param(m, marks=pytest.mark.slow)
+                                    if m in ("rosa", "words", "words-ref", "rosa2-ref") else m for m in METHODS])
 def test_greedy_records_equal_the_turn_engines(model, method):
     turn, _ = run(model, "turn", method)
     token, engine = run(model, "token", method)
@@ -92,7 +94,7 @@ def test_greedy_records_equal_the_turn_engines(model, method):
     assert (stats.text_generated > 0) == (stats.text_reused > 0) == words
 
 
-@pytest.mark.parametrize("temperature", [0.0, 0.7])
+@pytest.mark.parametrize("temperature", [pytest.param(0.0, marks=pytest.mark.slow), 0.7])
 def test_one_engine_running_every_method_writes_each_methods_records(model, temperature):
     """Sessions of all methods share the rows and the pool (a slot goes from a rosa session to a baseline one,
     whose adapter must be reset), yet each writes the records of its method's run alone; sampled ones too,
@@ -292,6 +294,7 @@ def test_a_weights_step_runs_only_as_many_rows_as_its_failures_need(model, monke
     assert any(rows < 16 for rows, _ in calls), calls
 
 
+@pytest.mark.slow
 def test_passes_of_one_step_each_session_alone_at_its_own_length(model, monkeypatch):
     """With --update_batch=1 every failed session is its own step, its row padded to its own length only (and to
     the window's), with no inactive rows; the records are those of the bucketed steps (‖Δθ‖² to rounding)."""
@@ -558,6 +561,7 @@ def test_host_memory_releases_every_compiled_program_past_the_budget_and_trims_t
     assert HostMemory(held - 1, trim_every_s=1e9).tend() and programs_held() == 0 and len(trims) == 2
 
 
+@pytest.mark.slow
 def test_releasing_the_compiled_programs_changes_no_record(model):
     """A budget of six programs releases them all during the run: the programs compiled again are the same, so the
     sampled records are those of a run that keeps its programs. (Last in the module: a release makes every later

@@ -118,6 +118,7 @@ def wait_for_records(proc, records: Path, count: int, in_flight: Path | None = N
         time.sleep(0.05)
 
 
+@pytest.mark.slow
 def test_killed_then_drained_run_resumes_to_the_same_results(setup, full_run):
     """A kill loses only the turns in progress (and a torn last line): the sessions in flight go on from their
     last finished turn. SIGUSR1 loses nothing: the run finishes the sessions it holds, admits no more, writes

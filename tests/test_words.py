@@ -229,6 +229,7 @@ GSM8K_FAILURES = [  # GSM8K test items with wrong attempts
 ]
 
 
+@pytest.mark.slow
 def test_local_backend_refines_a_batch_of_gsm8k_failures(monkeypatch):
     import rosa2_jax.model.sampler as sampler_module
     from rosa2_jax.adapt.text_models import LocalTextModel
