@@ -7,9 +7,9 @@ bfloat16 matmul weight once (`pack_tiles`), and a decode step's matmuls call thi
 `amx_matmul.cc`) on the packed tiles: the weight is read once. Each output tile accumulates over depth in the order
 YNNPACK's kernel does, so the results equal XLA's bit for bit on the model's shapes (tests/test_amx_matmul.py).
 
-The kernel is built from source on first use with the system's C++ compiler, into a per-user cache, and is used
-only where this CPU has AMX-BF16 (`amx_ready`); anywhere else, or with `ROSA2_JAX_AMX=off`, decoding keeps XLA's
-matmul. Forward only, one device: a sharded weight keeps XLA's path.
+The kernel is built from source on first use with the system's C++ compiler, into <cache>/kernels (`$ROSA2_CACHE`,
+else ~/.cache/rosa2_jax), and is used only where this CPU has AMX-BF16 (`amx_ready`); anywhere else, or with
+`ROSA2_JAX_AMX=off`, decoding keeps XLA's matmul. Forward only, one device: a sharded weight keeps XLA's path.
 """
 
 from __future__ import annotations
@@ -28,6 +28,8 @@ from pathlib import Path
 import jax
 import jax.numpy as jnp
 from jaxtyping import Array, BFloat16, Float
+
+from rosa2_jax.fetch import cache_root
 
 SOURCE = Path(__file__).with_name("amx_matmul.cc")
 TARGET = "rosa2_amx_matmul"
@@ -67,18 +69,13 @@ def amx_matmul_reference(x: Float[Array, "M K"], tiles: BFloat16[Array, "N/16 K/
     return jnp.einsum("mk,nk->mn", x.astype(jnp.bfloat16), unpack_tiles(tiles), preferred_element_type=jnp.float32)
 
 
-def _cache_dir() -> Path:
-    root = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
-    return Path(root) / "rosa2_jax" / "kernels"
-
-
 def _build(compiler: str) -> Path:
     """The shared library for this source, JAX's FFI header and the compiler, compiled once (atomically: concurrent
     processes may race to build it) and kept in the user's cache."""
     header = Path(jax.ffi.include_dir()) / "xla" / "ffi" / "api" / "ffi.h"
     key = hashlib.sha256(SOURCE.read_bytes() + header.read_bytes() + jax.__version__.encode()
                          + compiler.encode()).hexdigest()[:16]
-    lib = _cache_dir() / f"amx_matmul-{key}.so"
+    lib = cache_root() / "kernels" / f"amx_matmul-{key}.so"
     if lib.exists():
         return lib
     lib.parent.mkdir(parents=True, exist_ok=True)
