@@ -69,9 +69,12 @@ def step_norms(records):
     return [t.step_norm_sq for r in records for t in r.turns if t.step_norm_sq is not None]
 
 
-# rosa2 runs both streams in the default run; the single-stream and reference-critic methods in `pytest -m slow`.
-@pytest.mark.parametrize("method", [pytest.param(m, marks=pytest.mark.slow)
-                                    if m in ("rosa", "words", "words-ref", "rosa2-ref") else m for m in METHODS])
+# switch runs both streams in the default run; the other adapting methods in `pytest -m slow`.
+SLOW_EQUALITY = ("rosa", "words", "rosa2", "words-ref", "rosa2-ref")
+
+
+@pytest.mark.parametrize("method", [pytest.param(m, marks=pytest.mark.slow) if m in SLOW_EQUALITY else m
+                                    for m in METHODS])
 def test_greedy_records_equal_the_turn_engines(model, method):
     turn, _ = run(model, "turn", method)
     token, engine = run(model, "token", method)
