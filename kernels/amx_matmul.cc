@@ -37,7 +37,7 @@ struct TileConfig {
 
 struct Job {
   const uint16_t* x;     // [M, K]
-  const uint16_t* tail;  // x's last M % 16 rows, zero-padded to 16 (or null)
+  const uint16_t* tail = nullptr;  // x's last M % 16 rows, zero-padded to 16, where M % 16 > 0
   const uint16_t* w;     // [N/16, K/32, 512]
   float* y;              // [M, N]
   int64_t M, N, K, col_tiles, depth_tiles, groups;
