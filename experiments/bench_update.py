@@ -16,7 +16,8 @@ A variant is a preset name (`paper`, `fast`) optionally followed by overrides jo
 `L<N>` the last N layers (`all` every layer), `k<K>` the head metric's top-k (`k0` exact), `cg<N>`
 CG iterations, `bt<N>` backtracking halvings, `tr<X>` the trust region on ||Δθ||, `linear` LoRA on every
 linear layer (not only q, v), `nr` activations stored instead of recomputed (--noremat for one variant),
-`pb<N>` the sessions solved in passes of N (the sweep's --update_batch), `hidden` the hidden-state offset.
+`pb<N>` the sessions solved in passes of N (the sweep's --update_batch), `bf16` the trunk's matmuls in bfloat16
+(float32 sums), `hidden` the hidden-state offset.
 `L4` = paper with LoRA on the last 4 layers only; `fast-pb1-nr` = the sweep's step on a short history.
 
 `--profile` traces each update once more and splits its time by the decoder's named scopes (q/k/v, attention, output
@@ -71,6 +72,8 @@ def parse_variant(name: str) -> tuple[WeightsPreset, dict]:
     for o in overrides:
         if o == "nr":
             solver["remat"] = False
+        elif o == "bf16":
+            preset = dataclasses.replace(preset, trunk_dtype="bfloat16")
         elif o[:2] == "pb" and o[2:].isdigit():
             solver["session_batch"] = int(o[2:])
         elif o == "linear":

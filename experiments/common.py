@@ -20,7 +20,7 @@ import numpy as np
 from absl import app, flags
 from jax.sharding import Mesh
 
-from rosa2_jax.adapt.rosa import RESIDUALS, TILTS
+from rosa2_jax.adapt.rosa import RESIDUALS, TILTS, TRUNK_DTYPES
 from rosa2_jax.adapt.text_models import TextModel, make_text_model
 from rosa2_jax.adapt.words import REFERENCES, RETRIES
 from rosa2_jax.checkpoint import LoadedModel, load_model
@@ -126,6 +126,9 @@ def define_engine_flags(*, max_turns: int, slots: int, max_context: int) -> None
     flags.DEFINE_integer("cg_iters", None, "CG iterations (default: the preset's)")
     flags.DEFINE_integer("backtrack", None, "halve a step that raises KL(pi*||pi) up to this many times, else keep "
                          "the adapter; 0 = the plain step (default: the preset's)")
+    flags.DEFINE_enum("trunk_dtype", None, list(TRUNK_DTYPES), "the Weights step's layer matmuls: bfloat16 operands "
+                      "with float32 sums (value, JVP and VJP) run ~1.4x faster on a CPU with AMX, as a TPU multiplies "
+                      "float32 by default (default: the preset's)")
     flags.DEFINE_float("damping", 1e-4, "λ relative to mean diag(JᵀJ)")
     flags.DEFINE_float("max_step_norm", None, "trust region on ||Δθ|| (default: the preset's)")
     flags.DEFINE_integer("lora_rank", 8, "LoRA rank")

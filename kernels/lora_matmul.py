@@ -14,11 +14,13 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jaxtyping import Array, Float
 
+from rosa2_jax.model.narrow_matmul import weight_matmul
+
 
 def lora_matmul_reference(
     x: Float[Array, "B T I"], w: Float[Array, "I O"], a: Float[Array, "B I R"], b: Float[Array, "B R O"], scale: float
 ) -> Float[Array, "B T O"]:
-    return x @ w + lora_delta(x, a, b, scale)
+    return weight_matmul(x, w) + lora_delta(x, a, b, scale)
 
 
 def lora_delta(x: Float[Array, "B T I"], a: Float[Array, "B I R"], b: Float[Array, "B R O"],

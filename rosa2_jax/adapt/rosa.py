@@ -27,11 +27,13 @@ from jaxtyping import Array, Bool, Float, Int
 from optax.tree_utils import tree_add_scale, tree_vdot, tree_zeros_like
 
 from rosa2_jax.model.config import ModelConfig
-from rosa2_jax.model.decoder import Params, accumulation_dtype, decoder_hidden, head_weight, positions_from_valid
+from rosa2_jax.model.decoder import (Params, accumulation_dtype, decoder_hidden, head_weight, narrow_trunk,
+                                    positions_from_valid)
 from rosa2_jax.model.lora import LoraAdapters
 
 TILTS = ("token", "suffix")  # spec Option B (default), Option A
 RESIDUALS = ("prob", "logit")
+TRUNK_DTYPES = ("bfloat16",)  # besides None, the params' own dtype
 
 
 @dataclasses.dataclass(frozen=True)
@@ -51,12 +53,15 @@ class RosaConfig:
     head_top_k: int = 0  # head metric inside CG on each row's top-k tokens + its sampled one (0 = exact)
     backtrack: int = 0  # halve a step that raises KL(p*||p) up to this many times, else keep the adapter
     session_batch: int = 0  # sessions solved together in one vmap, chunks one after another (0 = all at once)
+    trunk_dtype: str | None = None  # the layers' matmul weights: None as stored, "bfloat16" by narrow_matmul
 
     def __post_init__(self):
         if self.tilt not in TILTS or self.residual not in RESIDUALS:
             raise ValueError(f"tilt must be one of {TILTS} and residual one of {RESIDUALS}; got {self}")
         if self.damping_mode not in ("relative", "fixed") or self.beta <= 0:
             raise ValueError(f"damping_mode must be relative|fixed and beta > 0; got {self}")
+        if self.trunk_dtype not in (None, *TRUNK_DTYPES):
+            raise ValueError(f"trunk_dtype must be None or one of {TRUNK_DTYPES}; got {self.trunk_dtype!r}")
         if min(self.head_top_k, self.backtrack, self.session_batch, self.store_up_to) < 0 or self.cg_iters < 1:
             raise ValueError("head_top_k, backtrack, session_batch and store_up_to must be >= 0 and cg_iters >= 1; "
                              f"got {self}")
@@ -428,7 +433,7 @@ def _over_sessions(session_fn, params, theta, batch: UpdateBatch, rosa: RosaConf
     if batch.window % rosa.position_chunk:
         raise ValueError(f"window {batch.window} must be a multiple of position_chunk {rosa.position_chunk}")
     xs = (theta, batch.tokens, batch.valid, batch.response_len, batch.reward, batch.active)
-    one = functools.partial(session_fn, params)
+    one = functools.partial(session_fn, narrow_trunk(params, rosa.trunk_dtype))
     if 0 < rosa.session_batch < batch.tokens.shape[0]:
         return jax.lax.map(lambda x: one(*x), xs, batch_size=rosa.session_batch)
     return jax.vmap(one)(*xs)

@@ -24,11 +24,12 @@ class WeightsPreset:
     cg_iters: int
     backtrack: int  # RosaConfig.backtrack (0 = the plain step)
     max_step_norm: float  # RosaConfig.max_step_norm, the trust region on ||Δθ||
+    trunk_dtype: str | None = None  # RosaConfig.trunk_dtype, the trunk's matmul weights (None: as stored)
 
     def rosa(self, **fields) -> RosaConfig:
         """This preset's RosaConfig; `fields` set the others (beta, tilt, remat, ...)."""
         return RosaConfig(cg_iters=self.cg_iters, head_top_k=self.head_top_k, backtrack=self.backtrack,
-                          max_step_norm=self.max_step_norm, **fields)
+                          max_step_norm=self.max_step_norm, trunk_dtype=self.trunk_dtype, **fields)
 
     def lora(self, num_layers: int, **fields) -> LoraConfig:
         """This preset's LoraConfig for a `num_layers`-layer model; `fields` set rank and alpha."""

@@ -24,6 +24,7 @@ from rosa2_jax.kernels.amx_matmul import amx_matmul, amx_ready, pack_tiles, pack
 from rosa2_jax.kernels.lora_matmul import lora_delta, lora_matmul, lora_matmul_reference
 from rosa2_jax.model.config import ModelConfig
 from rosa2_jax.model.lora import LoraAdapters
+from rosa2_jax.model.narrow_matmul import weight_matmul
 from rosa2_jax.model.params import Params
 
 _MASKED = -1e30  # large finite negative: a fully masked (padding) query row stays finite.
@@ -120,6 +121,16 @@ def decode_layout(params: Params, dtype=None, *, out_in: bool | None = None, til
     elif dtype is not None and "lm_head" in params:
         decoded["lm_head"] = params["lm_head"].astype(dtype)
     return decoded
+
+
+def narrow_trunk(params: Params, dtype) -> Params:
+    """The stacked params with the layers' matmul weights in `dtype` (None: as stored): narrower than the
+    activations, they are multiplied by `narrow_matmul` (operands in `dtype`, float32 sums, in the value, tangent
+    and transpose alike). The embedding, the LM head, norms and biases keep their own dtype."""
+    if dtype is None:
+        return params
+    layers = {name: w.astype(dtype) if name in LINEARS else w for name, w in params["layers"].items()}
+    return dict(params, layers=layers)
 
 
 def cache_dtype(params: Params) -> jnp.dtype:
@@ -249,7 +260,7 @@ def _linear(x, lp, la, name, scale, lora_kernel):
         matmul = lora_matmul if lora_kernel else lora_matmul_reference
         y = matmul(x, lp[name], *la[name], scale)
     else:
-        y = x @ lp[name]
+        y = weight_matmul(x, lp[name])
     if f"{name}_bias" in lp:
         y = y + lp[f"{name}_bias"]
     return y
