@@ -61,8 +61,9 @@ def test_params_restored_into_a_4x2_sharding_equal_the_saved_ones(tmp_path):
     assert q.addressable_shards[0].data.shape == (2, 32, 16) and len(q.sharding.device_set) == 8
 
 
-@pytest.mark.parametrize("shape", [(8, 1), (4, 2), (1, 1)])
-def test_generation_and_update_on_a_mesh_equal_the_single_device_run(shape):
+@pytest.mark.parametrize("shape,trunk_dtype", [((8, 1), None), ((4, 2), None), ((1, 1), None),
+                                               pytest.param((4, 2), "bfloat16", marks=pytest.mark.slow)])
+def test_generation_and_update_on_a_mesh_equal_the_single_device_run(shape, trunk_dtype):
     params = init_params(CFG, jax.random.key(1))
     params = jax.tree.map(lambda x: x * 10 if x.ndim == 3 else x, params)  # sharper logits: greedy has no near-ties
     lora = LoraConfig(rank=2, targets=("q", "v", "down"))
@@ -84,14 +85,18 @@ def test_generation_and_update_on_a_mesh_equal_the_single_device_run(shape):
     tokens, valid = left_pad(rows, 32, 0)
     batch = UpdateBatch(jnp.asarray(tokens), jnp.asarray(valid), jnp.asarray([len(g.tokens) for g in ref]),
                         -jnp.ones(8), jnp.arange(8) % 3 != 0, window=8)
-    rosa = RosaConfig(cg_iters=4, position_chunk=4)
+    rosa = RosaConfig(cg_iters=4, position_chunk=4, trunk_dtype=trunk_dtype)
     new_ref, stats_ref = rosa_update(params, ad, batch, cfg=CFG, rosa=rosa)
     new, stats = rosa_update(placed, placed_ad, shard_batch(batch, mesh), cfg=CFG, rosa=rosa)
     if shape[0] > 1:  # the updated adapters stay split over the session slots
         assert new.factors["q"][0].sharding.spec[0] == "data"
     for a, b in zip(jax.tree.leaves(new), jax.tree.leaves(new_ref)):
-        np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-4, atol=1e-6)
-    np.testing.assert_allclose(stats.kl_after, stats_ref.kl_after, rtol=1e-4, atol=1e-7)
+        if trunk_dtype is None:
+            np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-4, atol=1e-6)
+        else:  # bfloat16 rounds the model axis's partial sums at other points: the same step to its precision
+            assert np.linalg.norm(np.asarray(a) - np.asarray(b)) < 1e-2 * np.linalg.norm(np.asarray(b))
+    np.testing.assert_allclose(stats.kl_after, stats_ref.kl_after, rtol=1e-4 if trunk_dtype is None else 1e-2,
+                               atol=1e-7)
     assert np.all(np.asarray(stats.step_norm_sq)[np.arange(8) % 3 == 0] == 0)
 
 
