@@ -127,8 +127,8 @@ def define_engine_flags(*, max_turns: int, slots: int, max_context: int) -> None
     flags.DEFINE_integer("backtrack", None, "halve a step that raises KL(pi*||pi) up to this many times, else keep "
                          "the adapter; 0 = the plain step (default: the preset's)")
     flags.DEFINE_enum("trunk_dtype", None, list(TRUNK_DTYPES), "the Weights step's layer matmuls: bfloat16 operands "
-                      "with float32 sums (value, JVP and VJP) run ~1.4x faster on a CPU with AMX, as a TPU multiplies "
-                      "float32 by default (default: the preset's)")
+                      "with float32 sums (value, JVP and VJP), as a TPU multiplies float32 by default; a step 1.3-1.5x "
+                      "faster on a CPU with AMX, measure first on one without (default: the preset's, float32)")
     flags.DEFINE_float("damping", 1e-4, "λ relative to mean diag(JᵀJ)")
     flags.DEFINE_float("max_step_norm", None, "trust region on ||Δθ|| (default: the preset's)")
     flags.DEFINE_integer("lora_rank", 8, "LoRA rank")
