@@ -85,6 +85,7 @@ def test_weights_step_on_a_bfloat16_trunk_agrees_with_the_float32_step(tmp_path)
                                 rosa=RosaConfig(position_chunk=CHUNK, cg_iters=4, trunk_dtype=dtype))
              for dtype in (None, "bfloat16")}
     (f32, f32_stats), (bf16, bf16_stats) = steps[None], steps["bfloat16"]
+
     def step(new, s):
         return np.concatenate([np.ravel(new.factors[t][1][s] - adapters.factors[t][1][s]) for t in LORA_TARGETS])
 
