@@ -13,7 +13,9 @@ every row answering its own GSM8K question (prefilled in the chat template, then
 roofline (experiments.common.decode_roofline) reads every weight and the rows' keys/values (their mean length over
 the calls) once and does every multiply-add once, at the fastest matmul rate measured (XLA's float32 or bfloat16,
 or the AMX kernel's where decoding runs on it); `fraction` is roofline time / measured time, and the last column the
-same at XLA's rate alone (the roofline before the AMX kernel).
+same at XLA's rate alone (the roofline before the AMX kernel). Decode calls attend as the token engine does: on
+the AVX-512 kernel where it runs (`ROSA2_JAX_ATTENTION=off` for XLA's attention); with `--capacities` larger than
+the rows' prompts, a row's valid slots are a part of the cache, as beside a longer row in the engine.
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ from absl import app, flags
 
 from experiments.common import (best_time, decode_roofline, define_model_flags, gsm8k_prompts, matmul_peak_flops,
                                 model_from_flags, prefilled_rows, read_bandwidth, traced_op_seconds)
+from rosa2_jax.kernels.decode_attention import attention_kernel_supported
 from rosa2_jax.model.decode_rows import decode_chunk, empty_rows, prefill_row
 from rosa2_jax.model.decoder import cache_dtype
 from rosa2_jax.model.generation import SamplingConfig, bucket_length
@@ -56,7 +59,8 @@ def decode_rows_call(model, rows: int, capacity: int | None, steps: int):
     state = prefilled_rows(params, cfg, prompts, capacity, SAMPLING.max_new_tokens, cache_dtype(params), pad_id=0)
     sessions = jnp.zeros(rows, jnp.int32)
     compiled = decode_chunk.lower(params, state, None, None, sessions, cfg=cfg, sampling=SAMPLING, stop_ids=(-1,),
-                                  pad_id=0, steps=steps).compile()
+                                  pad_id=0, steps=steps,
+                                  attention_kernel=attention_kernel_supported(model.mesh)).compile()
 
     def decode():
         nonlocal state

@@ -8,7 +8,8 @@ answers that are token for token the same, the mean number of tokens before the 
 forced on the float32 answers, the share of positions whose argmax agrees, the largest and mean absolute logit
 difference, and the mean absolute difference of the log-probabilities of the float32 argmax tokens. Then the token
 engine's rows (model/decode_rows.py), whose cache follows the decode weights' dtype: the bfloat16 weights' greedy
-answers with a bfloat16 cache against the same weights with a float32 cache, counted the same way.
+answers with a bfloat16 cache against the same weights with a float32 cache, counted the same way (a bfloat16
+cache attended as the engine attends it: on the AVX-512 kernel where it runs, `ROSA2_JAX_ATTENTION=off` for XLA's).
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ import numpy as np
 from absl import app, flags
 
 from experiments.common import define_model_flags, gsm8k_prompts, model_from_flags, prefilled_rows
+from rosa2_jax.kernels.decode_attention import attention_kernel_supported
 from rosa2_jax.model.decode_rows import decode_chunk
 from rosa2_jax.model.decoder import decode_layout, forward
 from rosa2_jax.model.generation import SamplingConfig, bucket_length, generate
@@ -83,7 +85,8 @@ def rows_answers(params, cfg, prompts, dtype, new_tokens: int, sampler) -> list[
     sessions, greedy = jnp.zeros(len(prompts), jnp.int32), SamplingConfig(max_new_tokens=new_tokens)
     while not bool(jnp.all(rows.done)):
         rows, *_ = decode_chunk(params, rows, None, None, sessions, cfg=cfg, sampling=greedy,
-                                stop_ids=tuple(sampler.stop_ids), pad_id=sampler.pad_id, steps=16)
+                                stop_ids=tuple(sampler.stop_ids), pad_id=sampler.pad_id, steps=16,
+                                attention_kernel=attention_kernel_supported())
     out, count = jax.device_get((rows.out, rows.count))
     return [out[row, : count[row]].tolist() for row in range(len(prompts))]
 

@@ -83,13 +83,16 @@ def main(_):
             key_flags = FLAGS.get_key_flags_for_module(sys.modules[__name__])
             # A folder from before these were recorded drew over the whole vocabulary, rewrote the whole message and
             # sized its cache to each turn.
-            code = {"sampler": SAMPLER, "words_stream": WORDS_STREAM, "decode_path": decode_path(FLAGS.decode_dtype)}
+            code = {"sampler": SAMPLER, "words_stream": WORDS_STREAM,
+                    "decode_path": decode_path(FLAGS.decode_dtype, mesh)}
             before = {"sampler": "full-vocabulary", "words_stream": "rewrite", "decode_path": "turn-sized-cache"}
             try:
                 study.check_config({f.name: f.value for f in key_flags} | code,
                                    {f.name: f.default for f in key_flags} | before)
             except StudyConfigError as e:
-                raise app.UsageError(str(e)) from None
+                hint = (" decode_path names this machine's decode kernels: ROSA2_JAX_ATTENTION=off and "
+                        "ROSA2_JAX_AMX=off turn them off." if "--decode_path" in str(e) else "")
+                raise app.UsageError(str(e) + hint) from None
         work = study.prepare()
         model = common.model_from_flags(mesh)
         text_model = common.text_model_from_flags(model, mesh)

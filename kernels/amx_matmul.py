@@ -7,35 +7,25 @@ bfloat16 matmul weight once (`pack_tiles`), and a decode step's matmuls call thi
 `amx_matmul.cc`) on the packed tiles: the weight is read once. Each output tile accumulates over depth in the order
 YNNPACK's kernel does, so the results equal XLA's bit for bit on the model's shapes (tests/test_amx_matmul.py).
 
-The kernel is built from source on first use with the system's C++ compiler, into <cache>/kernels (`$ROSA2_CACHE`,
-else ~/.cache/rosa2_jax), and is used only where this CPU has AMX-BF16 (`amx_ready`); anywhere else, or with
-`ROSA2_JAX_AMX=off`, decoding keeps XLA's matmul. Forward only, one device: a sharded weight keeps XLA's path.
+The kernel is built from source on first use with the system's C++ compiler (`native.py`) and is used only where
+this CPU has AMX-BF16 (`amx_ready`); anywhere else, or with `ROSA2_JAX_AMX=off`, decoding keeps XLA's matmul.
+Forward only, one device: a sharded weight keeps XLA's path.
 """
 
 from __future__ import annotations
 
-import ctypes
 import functools
-import hashlib
-import logging
-import os
-import platform
-import shutil
-import subprocess
-import tempfile
 from pathlib import Path
 
 import jax
 import jax.numpy as jnp
 from jaxtyping import Array, BFloat16, Float
 
-from rosa2_jax.fetch import cache_root
+from rosa2_jax.kernels.native import cpu_flags, load_library, switched_off, x86_linux_cpu
 
 SOURCE = Path(__file__).with_name("amx_matmul.cc")
 TARGET = "rosa2_amx_matmul"
 ROWS, COLS, DEPTH = 16, 16, 32  # an AMX tile: 16 rows of x, 16 output columns, 32 bfloat16 of depth
-
-log = logging.getLogger(__name__)
 
 
 def packable(w: Array) -> bool:
@@ -69,50 +59,14 @@ def amx_matmul_reference(x: Float[Array, "M K"], tiles: BFloat16[Array, "N/16 K/
     return jnp.einsum("mk,nk->mn", x.astype(jnp.bfloat16), unpack_tiles(tiles), preferred_element_type=jnp.float32)
 
 
-def _build(compiler: str) -> Path:
-    """The shared library for this source, JAX's FFI header and the compiler, compiled once (atomically: concurrent
-    processes may race to build it) and kept in the user's cache."""
-    header = Path(jax.ffi.include_dir()) / "xla" / "ffi" / "api" / "ffi.h"
-    key = hashlib.sha256(SOURCE.read_bytes() + header.read_bytes() + jax.__version__.encode()
-                         + compiler.encode()).hexdigest()[:16]
-    lib = cache_root() / "kernels" / f"amx_matmul-{key}.so"
-    if lib.exists():
-        return lib
-    lib.parent.mkdir(parents=True, exist_ok=True)
-    with tempfile.NamedTemporaryFile(dir=lib.parent, suffix=".so", delete=False) as tmp:
-        pass
-    cmd = [compiler, "-O3", "-std=c++17", "-shared", "-fPIC", "-Wno-return-type", f"-I{jax.ffi.include_dir()}",
-           str(SOURCE), "-o", tmp.name]
-    try:
-        subprocess.run(cmd, check=True, capture_output=True, text=True)
-        os.replace(tmp.name, lib)
-    finally:
-        Path(tmp.name).unlink(missing_ok=True)
-    return lib
-
-
 @functools.cache
 def amx_ready() -> bool:
     """Whether decode matmuls run on the AMX kernel here: an x86-64 Linux CPU with AMX-BF16, a C++ compiler to
     build it, and no `ROSA2_JAX_AMX=off`. Says why once when a CPU that has AMX cannot use it."""
-    if os.environ.get("ROSA2_JAX_AMX", "").lower() in ("0", "off", "false", "no"):
+    if switched_off("ROSA2_JAX_AMX") or not x86_linux_cpu() or "amx_bf16" not in cpu_flags():
         return False
-    if platform.system() != "Linux" or platform.machine() != "x86_64" or jax.default_backend() != "cpu":
-        return False
-    if "amx_bf16" not in Path("/proc/cpuinfo").read_text():
-        return False
-    compiler = os.environ.get("CXX") or shutil.which("g++") or shutil.which("c++")
-    if compiler is None:
-        log.warning("this CPU has AMX, but no C++ compiler (g++) is here to build kernels/amx_matmul.cc: bfloat16 "
-                    "decoding keeps XLA's matmul, which repacks every weight at every call. Install g++ to use it.")
-        return False
-    try:
-        lib = ctypes.cdll.LoadLibrary(str(_build(compiler)))
-    except (subprocess.CalledProcessError, OSError) as e:
-        detail = getattr(e, "stderr", "") or str(e)
-        log.warning("building kernels/amx_matmul.cc failed; bfloat16 decoding keeps XLA's matmul:\n%s", detail[-2000:])
-        return False
-    if not lib.rosa2_amx_ready():
+    lib = load_library(SOURCE, "bfloat16 decoding keeps XLA's matmul, which repacks every weight at every call")
+    if lib is None or not lib.rosa2_amx_ready():
         return False
     jax.ffi.register_ffi_target(TARGET, jax.ffi.pycapsule(lib.Rosa2AmxMatmul), platform="cpu")
     return True

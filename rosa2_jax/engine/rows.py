@@ -27,8 +27,9 @@ class DecodeBatch:
     (`slot[row]`, its pool slot) or decodes a text request's prompt (`text[row]`, on the base weights)."""
 
     def __init__(self, model: LoadedModel, cfg: EngineConfig, *, max_new: int, lora_kernel: bool,
-                 stats: SchedulerStats):
+                 stats: SchedulerStats, attention_kernel: bool = False):
         self.model, self.cfg, self.stats, self.lora_kernel = model, cfg, stats, lora_kernel
+        self.attention_kernel = attention_kernel
         self.sampler = model.sampler
         self.device = empty_rows(model.cfg, cfg.rows, bucket_length(1), max_new,
                                  cache_dtype(self.sampler.decode_params), self.sampler.pad_id)
@@ -97,7 +98,8 @@ class DecodeBatch:
         self.device, generated, steps = decode_chunk(
             self.sampler.decode_params, self.device, inputs.get("adapters"), inputs.get("hidden_offset"), sessions,
             cfg=self.model.cfg, sampling=self.cfg.sampling, stop_ids=self.sampler.stop_ids,
-            pad_id=self.sampler.pad_id, steps=self.cfg.decode_steps, lora_kernel=self.lora_kernel)
+            pad_id=self.sampler.pad_id, steps=self.cfg.decode_steps, lora_kernel=self.lora_kernel,
+            attention_kernel=self.attention_kernel)
         generated, steps = jax.device_get((generated, steps))
         self.held = [held + int(steps) for held in self.held]
         self.stats.generated += int(generated)

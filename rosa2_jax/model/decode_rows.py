@@ -155,8 +155,8 @@ def prefill_row(
         greedy=rows.greedy.at[row].set(False if greedy is None else greedy), done=rows.done.at[row].set(False))
 
 
-@functools.partial(jax.jit, static_argnames=("cfg", "sampling", "stop_ids", "pad_id", "steps", "lora_kernel"),
-                   donate_argnames=("rows",))
+@functools.partial(jax.jit, static_argnames=("cfg", "sampling", "stop_ids", "pad_id", "steps", "lora_kernel",
+                                             "attention_kernel"), donate_argnames=("rows",))
 def decode_chunk(
     params: Params,
     rows: DecodeRows,
@@ -170,10 +170,12 @@ def decode_chunk(
     pad_id: int,
     steps: int,
     lora_kernel: bool = False,
+    attention_kernel: bool = False,
 ) -> tuple[DecodeRows, Int[Array, ""], Int[Array, ""]]:
     """Up to `steps` decode steps of every running row. The call returns early, after the step in which a row
     stops, so that the caller refills that row at once instead of letting it idle to the chunk's end. Row b uses
-    the pool's adapter / offset `sessions[b]`. Returns (rows, tokens generated, steps run)."""
+    the pool's adapter / offset `sessions[b]`; `attention_kernel` attends over a buffered cache with the CPU kernel
+    (`kernels/decode_attention.py`). Returns (rows, tokens generated, steps run)."""
     B, N = rows.out.shape
     row_adapters = _session_adapters(adapters, sessions)
     offset = _session_offset(offsets, sessions, rows.logits.dtype)
@@ -206,7 +208,8 @@ def decode_chunk(
         hidden, written = decoder_hidden(
             params, tok[:, None], rows.length[:, None], running[:, None], cfg=cfg,
             cache=cache if buffered else rows.cache, cache_index=start if buffered else rows.length,
-            adapters=row_adapters, lora_kernel=lora_kernel, buffer=buffer, buffer_index=i)
+            adapters=row_adapters, lora_kernel=lora_kernel, attention_kernel=attention_kernel, buffer=buffer,
+            buffer_index=i)
         with jax.named_scope("lm_head"):
             logits = lm_logits(params, hidden[:, 0] + offset, cfg).astype(jnp.float32)
         rows = rows.replace(length=rows.length + running, logits=logits, count=count, done=done, out=out)

@@ -21,6 +21,7 @@ from jax.sharding import NamedSharding, PartitionSpec
 from jaxtyping import Array, Bool, Float, Int
 
 from rosa2_jax.kernels.amx_matmul import amx_matmul, amx_ready, pack_tiles, packable
+from rosa2_jax.kernels.decode_attention import KERNEL_HEAD_DIM, buffered_decode_attention
 from rosa2_jax.kernels.lora_matmul import lora_delta, lora_matmul, lora_matmul_reference
 from rosa2_jax.model.config import ModelConfig
 from rosa2_jax.model.lora import LoraAdapters
@@ -268,7 +269,7 @@ def _linear(x, lp, la, name, scale, lora_kernel):
 
 def decode_attention(
     q: Float[Array, "B 1 H D"], cache_k: Float[Array, "B K D S"], cache_v: Float[Array, "B K S D"],
-    mask: Bool[Array, "B S"], buffer: tuple[Array, Array, Array] | None = None,
+    mask: Bool[Array, "B S"], buffer: tuple[Array, Array, Array] | None = None, *, kernel: bool = False,
 ) -> Float[Array, "B 1 H*D"]:
     """One new token attending to the cached slots in `mask`, its own among them: the cache is written before it
     is read, so the write can update it in place (reading the old cache and writing after made XLA keep the old
@@ -276,11 +277,16 @@ def decode_attention(
 
     With `buffer` (keys [B, K, D, T], values [B, K, T, D], mask [B, T]: a decode call's tokens so far, its own
     among them) the token attends to the cache's slots in `mask` and to the buffer's in one softmax. A cache
-    narrower than float32 is read in its own dtype, the query rounded to it, with float32 accumulation."""
+    narrower than float32 is read in its own dtype, the query rounded to it, with float32 accumulation. With
+    `kernel`, a bfloat16 cache with its buffer is attended by `kernels/decode_attention.py` (the same roundings,
+    its float32 sums in another order; a row reads only its valid range) where D is a multiple of 16."""
     B, _, H, D = q.shape
     K = cache_k.shape[1]
     acc = accumulation_dtype(q.dtype)
     qg = q.reshape(B, K, H // K, D).astype(cache_k.dtype)
+    if kernel and buffer is not None and cache_k.dtype == jnp.bfloat16 and D % KERNEL_HEAD_DIM == 0:
+        out = buffered_decode_attention(qg, cache_k, cache_v, mask, *buffer)
+        return out.astype(q.dtype).reshape(B, 1, H * D)
 
     def scores(keys, mask, spec):
         s = jnp.einsum(spec, qg, keys, preferred_element_type=acc) / math.sqrt(D)
@@ -337,6 +343,7 @@ def decoder_hidden(
     adapters: LoraAdapters | None = None,
     remat: bool = False,
     lora_kernel: bool = False,
+    attention_kernel: bool = False,
     layers: tuple[int, int] | None = None,
     inputs: Float[Array, "B T d"] | None = None,
     final_norm: bool = True,
@@ -359,7 +366,8 @@ def decoder_hidden(
     per call: XLA CPU updates a bfloat16 array by converting all of it).
     `valid` marks real tokens; padding is never attended to. `remat` recomputes each layer's
     activations when differentiating instead of storing them (used by the ROSA update). `lora_kernel`
-    applies adapters with the Pallas kernel (forward only; GPU/TPU) instead of the jnp reference.
+    applies adapters with the Pallas kernel (forward only; GPU/TPU) instead of the jnp reference;
+    `attention_kernel` attends a buffered decode step with the CPU kernel (`decode_attention`).
     `layers=(a, b)` runs only layers [a, b) (without a cache; `adapters` then cover those layers only);
     `inputs` replaces the embedding as the residual stream entering layer a. The ROSA update runs a trunk in
     two such parts.
@@ -405,7 +413,8 @@ def decoder_hidden(
                 cache_k, cache_v, *layer_buffer = layer_cache
                 with jax.named_scope("cache_write"):
                     layer_cache = _write_layer(*layer_buffer, k, v, buffer_index)
-                o = decode_attention(q, cache_k, cache_v, old_mask, (*layer_cache, buffer_mask))
+                o = decode_attention(q, cache_k, cache_v, old_mask, (*layer_cache, buffer_mask),
+                                     kernel=attention_kernel)
             elif decoding:
                 with jax.named_scope("cache_write"):
                     layer_cache = _write_layer(*layer_cache, k, v, cache_index)

@@ -19,6 +19,7 @@ from jaxtyping import Array, Bool, Float, Int
 
 from rosa2_jax.errors import ContextOverflowError
 from rosa2_jax.kernels.amx_matmul import amx_ready
+from rosa2_jax.kernels.decode_attention import attention_kernel_supported
 from rosa2_jax.kernels.lora_matmul import kernel_supported
 from rosa2_jax.model.config import ModelConfig
 from rosa2_jax.model.decoder import (KVCache, Params, cache_is_buffered, decoder_hidden, lm_logits,
@@ -68,18 +69,21 @@ SAMPLER = "nucleus-candidates"
 TOP_P_CANDIDATES = 256
 
 
-def decode_path(decode_dtype) -> str:
-    """How a decode step computes with these decode weights, recorded beside SAMPLER: the same settings give the same
-    trajectories only on the same path, since a float32 sum in another order rounds otherwise.
+def decode_path(decode_dtype, mesh: jax.sharding.Mesh | None = None) -> str:
+    """How a decode step computes with these decode weights on `mesh`, recorded beside SAMPLER: the same settings give
+    the same trajectories only on the same path, since a float32 sum in another order rounds otherwise.
     "flat-matmuls-fitted-cache": every matmul over [rows, in] (decoder._linear) and the token engine's cache sized
     to its rows' tokens (engine/rows.py); the runs before it: "turn-sized-cache". "bfloat16-cache": bfloat16 decode
     weights keep the token engine's cache in bfloat16, written once per decode call (decode_rows.decode_chunk);
-    float32 weights compute as "flat-matmuls-fitted-cache" did. "bfloat16-cache-amx": the same on a CPU with
-    AMX, the matmuls on weights packed into tiles (kernels/amx_matmul.py): bit for bit XLA's sums except in a
-    one-row matmul, which XLA computes in another order."""
+    float32 weights compute as "flat-matmuls-fitted-cache" did. "-amx": on one device of a CPU with AMX, the
+    matmuls on weights packed into tiles (kernels/amx_matmul.py), bit for bit XLA's sums except in a one-row
+    matmul. "-attention": on one device of a CPU with AVX-512, the token engine's attention over its bfloat16
+    cache by kernels/decode_attention.py, its float32 sums in another order than XLA's."""
     if not cache_is_buffered(decode_dtype):
         return "flat-matmuls-fitted-cache"
-    return "bfloat16-cache-amx" if amx_ready() else "bfloat16-cache"
+    one_device = mesh is None or mesh.size == 1
+    return ("bfloat16-cache" + ("-amx" if one_device and amx_ready() else "")
+            + ("-attention" if attention_kernel_supported(mesh) else ""))
 
 
 def sample_logits(logits: Float[Array, "B V"], keys: jax.Array, sampling: SamplingConfig,

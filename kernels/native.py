@@ -1,0 +1,76 @@
+"""The CPU kernels' build: C++ sources beside this file, XLA FFI custom calls, compiled on first use with the
+system's C++ compiler into <cache>/kernels (`$ROSA2_CACHE`, else ~/.cache/rosa2_jax), once per source, JAX's FFI
+header and compiler, and loaded into the process. A kernel that cannot be built leaves its caller on XLA's path."""
+
+from __future__ import annotations
+
+import ctypes
+import hashlib
+import logging
+import os
+import platform
+import shutil
+import subprocess
+import tempfile
+from pathlib import Path
+
+import jax
+
+from rosa2_jax.fetch import cache_root
+
+log = logging.getLogger(__name__)
+
+
+def switched_off(variable: str) -> bool:
+    """Whether the environment turns a kernel off (`<variable>=off`, `0`, `false` or `no`)."""
+    return os.environ.get(variable, "").lower() in ("0", "off", "false", "no")
+
+
+def x86_linux_cpu() -> bool:
+    """Whether JAX computes on an x86-64 Linux CPU, the only place the kernels run."""
+    return platform.system() == "Linux" and platform.machine() == "x86_64" and jax.default_backend() == "cpu"
+
+
+def cpu_flags() -> set[str]:
+    """The CPU's feature flags as Linux reports them (those the kernel and the CPU both support)."""
+    for line in Path("/proc/cpuinfo").read_text().splitlines():
+        if line.startswith("flags"):
+            return set(line.split(":", 1)[1].split())
+    return set()
+
+
+def _build(source: Path, compiler: str) -> Path:
+    """The shared library for `source`, JAX's FFI header and the compiler, compiled once (atomically: concurrent
+    processes may race to build it) and kept in the user's cache."""
+    header = Path(jax.ffi.include_dir()) / "xla" / "ffi" / "api" / "ffi.h"
+    key = hashlib.sha256(source.read_bytes() + header.read_bytes() + jax.__version__.encode()
+                         + compiler.encode()).hexdigest()[:16]
+    lib = cache_root() / "kernels" / f"{source.stem}-{key}.so"
+    if lib.exists():
+        return lib
+    lib.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.NamedTemporaryFile(dir=lib.parent, suffix=".so", delete=False) as tmp:
+        pass
+    cmd = [compiler, "-O3", "-std=c++17", "-shared", "-fPIC", "-Wno-return-type", f"-I{jax.ffi.include_dir()}",
+           str(source), "-o", tmp.name]
+    try:
+        subprocess.run(cmd, check=True, capture_output=True, text=True)
+        os.replace(tmp.name, lib)
+    finally:
+        Path(tmp.name).unlink(missing_ok=True)
+    return lib
+
+
+def load_library(source: Path, fallback: str) -> ctypes.CDLL | None:
+    """`source` built and loaded, or None with a warning saying why and that `fallback` happens instead."""
+    compiler = os.environ.get("CXX") or shutil.which("g++") or shutil.which("c++")
+    if compiler is None:
+        log.warning("no C++ compiler (g++) is here to build kernels/%s: %s. Install g++ to use it.", source.name,
+                    fallback)
+        return None
+    try:
+        return ctypes.cdll.LoadLibrary(str(_build(source, compiler)))
+    except (subprocess.CalledProcessError, OSError) as e:
+        detail = getattr(e, "stderr", "") or str(e)
+        log.warning("building kernels/%s failed; %s:\n%s", source.name, fallback, detail[-2000:])
+        return None
