@@ -28,6 +28,7 @@ from absl import app, flags
 from experiments.common import (best_time, decode_roofline, define_model_flags, gsm8k_prompts, matmul_peak_flops,
                                 model_from_flags, prefilled_rows, read_bandwidth, traced_op_seconds)
 from rosa2_jax.kernels.decode_attention import attention_kernel_supported
+from rosa2_jax.kernels.top_k import top_k_kernel_supported
 from rosa2_jax.model.decode_rows import decode_chunk, empty_rows, prefill_row
 from rosa2_jax.model.decoder import cache_dtype
 from rosa2_jax.model.generation import SamplingConfig, bucket_length
@@ -60,7 +61,8 @@ def decode_rows_call(model, rows: int, capacity: int | None, steps: int):
     sessions = jnp.zeros(rows, jnp.int32)
     compiled = decode_chunk.lower(params, state, None, None, sessions, cfg=cfg, sampling=SAMPLING, stop_ids=(-1,),
                                   pad_id=0, steps=steps,
-                                  attention_kernel=attention_kernel_supported(model.mesh)).compile()
+                                  attention_kernel=attention_kernel_supported(model.mesh),
+                                  top_k_kernel=top_k_kernel_supported(model.mesh)).compile()
 
     def decode():
         nonlocal state

@@ -21,7 +21,7 @@ import jax
 import jax.numpy as jnp
 from jaxtyping import Array, BFloat16, Float
 
-from rosa2_jax.kernels.native import cpu_flags, load_library, switched_off, x86_linux_cpu
+from rosa2_jax.kernels.native import load_kernel
 
 SOURCE = Path(__file__).with_name("amx_matmul.cc")
 TARGET = "rosa2_amx_matmul"
@@ -63,10 +63,6 @@ def amx_matmul_reference(x: Float[Array, "M K"], tiles: BFloat16[Array, "N/16 K/
 def amx_ready() -> bool:
     """Whether decode matmuls run on the AMX kernel here: an x86-64 Linux CPU with AMX-BF16, a C++ compiler to
     build it, and no `ROSA2_JAX_AMX=off`. Says why once when a CPU that has AMX cannot use it."""
-    if switched_off("ROSA2_JAX_AMX") or not x86_linux_cpu() or "amx_bf16" not in cpu_flags():
-        return False
-    lib = load_library(SOURCE, "bfloat16 decoding keeps XLA's matmul, which repacks every weight at every call")
-    if lib is None or not lib.rosa2_amx_ready():
-        return False
-    jax.ffi.register_ffi_target(TARGET, jax.ffi.pycapsule(lib.Rosa2AmxMatmul), platform="cpu")
-    return True
+    return load_kernel(SOURCE, {TARGET: "Rosa2AmxMatmul"}, switch="ROSA2_JAX_AMX", cpu={"amx_bf16"},
+                       check="rosa2_amx_ready",
+                       fallback="bfloat16 decoding keeps XLA's matmul, which repacks every weight at every call")

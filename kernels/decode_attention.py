@@ -21,11 +21,11 @@ import jax
 import jax.numpy as jnp
 from jaxtyping import Array, BFloat16, Bool, Float
 
-from rosa2_jax.kernels.native import cpu_flags, load_library, switched_off, x86_linux_cpu
+from rosa2_jax.kernels.native import load_kernel
 
 SOURCE = Path(__file__).with_name("decode_attention.cc")
 TARGET = "rosa2_decode_attention"
-FLAGS = {"avx512f", "avx512bw", "avx512vl"}
+CPU_FLAGS = {"avx512f", "avx512bw", "avx512vl"}
 KERNEL_HEAD_DIM = 16  # the head dimension must be a multiple of this (a float32 vector)
 
 
@@ -50,13 +50,8 @@ def buffered_decode_attention(
 def attention_ready() -> bool:
     """Whether a buffered decode step's attention can run on the kernel here: an x86-64 Linux CPU with AVX-512
     F/BW/VL, a C++ compiler to build it, and no `ROSA2_JAX_ATTENTION=off`."""
-    if switched_off("ROSA2_JAX_ATTENTION") or not x86_linux_cpu() or not FLAGS <= cpu_flags():
-        return False
-    lib = load_library(SOURCE, "decoding keeps XLA's attention")
-    if lib is None or not lib.rosa2_attention_ready():
-        return False
-    jax.ffi.register_ffi_target(TARGET, jax.ffi.pycapsule(lib.Rosa2DecodeAttention), platform="cpu")
-    return True
+    return load_kernel(SOURCE, {TARGET: "Rosa2DecodeAttention"}, switch="ROSA2_JAX_ATTENTION", cpu=CPU_FLAGS,
+                       check="rosa2_attention_ready", fallback="decoding keeps XLA's attention")
 
 
 def attention_kernel_supported(mesh: jax.sharding.Mesh | None = None) -> bool:

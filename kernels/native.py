@@ -1,6 +1,7 @@
 """The CPU kernels' build: C++ sources beside this file, XLA FFI custom calls, compiled on first use with the
 system's C++ compiler into <cache>/kernels (`$ROSA2_CACHE`, else ~/.cache/rosa2_jax), once per source, JAX's FFI
-header and compiler, and loaded into the process. A kernel that cannot be built leaves its caller on XLA's path."""
+header and compiler, loaded into the process and registered with XLA (`load_kernel`). A kernel that cannot be
+built leaves its caller on XLA's path."""
 
 from __future__ import annotations
 
@@ -74,3 +75,18 @@ def load_library(source: Path, fallback: str) -> ctypes.CDLL | None:
         detail = getattr(e, "stderr", "") or str(e)
         log.warning("building kernels/%s failed; %s:\n%s", source.name, fallback, detail[-2000:])
         return None
+
+
+def load_kernel(source: Path, handlers: dict[str, str], *, switch: str, cpu: set[str], check: str,
+                fallback: str) -> bool:
+    """Whether `source`'s handlers (XLA target name -> exported symbol) are registered and run here: an x86-64
+    Linux CPU with the `cpu` feature flags, no `<switch>=off`, the library built (else a warning that `fallback`
+    happens instead) and its `check` symbol returning 1 (the CPU and the OS grant what it needs)."""
+    if switched_off(switch) or not x86_linux_cpu() or not cpu <= cpu_flags():
+        return False
+    lib = load_library(source, fallback)
+    if lib is None or not getattr(lib, check)():
+        return False
+    for target, symbol in handlers.items():
+        jax.ffi.register_ffi_target(target, jax.ffi.pycapsule(getattr(lib, symbol)), platform="cpu")
+    return True

@@ -27,9 +27,9 @@ class DecodeBatch:
     (`slot[row]`, its pool slot) or decodes a text request's prompt (`text[row]`, on the base weights)."""
 
     def __init__(self, model: LoadedModel, cfg: EngineConfig, *, max_new: int, lora_kernel: bool,
-                 stats: SchedulerStats, attention_kernel: bool = False):
+                 stats: SchedulerStats, attention_kernel: bool = False, top_k_kernel: bool = False):
         self.model, self.cfg, self.stats, self.lora_kernel = model, cfg, stats, lora_kernel
-        self.attention_kernel = attention_kernel
+        self.attention_kernel, self.top_k_kernel = attention_kernel, top_k_kernel
         self.sampler = model.sampler
         self.device = empty_rows(model.cfg, cfg.rows, bucket_length(1), max_new,
                                  cache_dtype(self.sampler.decode_params), self.sampler.pad_id)
@@ -99,7 +99,7 @@ class DecodeBatch:
             self.sampler.decode_params, self.device, inputs.get("adapters"), inputs.get("hidden_offset"), sessions,
             cfg=self.model.cfg, sampling=self.cfg.sampling, stop_ids=self.sampler.stop_ids,
             pad_id=self.sampler.pad_id, steps=self.cfg.decode_steps, lora_kernel=self.lora_kernel,
-            attention_kernel=self.attention_kernel)
+            attention_kernel=self.attention_kernel, top_k_kernel=self.top_k_kernel)
         generated, steps = jax.device_get((generated, steps))
         self.held = [held + int(steps) for held in self.held]
         self.stats.generated += int(generated)

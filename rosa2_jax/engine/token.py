@@ -44,6 +44,7 @@ from rosa2_jax.engine.stats import SchedulerStats
 from rosa2_jax.engine.streams import Stream
 from rosa2_jax.kernels.decode_attention import attention_kernel_supported
 from rosa2_jax.kernels.lora_matmul import kernel_supported
+from rosa2_jax.kernels.top_k import top_k_kernel_supported
 from rosa2_jax.model.generation import Generation
 
 
@@ -122,6 +123,7 @@ class TokenEngine(Engine):
                               adapter_cache=adapter_cache)
         self.lora_kernel = kernel_supported(model.mesh)
         self.attention_kernel = attention_kernel_supported(model.mesh)
+        self.top_k_kernel = top_k_kernel_supported(model.mesh)
         self.stats = SchedulerStats()
 
     @property
@@ -162,7 +164,8 @@ class TokenEngine(Engine):
             on_ready: Callable[[Session], None] = lambda s: None) -> None:
         queue = self.life.start(problems)
         batch = DecodeBatch(self.life.model, self.cfg, max_new=self.max_new, lora_kernel=self.lora_kernel,
-                            attention_kernel=self.attention_kernel, stats=self.stats)
+                            attention_kernel=self.attention_kernel, top_k_kernel=self.top_k_kernel,
+                            stats=self.stats)
         run = _Run(queue, on_finish, on_ready, free=deque(range(self.sessions)), batch=batch)
         self.stopped.clear()
         host_memory = HostMemory(self.cfg.max_programs)

@@ -156,7 +156,7 @@ def prefill_row(
 
 
 @functools.partial(jax.jit, static_argnames=("cfg", "sampling", "stop_ids", "pad_id", "steps", "lora_kernel",
-                                             "attention_kernel"), donate_argnames=("rows",))
+                                             "attention_kernel", "top_k_kernel"), donate_argnames=("rows",))
 def decode_chunk(
     params: Params,
     rows: DecodeRows,
@@ -171,11 +171,13 @@ def decode_chunk(
     steps: int,
     lora_kernel: bool = False,
     attention_kernel: bool = False,
+    top_k_kernel: bool = False,
 ) -> tuple[DecodeRows, Int[Array, ""], Int[Array, ""]]:
     """Up to `steps` decode steps of every running row. The call returns early, after the step in which a row
     stops, so that the caller refills that row at once instead of letting it idle to the chunk's end. Row b uses
     the pool's adapter / offset `sessions[b]`; `attention_kernel` attends over a buffered cache with the CPU kernel
-    (`kernels/decode_attention.py`). Returns (rows, tokens generated, steps run)."""
+    (`kernels/decode_attention.py`), `top_k_kernel` takes the sampler's candidates with kernels/top_k.py (the
+    same draws). Returns (rows, tokens generated, steps run)."""
     B, N = rows.out.shape
     row_adapters = _session_adapters(adapters, sessions)
     offset = _session_offset(offsets, sessions, rows.logits.dtype)
@@ -196,7 +198,7 @@ def decode_chunk(
         running = ~rows.done
         with jax.named_scope("sampling"):
             step_keys = jax.vmap(jax.random.fold_in)(rows.keys, rows.count)
-            tok = sample_logits(rows.logits, step_keys, sampling, rows.greedy)
+            tok = sample_logits(rows.logits, step_keys, sampling, rows.greedy, top_k_kernel=top_k_kernel)
         tok = jnp.where(running, tok, pad_id)
         at_count = running[:, None] & (jnp.arange(N)[None] == rows.count[:, None])
         out = jnp.where(at_count, tok[:, None], rows.out)

@@ -20,6 +20,7 @@ from jaxtyping import Array, Bool, Float, Int
 from rosa2_jax.errors import ContextOverflowError
 from rosa2_jax.kernels.amx_matmul import amx_ready
 from rosa2_jax.kernels.decode_attention import attention_kernel_supported
+from rosa2_jax.kernels.top_k import top_k
 from rosa2_jax.kernels.lora_matmul import kernel_supported
 from rosa2_jax.model.config import ModelConfig
 from rosa2_jax.model.decoder import (KVCache, Params, cache_is_buffered, decoder_hidden, lm_logits,
@@ -87,7 +88,7 @@ def decode_path(decode_dtype, mesh: jax.sharding.Mesh | None = None) -> str:
 
 
 def sample_logits(logits: Float[Array, "B V"], keys: jax.Array, sampling: SamplingConfig,
-                  greedy: Bool[Array, "B"] | None = None) -> Int[Array, "B"]:
+                  greedy: Bool[Array, "B"] | None = None, *, top_k_kernel: bool = False) -> Int[Array, "B"]:
     """Greedy, or temperature / top-k / top-p sampling with one key per row; rows in `greedy` take their argmax
     whatever the config (a text model's request beside sampled turns), and the other rows' draws do not change.
 
@@ -95,7 +96,8 @@ def sample_logits(logits: Float[Array, "B V"], keys: jax.Array, sampling: Sampli
     logits: the filter keeps nothing outside them whenever the nucleus is shorter, so the draw has the same
     distribution as one over the whole masked vocabulary, at a small part of its cost (Gumbel noise, the argmax
     and the sort over 152k logits per row were half of a 0.5B decode step). A step in which some row's nucleus is
-    longer draws every row over the whole vocabulary."""
+    longer draws every row over the whole vocabulary. With `top_k_kernel` the candidates come from the CPU kernel
+    (kernels/top_k.py), which returns lax.top_k's values and indices bit for bit."""
     if sampling.temperature == 0.0:
         return first_max(logits)
     raw, logits = logits, logits / sampling.temperature
@@ -106,7 +108,10 @@ def sample_logits(logits: Float[Array, "B V"], keys: jax.Array, sampling: Sampli
     # The barrier keeps XLA CPU from moving the top-k into the branches below, where it became a full sort
     # (385 ms instead of 5 for 16 rows of 152k logits). `logits` rides along so that XLA does not fold the barrier's
     # tuple into the top-k's own, which its top-k decomposer then fails a check on.
-    top, ids, logits = jax.lax.optimization_barrier((*jax.lax.top_k(logits, TOP_P_CANDIDATES), logits))
+    if top_k_kernel:
+        top, ids = top_k(logits, TOP_P_CANDIDATES)
+    else:
+        top, ids, logits = jax.lax.optimization_barrier((*jax.lax.top_k(logits, TOP_P_CANDIDATES), logits))
     keep = jnp.ones(top.shape, bool)
     if sampling.top_k > 0:
         keep = jnp.arange(TOP_P_CANDIDATES) < sampling.top_k
