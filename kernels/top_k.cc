@@ -48,7 +48,8 @@ struct Job {
   std::atomic<int> active{0};
 };
 
-AVX512 void Row(const Job& job, int64_t b, std::vector<int32_t>& maxima, std::vector<std::pair<int32_t, int32_t>>& found) {
+AVX512 void Row(const Job& job, int64_t b, std::vector<int32_t>& maxima,
+                std::vector<std::pair<int32_t, int32_t>>& found) {
   const float* x = job.x + b * job.V;
   const int64_t V = job.V, k = job.k;
   // Blocks small enough that there are at least k of them; the k blocks with the largest maxima hold k entries at
