@@ -9,7 +9,7 @@ setup(
     # package named `kernels` would collide with the PyPI project of that name.
     packages=find_packages(include=["rosa2_jax", "rosa2_jax.*", "experiments", "experiments.*"]) + ["rosa2_jax.kernels"],
     package_dir={"rosa2_jax.kernels": "kernels"},
-    package_data={"rosa2_jax.kernels": ["*.cc"]},  # the CPU kernels' sources, compiled on first use
+    package_data={"rosa2_jax.kernels": ["*.cc", "*.h"]},  # the CPU kernels' sources, compiled on first use
     install_requires=[
         "jax>=0.6,<0.11",
         "flax>=0.10,<0.13",

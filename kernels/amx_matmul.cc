@@ -15,6 +15,7 @@
 #include <cstring>
 #include <memory>
 
+#include "parallel.h"
 #include "xla/ffi/api/ffi.h"
 
 namespace ffi = xla::ffi;
@@ -42,7 +43,6 @@ struct Job {
   float* y;              // [M, N]
   int64_t M, N, K, col_tiles, depth_tiles, groups;
   std::atomic<int64_t> next{0};
-  std::atomic<int> active{0};
 };
 
 __attribute__((target("amx-tile"))) void LoadConfig() {
@@ -115,17 +115,7 @@ ffi::Error AmxMatmul(ffi::ThreadPool pool, ffi::AnyBuffer x, ffi::AnyBuffer w, f
     std::memcpy(tail.get(), job->x + (job->M - tail_rows) * job->K, tail_rows * job->K * 2);
     job->tail = tail.get();
   }
-  // Helpers take groups from the same counter; one that starts after the work is gone touches nothing but `job`.
-  const int64_t helpers = std::min<int64_t>(pool.num_threads(), job->groups) - 1;
-  for (int64_t h = 0; h < helpers; ++h) {
-    pool.Schedule([job] {
-      job->active.fetch_add(1);
-      if (job->next.load() < job->groups) Work(*job);
-      job->active.fetch_sub(1);
-    });
-  }
-  Work(*job);
-  while (job->active.load() > 0) _mm_pause();
+  rosa2::RunOnPool(pool, job->groups, [job] { Work(*job); });
   return ffi::Error::Success();
 }
 

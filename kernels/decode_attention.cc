@@ -18,6 +18,7 @@
 #include <memory>
 #include <vector>
 
+#include "parallel.h"
 #include "xla/ffi/api/ffi.h"
 
 namespace ffi = xla::ffi;
@@ -41,7 +42,6 @@ struct Job {
   int64_t B, K, G, D;
   float root_d;
   std::atomic<int64_t> next{0};
-  std::atomic<int> active{0};
 };
 
 #define AVX512 __attribute__((target("avx512f,avx512bw,avx512vl")))
@@ -258,17 +258,7 @@ ffi::Error DecodeAttention(ffi::ThreadPool pool, ffi::AnyBuffer q, ffi::AnyBuffe
   job->G = G;
   job->D = D;
   job->root_d = static_cast<float>(std::sqrt(static_cast<double>(D)));
-  // Helpers take tasks from the same counter; one that starts after the work is gone touches nothing but `job`.
-  const int64_t helpers = std::min<int64_t>(pool.num_threads(), B * K) - 1;
-  for (int64_t h = 0; h < helpers; ++h) {
-    pool.Schedule([job] {
-      job->active.fetch_add(1);
-      if (job->next.load() < job->B * job->K) Work(*job);
-      job->active.fetch_sub(1);
-    });
-  }
-  Work(*job);
-  while (job->active.load() > 0) _mm_pause();
+  rosa2::RunOnPool(pool, job->B * job->K, [job] { Work(*job); });
   return ffi::Error::Success();
 }
 

@@ -41,10 +41,11 @@ def cpu_flags() -> set[str]:
 
 
 def _build(source: Path, compiler: str) -> Path:
-    """The shared library for `source`, JAX's FFI header and the compiler, compiled once (atomically: concurrent
-    processes may race to build it) and kept in the user's cache."""
+    """The shared library for `source`, the headers beside it, JAX's FFI header and the compiler, compiled once
+    (atomically: concurrent processes may race to build it) and kept in the user's cache."""
     header = Path(jax.ffi.include_dir()) / "xla" / "ffi" / "api" / "ffi.h"
-    key = hashlib.sha256(source.read_bytes() + header.read_bytes() + jax.__version__.encode()
+    ours = b"".join(h.read_bytes() for h in sorted(source.parent.glob("*.h")))  # the kernels' shared headers
+    key = hashlib.sha256(source.read_bytes() + ours + header.read_bytes() + jax.__version__.encode()
                          + compiler.encode()).hexdigest()[:16]
     lib = cache_root() / "kernels" / f"{source.stem}-{key}.so"
     if lib.exists():

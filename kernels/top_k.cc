@@ -14,6 +14,7 @@
 #include <utility>
 #include <vector>
 
+#include "parallel.h"
 #include "xla/ffi/api/ffi.h"
 
 namespace ffi = xla::ffi;
@@ -45,7 +46,6 @@ struct Job {
   int32_t* indices;
   int64_t B, V, k;
   std::atomic<int64_t> next{0};
-  std::atomic<int> active{0};
 };
 
 AVX512 void Row(const Job& job, int64_t b, std::vector<int32_t>& maxima,
@@ -116,17 +116,7 @@ ffi::Error TopK(ffi::ThreadPool pool, ffi::AnyBuffer x, ffi::Result<ffi::AnyBuff
   job->B = xd[0];
   job->V = xd[1];
   job->k = vd[1];
-  // Helpers take rows from the same counter; one that starts after the work is gone touches nothing but `job`.
-  const int64_t helpers = std::min<int64_t>(pool.num_threads(), job->B) - 1;
-  for (int64_t h = 0; h < helpers; ++h) {
-    pool.Schedule([job] {
-      job->active.fetch_add(1);
-      if (job->next.load() < job->B) Work(*job);
-      job->active.fetch_sub(1);
-    });
-  }
-  Work(*job);
-  while (job->active.load() > 0) _mm_pause();
+  rosa2::RunOnPool(pool, job->B, [job] { Work(*job); });
   return ffi::Error::Success();
 }
 

@@ -8,9 +8,10 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from conftest import tiny_chat_model
+from experiments.common import prefilled_rows
 from rosa2_jax.checkpoint import load_model
 from rosa2_jax.kernels.decode_attention import attention_ready, buffered_decode_attention
-from rosa2_jax.model.decode_rows import decode_chunk, empty_rows, prefill_row
+from rosa2_jax.model.decode_rows import decode_chunk
 from rosa2_jax.model.decoder import cache_dtype, decode_attention, decode_layout
 from rosa2_jax.model.generation import SamplingConfig
 
@@ -74,12 +75,7 @@ def test_decode_calls_on_the_kernel_generate_what_xlas_attention_generates(tmp_p
     params = decode_layout(model.params, jnp.bfloat16)
     rng = np.random.default_rng(3)
     prompts = [rng.integers(3, cfg.vocab_size, n).tolist() for n in (10, 40, 23)]
-    rows = empty_rows(cfg, 3, 128, 24, cache_dtype(params), 0)
-    for row, prompt in enumerate(prompts):
-        padded = np.zeros(64, np.int32)
-        padded[:len(prompt)] = prompt
-        rows = prefill_row(params, rows, jnp.int32(row), jnp.asarray(padded), jnp.int32(len(prompt)), jnp.int32(0),
-                           jax.random.key(row), None, None, jnp.int32(0), cfg=cfg, fresh=True)
+    rows = prefilled_rows(params, cfg, prompts, 128, 24, cache_dtype(params), pad_id=0)
 
     def decode(kernel):
         out = jax.tree.map(jnp.copy, rows)

@@ -6,9 +6,10 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from conftest import tiny_chat_model
+from experiments.common import prefilled_rows
 from rosa2_jax.checkpoint import load_model
 from rosa2_jax.kernels.top_k import top_k, top_k_ready
-from rosa2_jax.model.decode_rows import decode_chunk, empty_rows, prefill_row
+from rosa2_jax.model.decode_rows import decode_chunk
 from rosa2_jax.model.decoder import cache_dtype, decode_layout
 from rosa2_jax.model.generation import TOP_P_CANDIDATES, SamplingConfig, sample_logits
 
@@ -65,12 +66,7 @@ def test_sampled_decode_calls_draw_the_same_tokens_with_the_kernel(tmp_path):
     params = decode_layout(model.params, jnp.bfloat16)
     rng = np.random.default_rng(4)
     prompts = [rng.integers(3, cfg.vocab_size, n).tolist() for n in (12, 30, 21)]
-    rows = empty_rows(cfg, 3, 128, 24, cache_dtype(params), 0)
-    for row, prompt in enumerate(prompts):
-        padded = np.zeros(64, np.int32)
-        padded[:len(prompt)] = prompt
-        rows = prefill_row(params, rows, jnp.int32(row), jnp.asarray(padded), jnp.int32(len(prompt)), jnp.int32(0),
-                           jax.random.key(row), None, None, jnp.int32(0), cfg=cfg, fresh=True)
+    rows = prefilled_rows(params, cfg, prompts, 128, 24, cache_dtype(params), pad_id=0)
     sampling = SamplingConfig(max_new_tokens=24, temperature=0.7, top_p=0.8)
 
     def decode(kernel):
