@@ -21,6 +21,7 @@ import jax
 import jax.numpy as jnp
 from jaxtyping import Array, BFloat16, Bool, Float
 
+from rosa2_jax.kernels import on_one_device
 from rosa2_jax.kernels.native import load_kernel
 
 SOURCE = Path(__file__).with_name("decode_attention.cc")
@@ -56,4 +57,4 @@ def attention_ready() -> bool:
 
 def attention_kernel_supported(mesh: jax.sharding.Mesh | None = None) -> bool:
     """Whether decode calls on `mesh` use the kernel: it is ready here and the rows are on one device."""
-    return attention_ready() and (mesh is None or mesh.size == 1)
+    return attention_ready() and on_one_device(mesh)

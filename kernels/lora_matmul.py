@@ -14,6 +14,7 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jaxtyping import Array, Float
 
+from rosa2_jax.kernels import on_one_device
 from rosa2_jax.model.narrow_matmul import weight_matmul
 
 
@@ -77,4 +78,4 @@ def lora_matmul(
 def kernel_supported(mesh: jax.sharding.Mesh | None = None) -> bool:
     """Compiled Pallas runs on GPU and TPU; on CPU the model uses the reference. A pallas_call is not split
     by the SPMD partitioner, so on a multi-device mesh XLA's einsum is used."""
-    return jax.default_backend() in ("gpu", "tpu") and (mesh is None or mesh.size == 1)
+    return jax.default_backend() in ("gpu", "tpu") and on_one_device(mesh)

@@ -20,6 +20,7 @@ import jax
 import jax.numpy as jnp
 from jaxtyping import Array, Float, Int
 
+from rosa2_jax.kernels import on_one_device
 from rosa2_jax.kernels.native import load_kernel
 
 SOURCE = Path(__file__).with_name("top_k.cc")
@@ -48,4 +49,4 @@ def top_k_ready() -> bool:
 
 def top_k_kernel_supported(mesh: jax.sharding.Mesh | None = None) -> bool:
     """Whether decode calls on `mesh` use the kernel: it is ready here and the rows are on one device."""
-    return top_k_ready() and (mesh is None or mesh.size == 1)
+    return top_k_ready() and on_one_device(mesh)

@@ -11,7 +11,10 @@ from rosa2_jax.adapt.rosa import RosaConfig, UpdateBatch, rosa_update
 from rosa2_jax.checkpoint.store import load_converted, save_converted
 from rosa2_jax.model.config import ModelConfig
 from rosa2_jax.model.decoder import forward
-from rosa2_jax.model.generation import SamplingConfig, generate, left_pad
+from rosa2_jax.kernels.decode_attention import attention_kernel_supported
+from rosa2_jax.kernels.lora_matmul import kernel_supported
+from rosa2_jax.kernels.top_k import top_k_kernel_supported
+from rosa2_jax.model.generation import SamplingConfig, decode_path, generate, left_pad
 from rosa2_jax.model.lora import LoraAdapters, LoraConfig, init_adapters
 from rosa2_jax.model.params import ParamInfo, init_params, param_shardings
 from rosa2_jax.model.sharding import logical_to_spec, make_mesh, shard_batch
@@ -44,6 +47,16 @@ def test_an_axis_the_mesh_does_not_divide_is_replicated():
 def test_mesh_larger_than_the_devices_is_a_clear_error():
     with pytest.raises(ValueError, match="mesh 4x4 needs 16 devices, this process has 8"):
         make_mesh(4, 4)
+
+
+def test_kernels_run_only_where_the_rows_are_on_one_device():
+    """A custom call is not split by the partitioner: on a mesh of several devices every kernel is off and the
+    recorded decode path says so; a one-device mesh computes (and records) as no mesh does."""
+    sharded = make_mesh(4, 2)
+    assert not (attention_kernel_supported(sharded) or top_k_kernel_supported(sharded) or kernel_supported(sharded))
+    assert decode_path("bfloat16", sharded) == "bfloat16-cache"
+    assert decode_path("bfloat16", make_mesh(1, 1)) == decode_path("bfloat16", None)
+    assert attention_kernel_supported(make_mesh(1, 1)) == attention_kernel_supported(None)
 
 
 def test_params_restored_into_a_4x2_sharding_equal_the_saved_ones(tmp_path):

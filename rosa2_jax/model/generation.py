@@ -18,6 +18,7 @@ from jax.sharding import Mesh
 from jaxtyping import Array, Bool, Float, Int
 
 from rosa2_jax.errors import ContextOverflowError
+from rosa2_jax.kernels import on_one_device
 from rosa2_jax.kernels.amx_matmul import amx_ready
 from rosa2_jax.kernels.decode_attention import attention_kernel_supported
 from rosa2_jax.kernels.top_k import top_k
@@ -82,8 +83,7 @@ def decode_path(decode_dtype, mesh: jax.sharding.Mesh | None = None) -> str:
     cache by kernels/decode_attention.py, its float32 sums in another order than XLA's."""
     if not cache_is_buffered(decode_dtype):
         return "flat-matmuls-fitted-cache"
-    one_device = mesh is None or mesh.size == 1
-    return ("bfloat16-cache" + ("-amx" if one_device and amx_ready() else "")
+    return ("bfloat16-cache" + ("-amx" if on_one_device(mesh) and amx_ready() else "")
             + ("-attention" if attention_kernel_supported(mesh) else ""))
 
 
