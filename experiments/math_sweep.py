@@ -90,8 +90,10 @@ def main(_):
                 study.check_config({f.name: f.value for f in key_flags} | code,
                                    {f.name: f.default for f in key_flags} | before)
             except StudyConfigError as e:
-                hint = (" decode_path names this machine's decode kernels: ROSA2_JAX_ATTENTION=off and "
-                        "ROSA2_JAX_AMX=off turn them off." if "--decode_path" in str(e) else "")
+                hint = (" decode_path names this machine's decode kernels (ROSA2_JAX_ATTENTION=off and "
+                        "ROSA2_JAX_AMX=off turn them off) and the code's prefill: a path without -grouped-prefill "
+                        "resumes with the code it was recorded with (845bb70 or earlier)."
+                        if "--decode_path" in str(e) else "")
                 raise app.UsageError(str(e) + hint) from None
         work = study.prepare()
         model = common.model_from_flags(mesh)

@@ -6,7 +6,7 @@ import numpy as np
 from conftest import hf_logits
 
 from rosa2_jax.checkpoint.hf_folder import load_hf_folder
-from rosa2_jax.model.decoder import QUERY_BLOCK, attention, causal_attention, forward
+from rosa2_jax.model.decoder import QUERY_BLOCK, attention, causal_attention, forward, prefix_attention
 from rosa2_jax.model.generation import left_pad
 
 LENGTHS = (7, 19, 1, 12)
@@ -59,6 +59,43 @@ def test_blocked_causal_attention_equals_masked_attention_and_its_gradient(rng):
         np.testing.assert_allclose(out * valid[..., None], ref * valid[..., None], atol=1e-6, err_msg=f"block {block}")
         for got, want in zip(out_vjp(cotangent), ref_vjp(cotangent)):
             np.testing.assert_allclose(got, want, atol=1e-5, err_msg=f"block {block}")
+
+
+def _softmax_attention_f64(q, k, v, mask):
+    """Per query head h (kv head h // G), softmax(q kᵀ / sqrt(D)) v over the unmasked keys, in float64 (a query with
+    none left at 0)."""
+    q, k, v = (np.asarray(x, np.float64) for x in (q, k, v))
+    B, T, H, D = q.shape
+    G = H // k.shape[2]
+    out = np.zeros((B, T, H, D))
+    for b, t, h in np.ndindex(B, T, H):
+        keep = np.asarray(mask[b, t])
+        if not keep.any():
+            continue
+        s = k[b, keep, h // G] @ q[b, t, h] / np.sqrt(D)
+        p = np.exp(s - s.max())
+        out[b, t, h] = (p / p.sum()) @ v[b, keep, h // G]
+    return out.reshape(B, T, H * D)
+
+
+def test_prefill_attention_equals_a_float64_softmax(rng):
+    """A prefill's attention, fresh (`attention`) and after a cached prefix (`prefix_attention`, the cache in the token
+    engine's [K, D, S] / [K, S, D] layouts with a hole), against a float64 softmax per query head: the query heads
+    sharing a kv head are computed as the rows of one matrix (decoder.group_rows)."""
+    B, T, S, H, K, D = 2, 5, 7, 6, 2, 8
+    q, k, v = (rng.standard_normal((B, T, n, D)).astype(np.float32) for n in (H, K, K))
+    ck, cv = (rng.standard_normal((B, S, K, D)).astype(np.float32) for _ in range(2))
+    self_mask = np.tril(np.ones((T, T), bool))[None].repeat(B, 0)
+    self_mask[1, :, 0] = False  # row 1's first new token is padding
+    cache_mask = np.arange(S)[None] < np.array([[S], [4]])
+    cache_mask[0, 2] = False  # a hole in row 0's cache
+    fresh = attention(*(jnp.asarray(x) for x in (q, k, v, self_mask)))
+    np.testing.assert_allclose(fresh[0], _softmax_attention_f64(q, k, v, self_mask)[0], atol=2e-6)
+    extended = prefix_attention(*(jnp.asarray(x) for x in (q, k, v, ck.transpose(0, 2, 3, 1), cv.transpose(0, 2, 1, 3),
+                                                           cache_mask, self_mask)))
+    both = np.concatenate([cache_mask[:, None].repeat(T, 1), self_mask], -1)
+    want = _softmax_attention_f64(q, np.concatenate([ck, k], 1), np.concatenate([cv, v], 1), both)
+    np.testing.assert_allclose(extended, want, atol=2e-6)
 
 
 def test_bfloat16_forward_tracks_float32(tiny_hf, rng):

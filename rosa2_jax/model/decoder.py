@@ -193,19 +193,40 @@ def apply_rope(
     return x * cos + rotated * sin
 
 
+def group_rows(q: Float[Array, "B T H D"], kv_heads: int) -> Float[Array, "B K G*T D"]:
+    """The queries that share a kv head as the rows of one matrix, the group's heads one after another: a score dot
+    is then one [G*T, D] x [D, S] product per (batch row, kv head). In [B, T, K, G, D] order XLA CPU broadcast every key
+    over the G heads and transposed the [G, T, S] probabilities before the value dot (BUILD_NOTES.md,
+    "Prefill in query rows")."""
+    B, T, H, D = q.shape
+    G = H // kv_heads
+    return jnp.transpose(q.reshape(B, T, kv_heads, G, D), (0, 2, 3, 1, 4)).reshape(B, kv_heads, G * T, D)
+
+
+def group_mask(mask: Bool[Array, "B T S"], groups: int) -> Bool[Array, "B 1 G*T S"]:
+    """A [B, T, S] mask for the rows of `group_rows`."""
+    B, T, S = mask.shape
+    return jnp.broadcast_to(mask[:, None, None], (B, 1, groups, T, S)).reshape(B, 1, groups * T, S)
+
+
+def ungroup_rows(out: Float[Array, "B K G*T D"], length: int) -> Float[Array, "B T H*D"]:
+    """`group_rows`' rows back in [B, T, heads * D] order."""
+    B, K, M, D = out.shape
+    G = M // length
+    return jnp.transpose(out.reshape(B, K, G, length, D), (0, 3, 1, 2, 4)).reshape(B, length, K * G * D)
+
+
 def attention(
     q: Float[Array, "B T H D"], k: Float[Array, "B S K D"], v: Float[Array, "B S K D"], mask: Bool[Array, "B T S"]
 ) -> Float[Array, "B T H*D"]:
     """Grouped-query attention; each group of H/K query heads shares one kv head (a prefill's self-attention)."""
     B, T, H, D = q.shape
     K = k.shape[2]
-    qg = q.reshape(B, T, K, H // K, D)
     acc = accumulation_dtype(q.dtype)
-    scores = jnp.einsum("btkgd,bskd->bkgts", qg, k, preferred_element_type=acc) / math.sqrt(D)
-    scores = jnp.where(mask[:, None, None], scores, _MASKED)
+    scores = jnp.einsum("bkmd,bskd->bkms", group_rows(q, K), k, preferred_element_type=acc) / math.sqrt(D)
+    scores = jnp.where(group_mask(mask, H // K), scores, _MASKED)
     probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
-    out = jnp.einsum("bkgts,bskd->btkgd", probs, v)
-    return out.reshape(B, T, H * D)
+    return ungroup_rows(jnp.einsum("bkms,bskd->bkmd", probs, v), T)
 
 
 def causal_attention(
@@ -218,7 +239,8 @@ def causal_attention(
 
     - the queries run in blocks of `query_block` rows, each over the keys up to its last row only, so most of the
       masked upper triangle is never computed;
-    - q is put in the scores' axis order before the dot, so that no [T, T] transpose follows it;
+    - the queries sharing a kv head are the rows of one score matrix (`group_rows`), so that no [T, T] transpose
+      follows the dot and no key is broadcast over the G query heads;
     - the mask is added as a bias, whose tangent is the identity, instead of a select that the JVP and VJP repeat.
 
     The same values as `attention` up to float rounding (a softmax over fewer zero-weight slots sums in another
@@ -230,13 +252,11 @@ def causal_attention(
                              mask[:, a:a + query_block, :a + query_block], 0)
             for a in range(0, T, query_block)], axis=1)
     K = k.shape[2]
-    qg = jnp.transpose(q.reshape(B, T, K, H // K, D), (0, 2, 3, 1, 4))  # [B, K, G, T, D]
     acc = accumulation_dtype(q.dtype)
-    bias = jnp.where(mask, 0.0, _MASKED).astype(acc)[:, None, None]
-    scores = jnp.einsum("bkgtd,bskd->bkgts", qg, k, preferred_element_type=acc) / math.sqrt(D) + bias
+    bias = jnp.where(group_mask(mask, H // K), 0.0, _MASKED).astype(acc)
+    scores = jnp.einsum("bkmd,bskd->bkms", group_rows(q, K), k, preferred_element_type=acc) / math.sqrt(D) + bias
     probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
-    out = jnp.einsum("bkgts,bskd->btkgd", probs, v)
-    return out.reshape(B, T, H * D)
+    return ungroup_rows(jnp.einsum("bkms,bskd->bkmd", probs, v), T)
 
 
 def _transposed_matmul(x: Float[Array, "... in"], lp: Params, name: str) -> Float[Array, "... out"]:
@@ -319,16 +339,16 @@ def prefix_attention(
     B, T, H, D = q.shape
     K = k.shape[2]
     S = cache_k.shape[-1]
-    qg = q.reshape(B, T, K, H // K, D)
+    rows = group_rows(q, K)
     acc = accumulation_dtype(q.dtype)
-    s_cache = jnp.einsum("btkgd,bkds->bkgts", qg, cache_k, preferred_element_type=acc) / math.sqrt(D)
-    s_cache = jnp.where(cache_mask[:, None, None, None, :], s_cache, _MASKED)
-    s_self = jnp.einsum("btkgd,bskd->bkgts", qg, k, preferred_element_type=acc) / math.sqrt(D)
-    s_self = jnp.where(self_mask[:, None, None], s_self, _MASKED)
+    s_cache = jnp.einsum("bkmd,bkds->bkms", rows, cache_k, preferred_element_type=acc) / math.sqrt(D)
+    s_cache = jnp.where(cache_mask[:, None, None, :], s_cache, _MASKED)
+    s_self = jnp.einsum("bkmd,btkd->bkmt", rows, k, preferred_element_type=acc) / math.sqrt(D)
+    s_self = jnp.where(group_mask(self_mask, H // K), s_self, _MASKED)
     probs = jax.nn.softmax(jnp.concatenate([s_cache, s_self], -1), axis=-1).astype(v.dtype)
-    out = (jnp.einsum("bkgts,bksd->btkgd", probs[..., :S], cache_v)
-           + jnp.einsum("bkgts,bskd->btkgd", probs[..., S:], v))
-    return out.reshape(B, T, H * D)
+    out = (jnp.einsum("bkms,bksd->bkmd", probs[..., :S], cache_v)
+           + jnp.einsum("bkmt,btkd->bkmd", probs[..., S:], v))
+    return ungroup_rows(out, T)
 
 
 def decoder_hidden(

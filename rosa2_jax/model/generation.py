@@ -80,10 +80,12 @@ def decode_path(decode_dtype, mesh: jax.sharding.Mesh | None = None) -> str:
     float32 weights compute as "flat-matmuls-fitted-cache" did. "-amx": on one device of a CPU with AMX, the
     matmuls on weights packed into tiles (kernels/amx_matmul.py), bit for bit XLA's sums except in a one-row
     matmul. "-attention": on one device of a CPU with AVX-512, the token engine's attention over its bfloat16
-    cache by kernels/decode_attention.py, its float32 sums in another order than XLA's."""
+    cache by kernels/decode_attention.py, its float32 sums in another order than XLA's. "-grouped-prefill": a
+    prefill's attention over the rows of `decoder.group_rows` (its dots sum in another order than before; the
+    paths without it are those of 845bb70 and earlier)."""
     if not cache_is_buffered(decode_dtype):
-        return "flat-matmuls-fitted-cache"
-    return ("bfloat16-cache" + ("-amx" if on_one_device(mesh) and amx_ready() else "")
+        return "flat-matmuls-fitted-cache-grouped-prefill"
+    return ("bfloat16-cache-grouped-prefill" + ("-amx" if on_one_device(mesh) and amx_ready() else "")
             + ("-attention" if attention_kernel_supported(mesh) else ""))
 
 
