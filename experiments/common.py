@@ -98,7 +98,8 @@ def define_engine_flags(*, max_turns: int, slots: int, max_context: int) -> None
     flags.DEFINE_integer("slots", slots, "decode batch: rows generating at once (with --scheduler=turn, the sessions)")
     flags.DEFINE_integer("sessions", 0, "--scheduler=token: sessions in the pool (0 = twice --slots)")
     flags.DEFINE_integer("decode_steps", 16,
-                         "--scheduler=token: most tokens decoded per device call (it also ends when an answer stops)")
+                         "--scheduler=token: tokens decoded per device call (over a float32 cache it also ends "
+                         "when an answer stops)")
     flags.DEFINE_integer("prefill_chunk", 512, "--scheduler=token: longest prompt piece prefilled in one call")
     flags.DEFINE_integer("max_programs", 64, "compiled programs (one per shape) held before all are released, "
                          "bounding host memory over a long run; 0 = never (rosa2_jax/engine/host_memory.py)")

@@ -91,9 +91,11 @@ def main(_):
                                    {f.name: f.default for f in key_flags} | before)
             except StudyConfigError as e:
                 hint = (" decode_path names this machine's decode kernels (ROSA2_JAX_ATTENTION=off and "
-                        "ROSA2_JAX_AMX=off turn them off) and the code's prefill: a path without -grouped-prefill "
-                        "resumes with the code it was recorded with (845bb70 or earlier)."
-                        if "--decode_path" in str(e) else "")
+                        "ROSA2_JAX_AMX=off turn them off) and the code's decode calls and prefill: a folder recorded "
+                        "with another sampler, a bfloat16 path without -full-calls or any path without "
+                        "-grouped-prefill resumes with the code it was recorded with (41b8a06 or earlier; without "
+                        "-grouped-prefill, 845bb70 or earlier)."
+                        if "--decode_path" in str(e) or "--sampler" in str(e) else "")
                 raise app.UsageError(str(e) + hint) from None
         work = study.prepare()
         model = common.model_from_flags(mesh)

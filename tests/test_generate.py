@@ -204,15 +204,18 @@ def test_draws_among_the_candidates_follow_the_filtered_distribution(sampling):
     assert stat < _chi_square_critical(int(keep.sum()) - 1)
 
 
-def test_a_nucleus_longer_than_the_candidates_draws_over_the_whole_vocabulary():
-    """Flat rows (a nucleus of ~800 tokens) take the reference draw, token for token; so does a step in which
-    only one row is flat."""
+def test_a_nucleus_longer_than_the_candidates_draws_that_row_over_the_whole_vocabulary():
+    """A flat row (a nucleus of ~800 tokens) takes the reference draw, token for token; the peaked rows beside it
+    draw what they draw without it, so that a row's token depends on its own logits and key only."""
     rng = np.random.default_rng(4)
-    logits = np.stack([rng.normal(size=1000) * 0.05, rng.normal(size=1000) * 3.0]).astype(np.float32)
-    keys = jax.random.split(jax.random.key(2), 2)
+    logits = np.concatenate([rng.normal(size=(1, 1000)) * 0.05, rng.normal(size=(31, 1000)) * 1.5]).astype(np.float32)
+    keys = jax.random.split(jax.random.key(2), 32)
     sampling = SamplingConfig(temperature=0.7, top_p=0.8)
-    assert np.array_equal(sample_logits(jnp.asarray(logits), keys, sampling),
-                          _sample_whole_vocabulary(jnp.asarray(logits) / 0.7, keys, sampling))
+    drawn = np.asarray(sample_logits(jnp.asarray(logits), keys, sampling))
+    reference = np.asarray(_sample_whole_vocabulary(jnp.asarray(logits) / 0.7, keys, sampling))
+    assert drawn[0] == reference[0]
+    assert np.array_equal(drawn[1:], sample_logits(jnp.asarray(logits[1:]), keys[1:], sampling))
+    assert not np.array_equal(drawn[1:], reference[1:])  # the same distribution, other draws
 
 
 def test_first_max_is_argmax_with_its_ties_and_nans():

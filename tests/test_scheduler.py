@@ -22,6 +22,7 @@ from rosa2_jax.engine import host_memory
 from rosa2_jax.engine.host_memory import HostMemory, programs_held
 from rosa2_jax.engine.rows import TEXT_CACHES, DecodeBatch
 from rosa2_jax.engine.stats import SchedulerStats
+from rosa2_jax.kernels.decode_attention import attention_kernel_supported
 from rosa2_jax.model.decode_rows import decode_chunk, empty_rows, prefill_row, put_row_cache, row_cache
 from rosa2_jax.model.decoder import cache_dtype, decode_layout, forward
 from rosa2_jax.model.generation import SamplingConfig, bucket_length, generate
@@ -417,29 +418,70 @@ def test_the_rows_cache_grows_with_its_row_and_shrinks_when_it_leaves(model):
     assert tokens == reference.tokens
 
 
-def test_a_decode_call_returns_in_the_step_a_row_stops(model):
+def _two_rows(model, params, limits, prompt=20):
+    """Rows 0 and 1 prefilled with `prompt`-token prompts, each with its token limit."""
+    cfg = model.cfg
+    rng = np.random.default_rng(1)
+    rows = empty_rows(cfg, 2, 256, max(limits), cache_dtype(params), 0)
+    for row in range(2):
+        padded = np.zeros(bucket_length(prompt), np.int32)
+        padded[:prompt] = rng.integers(3, cfg.vocab_size, prompt)
+        rows = prefill_row(params, rows, jnp.int32(row), jnp.asarray(padded), jnp.int32(prompt), jnp.int32(0),
+                           jax.random.key(row), None, None, jnp.int32(0), jnp.int32(limits[row]), cfg=cfg, fresh=True)
+    return rows
+
+
+def test_a_decode_call_over_a_float32_cache_returns_in_the_step_a_row_stops(model):
     """A row that stops ends the call (so that it is refilled at once), and the rows still running continue
     in the next call with the tokens one uninterrupted call gives them."""
-    cfg, params = model.cfg, model.params
-    rng = np.random.default_rng(1)
-    rows = empty_rows(cfg, 2, 256, 12, params["embed"].dtype, 0)
-    for row in range(2):
-        padded = np.zeros(64, np.int32)
-        padded[:20] = rng.integers(3, cfg.vocab_size, 20)
-        rows = prefill_row(params, rows, jnp.int32(row), jnp.asarray(padded), jnp.int32(20), jnp.int32(0),
-                           jax.random.key(row), None, None, jnp.int32(0), cfg=cfg, fresh=True)
-    reference, *_ = decode_chunk(params, jax.tree.map(jnp.copy, rows), None, None, jnp.zeros(2, jnp.int32),
-                                 cfg=cfg, sampling=SamplingConfig(max_new_tokens=12), stop_ids=(), pad_id=0,
-                                 steps=12)
-    rows = rows.replace(count=rows.count.at[0].set(9))  # row 0 has 3 of its 12 tokens left
+    params = model.params
     decode = functools.partial(decode_chunk, params, adapters=None, offsets=None, sessions=jnp.zeros(2, jnp.int32),
-                               cfg=cfg, sampling=SamplingConfig(max_new_tokens=12), stop_ids=(), pad_id=0, steps=12)
-    rows, generated, steps = decode(rows)
+                               cfg=model.cfg, sampling=SamplingConfig(max_new_tokens=12), stop_ids=(), pad_id=0,
+                               steps=12)
+    reference, *_ = decode(_two_rows(model, params, (12, 12)))
+    rows, generated, steps = decode(_two_rows(model, params, (3, 12)))  # row 0 stops after 3 tokens
     assert int(steps) == 3 and int(generated) == 6
     assert np.asarray(rows.done).tolist() == [True, False]
     rows, generated, steps = decode(rows)
     assert int(steps) == 9 and int(generated) == 9
     np.testing.assert_array_equal(np.asarray(rows.out[1]), np.asarray(reference.out[1]))
+
+
+@pytest.fixture(scope="module")
+def wide_model(tmp_path_factory):
+    """Wider than `model` (8 query heads over 2 kv heads, 128 wide), so that its bfloat16 decoding rounds a sum
+    taken in another order into a different token within 40 steps."""
+    folder = tmp_path_factory.mktemp("wide") / "model"
+    return load_model(str(tiny_chat_model(folder, hidden_size=128, intermediate_size=256, num_attention_heads=8)))
+
+
+@pytest.mark.parametrize("attention_kernel", [False, pytest.param(True, marks=pytest.mark.skipif(
+    not attention_kernel_supported(), reason="this CPU has no AVX-512 (or no C++ compiler)"))])
+def test_a_rows_bfloat16_decoding_does_not_depend_on_when_its_batch_mates_stop(wide_model, attention_kernel):
+    """Over a bfloat16 cache a row attends to the cache and the call's buffer as two sums, so a call runs all its
+    steps while a row runs: a row's 40 tokens beside one that stops every 3 (refilled at once) have, bit for bit,
+    the logits and draws (T = 0.7) they have beside one that never stops (with early returns, a draw differs)."""
+    params = decode_layout(wide_model.params, jnp.bfloat16)
+    sampling = SamplingConfig(max_new_tokens=40, temperature=0.7, top_p=0.8)
+    decode = functools.partial(decode_chunk, params, adapters=None, offsets=None, sessions=jnp.zeros(2, jnp.int32),
+                               cfg=wide_model.cfg, sampling=sampling, stop_ids=(), pad_id=0, steps=8,
+                               attention_kernel=attention_kernel)
+
+    def first_tokens(rows):
+        logits = {}
+        while int(rows.count[0]) < 40:
+            rows, *_ = decode(rows)
+            logits[int(rows.count[0])] = np.asarray(rows.logits[0])
+            if rows.done[1]:  # the stopped row's next turn
+                rows = rows.replace(done=rows.done.at[1].set(False), count=rows.count.at[1].set(0))
+        return np.asarray(rows.out[0]), logits
+
+    tokens, logits = first_tokens(_two_rows(wide_model, params, (40, 40), prompt=100))
+    tokens_beside_stops, logits_beside_stops = first_tokens(_two_rows(wide_model, params, (40, 3), prompt=100))
+    assert sorted(logits_beside_stops) == sorted(logits) == [8, 16, 24, 32, 40]
+    np.testing.assert_array_equal(tokens_beside_stops, tokens)
+    for count in logits:
+        np.testing.assert_array_equal(logits_beside_stops[count], logits[count])
 
 
 def test_a_bfloat16_cache_is_written_once_per_call_as_one_step_calls_write_it(model):

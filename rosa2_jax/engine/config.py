@@ -40,7 +40,7 @@ class EngineConfig:
     max_programs: int = 64  # compiled programs held before all are released (engine/host_memory.py); 0: never
     # the token-level engine (engine/token.py); the turn engine ignores these
     sessions: int = 0  # sessions in the pool (0: twice `slots`)
-    decode_steps: int = 16  # most tokens decoded per device call (a call also ends when a row stops)
+    decode_steps: int = 16  # tokens decoded per device call (over a float32 cache it also ends when a row stops)
     prefill_chunk: int = 512  # longest piece of a prompt prefilled in one call
 
     def __post_init__(self):

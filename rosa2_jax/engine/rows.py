@@ -91,8 +91,8 @@ class DecodeBatch:
         self.stats.prefilled += len(prompt) - reuse
 
     def decode(self, inputs: dict[str, Any], base_slot: int) -> None:
-        """Up to `decode_steps` tokens for every row (free rows and text requests on the base weights' slot); it
-        returns after the step in which a row stops."""
+        """Up to `decode_steps` tokens for every row (free rows and text requests on the base weights' slot); over a
+        float32 cache it returns after the step in which a row stops."""
         self.fit()
         sessions = jnp.asarray([base_slot if slot is None else slot for slot in self.slot], jnp.int32)
         self.device, generated, steps = decode_chunk(

@@ -12,8 +12,8 @@ through the lifecycle on its own:
 
 Each pass of the loop is three steps over one state (`_Run`): schedule (admit problems into the pool, restore,
 fill free rows with ready sessions or text requests), execute (one decode call of up to `decode_steps` tokens,
-which returns as soon as a row stops), update (judge the stopped rows, hand finished host jobs their sessions,
-start new ones, run a Weights bucket). A session whose weights did not change keeps its KV cache while it waits
+which over a float32 cache returns as soon as a row stops), update (judge the stopped rows, hand finished host
+jobs their sessions, start new ones, run a Weights bucket). A session whose weights did not change keeps its KV cache while it waits
 and prefills only what its next prompt adds. A Weights step runs when its bucket is full, or when a row would
 otherwise decode empty. A Words job starts on the worker threads as soon as a session fails (beside another job
 if the critic is the policy, whose requests decode in the rows; else one at a time, the failures queued

@@ -8,9 +8,10 @@ session's cached history can be put back into any row and only its new tokens pr
   leaves the row ready to decode: the next-token logits, the turn's PRNG key, count 0, its own token limit
   and whether it decodes greedily (a text model's request, e.g. a Words critique, shares the rows with
   sampled policy turns).
-- `decode_chunk` runs up to `steps` decode steps for every row at once and returns after the step in which
-  a row stops, so that the host refills it. Row b samples its n-th token of the turn with fold_in(key_b, n), as `generate_padded`
-  does, so a session's tokens do not depend on its row or on the other rows.
+- `decode_chunk` runs up to `steps` decode steps for every row at once; over a float32 cache it returns after the
+  step in which a row stops, so that the host refills it. Row b samples its n-th token of the turn with
+  fold_in(key_b, n), as `generate_padded` does, and its sums do not depend on where its batch-mates stop, so a
+  session's tokens do not depend on its row or on the other rows.
 - `row_cache` / `put_row_cache` move one row's cache out and back (a session waiting for its update).
 - `resize_rows` changes the cache's slots to what the running turns need.
 
@@ -173,8 +174,11 @@ def decode_chunk(
     attention_kernel: bool = False,
     top_k_kernel: bool = False,
 ) -> tuple[DecodeRows, Int[Array, ""], Int[Array, ""]]:
-    """Up to `steps` decode steps of every running row. The call returns early, after the step in which a row
-    stops, so that the caller refills that row at once instead of letting it idle to the chunk's end. Row b uses
+    """Up to `steps` decode steps of every running row. Over a float32 cache the call returns early, after the step
+    in which a row stops, so that the caller refills that row at once instead of letting it idle to the chunk's end.
+    A buffered (bfloat16) cache runs all `steps` while a row runs: a row attends to the cache and the call's buffer
+    as two sums, so an early return would move where its keys split between them, and its sums' rounding, with its
+    batch-mates' stops; a full call splits them every `steps` tokens of the row's own turn. Row b uses
     the pool's adapter / offset `sessions[b]`; `attention_kernel` attends over a buffered cache with the CPU kernel
     (`kernels/decode_attention.py`), `top_k_kernel` takes the sampler's candidates with kernels/top_k.py (the
     same draws). Returns (rows, tokens generated, steps run)."""
@@ -191,7 +195,8 @@ def decode_chunk(
 
     def cond(state):
         i, rows, _, _ = state
-        return (i < steps) & ~jnp.any(rows.done & ~idle) & ~jnp.all(rows.done)
+        stopped = jnp.zeros((), bool) if buffered else jnp.any(rows.done & ~idle)
+        return (i < steps) & ~stopped & ~jnp.all(rows.done)
 
     def body(state):
         i, rows, buffer, generated = state

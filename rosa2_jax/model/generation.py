@@ -63,11 +63,12 @@ def bucket_length(n: int, buckets: Sequence[int] = PROMPT_BUCKETS) -> int:
     return int(2 ** np.ceil(np.log2(n)))
 
 
-# How a sampled token is drawn, recorded with every run (config.json): "nucleus-candidates" draws among the top
-# TOP_P_CANDIDATES logits whenever they hold the row's whole nucleus (top-p) or top-k set, and over the whole
-# vocabulary otherwise. Same distribution as a draw over the whole masked vocabulary, different random draws
-# (the first study, results/qwen05-gsm8k-k5, drew over the whole vocabulary: "full-vocabulary").
-SAMPLER = "nucleus-candidates"
+# How a sampled token is drawn, recorded with every run (config.json): "nucleus-candidates-per-row" draws among the
+# top TOP_P_CANDIDATES logits whenever they hold the row's whole nucleus (top-p) or top-k set, and that row over the
+# whole vocabulary otherwise. Same distribution as a draw over the whole masked vocabulary, different random draws
+# (the first study, results/qwen05-gsm8k-k5, drew over the whole vocabulary: "full-vocabulary"; "nucleus-candidates",
+# 41b8a06 and earlier, drew every row of a step over the whole vocabulary when one row's nucleus was longer).
+SAMPLER = "nucleus-candidates-per-row"
 TOP_P_CANDIDATES = 256
 
 
@@ -82,10 +83,12 @@ def decode_path(decode_dtype, mesh: jax.sharding.Mesh | None = None) -> str:
     matmul. "-attention": on one device of a CPU with AVX-512, the token engine's attention over its bfloat16
     cache by kernels/decode_attention.py, its float32 sums in another order than XLA's. "-grouped-prefill": a
     prefill's attention over the rows of `decoder.group_rows` (its dots sum in another order than before; the
-    paths without it are those of 845bb70 and earlier)."""
+    paths without it are those of 845bb70 and earlier). "-full-calls": a decode call over a bfloat16 cache runs all
+    its steps while a row runs (decode_rows.decode_chunk), so a row's sums do not depend on its batch-mates' stops
+    (the paths without it are those of 41b8a06 and earlier)."""
     if not cache_is_buffered(decode_dtype):
         return "flat-matmuls-fitted-cache-grouped-prefill"
-    return ("bfloat16-cache-grouped-prefill" + ("-amx" if on_one_device(mesh) and amx_ready() else "")
+    return ("bfloat16-cache-full-calls-grouped-prefill" + ("-amx" if on_one_device(mesh) and amx_ready() else "")
             + ("-attention" if attention_kernel_supported(mesh) else ""))
 
 
@@ -98,7 +101,8 @@ def sample_logits(logits: Float[Array, "B V"], keys: jax.Array, sampling: Sampli
     logits: the filter keeps nothing outside them whenever the nucleus is shorter, so the draw has the same
     distribution as one over the whole masked vocabulary, at a small part of its cost (Gumbel noise, the argmax
     and the sort over 152k logits per row were half of a 0.5B decode step). A step in which some row's nucleus is
-    longer draws every row over the whole vocabulary. With `top_k_kernel` the candidates come from the CPU kernel
+    longer draws that row over the whole vocabulary (the others still among their candidates: a row's token
+    depends on its own logits and key only). With `top_k_kernel` the candidates come from the CPU kernel
     (kernels/top_k.py), which returns lax.top_k's values and indices bit for bit."""
     if sampling.temperature == 0.0:
         return first_max(logits)
@@ -129,7 +133,10 @@ def sample_logits(logits: Float[Array, "B V"], keys: jax.Array, sampling: Sampli
         choice = jax.vmap(jax.random.categorical)(keys, jnp.where(keep, top, -jnp.inf))
         return jnp.take_along_axis(ids, choice[:, None], axis=-1)[:, 0].astype(jnp.int32)
 
-    drawn = jax.lax.cond(jnp.any(open_ended), lambda: _sample_whole_vocabulary(logits, keys, sampling),
+    # Each row draws by its own nucleus, so that its token does not depend on its batch-mates' logits.
+    drawn = jax.lax.cond(jnp.any(open_ended),
+                         lambda: jnp.where(open_ended, _sample_whole_vocabulary(logits, keys, sampling),
+                                           among_candidates()),
                          among_candidates)
     if greedy is None:
         return drawn
