@@ -10,14 +10,14 @@ through the lifecycle on its own:
       └──── advance (next user message) <── Words (worker thread) ─┤ failed
                                         <── Weights (queued, one vmapped step per bucket of failures)
 
-Each pass of the loop is three steps over one state (`_Run`): schedule (admit problems into the pool, restore,
-fill free rows with ready sessions or text requests), execute (one decode call of up to `decode_steps` tokens,
-which over a float32 cache returns as soon as a row stops), update (judge the stopped rows, hand finished host
-jobs their sessions, start new ones, run a Weights bucket). A session whose weights did not change keeps its KV cache while it waits
-and prefills only what its next prompt adds. A Weights step runs when its bucket is full, or when a row would
-otherwise decode empty. A Words job starts on the worker threads as soon as a session fails (beside another job
-if the critic is the policy, whose requests decode in the rows; else one at a time, the failures queued
-meanwhile going together). The rows may hold sessions of several methods at once.
+Each pass of the loop is three steps over one state (`_Run`): schedule (admit problems into the pool, restore, fill
+free rows with ready sessions or text requests), execute (one decode call of up to `decode_steps` tokens, which over
+a float32 cache returns as soon as a row stops), update (judge the stopped rows, hand finished host jobs their
+sessions, start new ones, run a Weights bucket). A session whose weights did not change keeps its KV cache while it
+waits and prefills only what its next prompt adds. A Weights step runs when its bucket is full, or when a row would
+otherwise decode empty. A Words job starts on the worker threads as soon as a session fails (beside another job if
+the critic is the policy, whose requests decode in the rows; else one at a time, the failures queued meanwhile going
+together). The rows may hold sessions of several methods at once.
 
 Trajectories do not depend on scheduling: a session samples its n-th token of a turn with the turn's seed
 folded with n, exactly as the turn engine does, so under greedy decoding both engines write the same records.
