@@ -60,6 +60,21 @@ def test_compare_methods_pairs_problems_both_ran():
     assert c["mcnemar_p"] == pytest.approx(0.5)
     r = out[("rosa2", "rosa")]
     assert r["problems"] == 2 and (r["only_a"], r["only_b"]) == (1, 0)
+    assert c["same_first_answer"] == r["same_first_answer"] == 0  # no turns recorded
+
+
+def test_compare_methods_counts_the_problems_whose_first_answers_are_the_same_text():
+    def turns(first):
+        return [{"turn": t + 1, "user": "q", "system_prompt": None, "response": text, "extracted": None,
+                 "reward": -1.0, "response_tokens": 3, "finish_reason": "stop", "prompt_tokens": 9}
+                for t, text in enumerate([first, "later answers are not compared"])]
+
+    records = [r | {"turns": turns(f"answer to {r['problem_id']}")} for r in RECORDS if r["method"] != "rosa"]
+    records[4]["turns"] = turns("another draw")  # rosa2's p1
+    records[6]["turns"] = []  # rosa2's p3: no turn (e.g. refused at admission)
+    [c] = compare_methods(records)
+    assert (c["a"], c["b"], c["problems"]) == ("rosa2", "baseline", 3)
+    assert c["same_first_answer"] == 1  # p2 only
 
 
 def test_wins_are_the_problems_only_the_method_solved_among_those_both_ran():

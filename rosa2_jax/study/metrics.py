@@ -177,8 +177,16 @@ def comparison_pairs(methods: Iterable[str]) -> list[tuple[str, str]]:
 
 def compare_methods(records: Iterable[Record]) -> list[dict]:
     """Paired differences of accuracy within K (a - b) on the problems both methods ran, with a
-    paired-bootstrap 95% interval, the exact McNemar p-value and the problems only one of them solved."""
+    paired-bootstrap 95% interval, the exact McNemar p-value and the problems only one of them solved; and on how
+    many of them the two first answers are the same text. Every method's first turn has the same prompt and seed,
+    so where they differ the pair's first turns are two draws, not one (e.g. bfloat16 decoding that depended on a
+    row's batch-mates: BUILD_NOTES, "Batch-mates")."""
     solved: dict[str, dict[str, bool]] = defaultdict(dict)
+    first: dict[str, dict[str, str | None]] = defaultdict(dict)
     for r in _read(records):
         solved[r.method][r.problem_id] = r.solved_at is not None
-    return [{"a": a, "b": b, **paired_comparison(solved[a], solved[b])} for a, b in comparison_pairs(solved)]
+        first[r.method][r.problem_id] = r.turns[0].response if r.turns else None
+    return [{"a": a, "b": b, **paired_comparison(solved[a], solved[b]),
+             "same_first_answer": sum(first[a][p] is not None and first[a][p] == first[b][p]
+                                      for p in set(first[a]) & set(first[b]))}
+            for a, b in comparison_pairs(solved)]

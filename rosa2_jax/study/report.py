@@ -29,13 +29,13 @@ def table(summary: dict) -> str:
 
 
 def comparison_table(comparisons: list[dict]) -> str:
-    lines = ["| a vs b | problems | acc a | acc b | a - b [95% paired bootstrap] | only a / only b | McNemar p |",
-             "|---|---|---|---|---|---|---|"]
+    lines = ["| a vs b | problems | acc a | acc b | a - b [95% paired bootstrap] | only a / only b | McNemar p "
+             "| same first answer |", "|---|---|---|---|---|---|---|---|"]
     for c in comparisons:
         lo, hi = c["ci95"]
         lines.append(f"| {c['a']} vs {c['b']} | {c['problems']} | {100 * c['accuracy_a']:.1f} | "
                      f"{100 * c['accuracy_b']:.1f} | {100 * c['difference']:+.1f} [{100 * lo:+.1f}, {100 * hi:+.1f}] | "
-                     f"{c['only_a']} / {c['only_b']} | {c['mcnemar_p']:.3g} |")
+                     f"{c['only_a']} / {c['only_b']} | {c['mcnemar_p']:.3g} | {c['same_first_answer']} |")
     return "\n".join(lines)
 
 
