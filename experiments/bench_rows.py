@@ -29,7 +29,7 @@ from experiments.common import (best_time, decode_roofline, define_model_flags, 
                                 model_from_flags, prefilled_rows, read_bandwidth, traced_op_seconds)
 from rosa2_jax.kernels.decode_attention import attention_kernel_supported
 from rosa2_jax.kernels.top_k import top_k_kernel_supported
-from rosa2_jax.model.decode_rows import decode_chunk, empty_rows, prefill_row
+from rosa2_jax.model.decode_rows import decode_chunk, empty_rows, prefill_row, row_cache
 from rosa2_jax.model.decoder import cache_dtype
 from rosa2_jax.model.generation import SamplingConfig, bucket_length
 
@@ -107,13 +107,16 @@ def main(_):
     pieces = list(map(int, FLAGS.pieces))
     rows = empty_rows(cfg, int(FLAGS.rows[0]), bucket_length(FLAGS.prefix + max(pieces, default=0)),
                       SAMPLING.max_new_tokens, cache_dtype(params), pad_id=0)
+    prefix = list(range(100, 100 + FLAGS.prefix))
+    if prefix:
+        rows = prefill_row(params, rows, 0, prefix, key, cfg=cfg, pad_id=0)
+    held = row_cache(rows, jnp.int32(0)) if prefix else None
     for n in pieces:
-        tokens = jnp.asarray(np.arange(n) + 100, jnp.int32)
+        prompt = prefix + list(range(1000, 1000 + n))
 
         def prefill():
             nonlocal rows
-            rows = prefill_row(params, rows, jnp.int32(0), tokens, jnp.int32(n), jnp.int32(FLAGS.prefix), key, None,
-                               None, jnp.int32(0), cfg=cfg, fresh=False)
+            rows = prefill_row(params, rows, 1, prompt, key, cfg=cfg, pad_id=0, prefix=held, reuse=len(prefix))
             jax.block_until_ready(rows.length)
 
         prefill()

@@ -16,7 +16,6 @@ from typing import Callable
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 from absl import app, flags
 from jax.sharding import Mesh
 
@@ -30,7 +29,7 @@ from rosa2_jax.kernels.amx_matmul import amx_matmul, pack_tiles
 from rosa2_jax.model.config import ModelConfig
 from rosa2_jax.model.decode_rows import DecodeRows, empty_rows, prefill_row
 from rosa2_jax.model.decoder import decode_layout
-from rosa2_jax.model.generation import SamplingConfig, bucket_length
+from rosa2_jax.model.generation import SamplingConfig
 from rosa2_jax.study.runs import NotARunError, read_run
 from rosa2_jax.tasks.data import load_problems
 from rosa2_jax.tasks.rewards import EQUIVALENCES
@@ -212,10 +211,7 @@ def prefilled_rows(params, cfg: ModelConfig, prompts: list[list[int]], capacity:
     """Token-engine rows of a `capacity`-slot cache of `dtype`, one prompt prefilled into each (row r keyed r)."""
     rows = empty_rows(cfg, len(prompts), capacity, max_new_tokens, dtype, pad_id)
     for row, prompt in enumerate(prompts):
-        padded = np.full(bucket_length(len(prompt)), pad_id, np.int32)
-        padded[: len(prompt)] = prompt
-        rows = prefill_row(params, rows, jnp.int32(row), jnp.asarray(padded), jnp.int32(len(prompt)), jnp.int32(0),
-                           jax.random.key(row), None, None, jnp.int32(0), cfg=cfg, fresh=True)
+        rows = prefill_row(params, rows, row, prompt, jax.random.key(row), cfg=cfg, pad_id=pad_id)
     return rows
 
 

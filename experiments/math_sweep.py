@@ -92,9 +92,9 @@ def main(_):
             except StudyConfigError as e:
                 hint = (" decode_path names this machine's decode kernels (ROSA2_JAX_ATTENTION=off and "
                         "ROSA2_JAX_AMX=off turn them off) and the code's decode calls and prefill: a folder recorded "
-                        "with another sampler, a bfloat16 path without -full-calls or any path without "
-                        "-grouped-prefill resumes with the code it was recorded with (41b8a06 or earlier; without "
-                        "-grouped-prefill, 845bb70 or earlier)."
+                        "with another sampler or path resumes with the code it was recorded with (a path with "
+                        "-grouped-prefill: 0420417 or earlier; a bfloat16 path without -full-calls: 41b8a06 or "
+                        "earlier; a path without -grouped-: 845bb70 or earlier)."
                         if "--decode_path" in str(e) or "--sampler" in str(e) else "")
                 raise app.UsageError(str(e) + hint) from None
         work = study.prepare()

@@ -23,7 +23,7 @@ from rosa2_jax.engine.host_memory import HostMemory, programs_held
 from rosa2_jax.engine.rows import TEXT_CACHES, DecodeBatch
 from rosa2_jax.engine.stats import SchedulerStats
 from rosa2_jax.kernels.decode_attention import attention_kernel_supported
-from rosa2_jax.model.decode_rows import decode_chunk, empty_rows, prefill_row, put_row_cache, row_cache
+from rosa2_jax.model.decode_rows import decode_chunk, empty_rows, prefill_row, row_cache
 from rosa2_jax.model.decoder import cache_dtype, decode_layout, forward
 from rosa2_jax.model.generation import SamplingConfig, bucket_length, generate
 from rosa2_jax.model.lora import LoraConfig, parse_layers
@@ -334,19 +334,13 @@ def test_a_turn_prefilled_after_its_kept_prefix_equals_a_full_prefill(model):
     turn = history + rng.integers(3, cfg.vocab_size, 21).tolist()
     key = jax.random.key(0)
     rows = empty_rows(cfg, 3, 256, 8, params["embed"].dtype, 0)
+    prefill = functools.partial(prefill_row, params, key=key, cfg=cfg, pad_id=0)
 
-    def prefill(rows, row, tokens, start, fresh):
-        padded = np.zeros(64, np.int32)
-        padded[: len(tokens)] = tokens
-        return prefill_row(params, rows, jnp.int32(row), jnp.asarray(padded), jnp.int32(len(tokens)),
-                           jnp.int32(start), key, None, None, jnp.int32(0), cfg=cfg, fresh=fresh)
-
-    rows = prefill(rows, 0, turn, 0, True)  # the reference: the whole prompt in row 0
-    rows = prefill(rows, 1, history, 0, True)  # the kept prefix, in row 1 ...
+    rows = prefill(rows, 0, turn)  # the reference: the whole prompt in row 0
+    rows = prefill(rows, 1, history)  # the kept prefix, in row 1 ...
     saved = row_cache(rows, jnp.int32(1))
-    rows = prefill(rows, 1, rng.integers(3, cfg.vocab_size, 50).tolist(), 0, True)  # ... which another session takes
-    rows = put_row_cache(rows, jnp.int32(2), saved)  # the session comes back in row 2
-    rows = prefill(rows, 2, turn[len(history):], len(history), False)
+    rows = prefill(rows, 1, rng.integers(3, cfg.vocab_size, 50).tolist())  # ... which another session takes
+    rows = prefill(rows, 2, turn, prefix=saved, reuse=len(history))  # the session comes back in row 2
     np.testing.assert_allclose(np.asarray(rows.logits[2]), np.asarray(rows.logits[0]), atol=1e-5, rtol=1e-5)
     assert int(rows.length[2]) == int(rows.length[0]) == len(turn)
 
@@ -424,10 +418,8 @@ def _two_rows(model, params, limits, prompt=20):
     rng = np.random.default_rng(1)
     rows = empty_rows(cfg, 2, 256, max(limits), cache_dtype(params), 0)
     for row in range(2):
-        padded = np.zeros(bucket_length(prompt), np.int32)
-        padded[:prompt] = rng.integers(3, cfg.vocab_size, prompt)
-        rows = prefill_row(params, rows, jnp.int32(row), jnp.asarray(padded), jnp.int32(prompt), jnp.int32(0),
-                           jax.random.key(row), None, None, jnp.int32(0), jnp.int32(limits[row]), cfg=cfg, fresh=True)
+        rows = prefill_row(params, rows, row, rng.integers(3, cfg.vocab_size, prompt).tolist(), jax.random.key(row),
+                           cfg=cfg, pad_id=0, limit=limits[row])
     return rows
 
 
@@ -453,6 +445,30 @@ def wide_model(tmp_path_factory):
     taken in another order into a different token within 40 steps."""
     folder = tmp_path_factory.mktemp("wide") / "model"
     return load_model(str(tiny_chat_model(folder, hidden_size=128, intermediate_size=256, num_attention_heads=8)))
+
+
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+def test_a_prefill_after_a_held_prefix_does_not_depend_on_the_rows_capacity(wide_model, dtype):
+    """A turn prefilled after its held prefix (in 64-token pieces) is computed on a cache of its own extent, so its
+    logits and keys/values are, bit for bit, the same in rows of 384, 512 or 1,024 slots, a capacity its batch-mates
+    set (computed over the rows' slots, as before, the float32 logits at 384 and 512 slots differed)."""
+    cfg = wide_model.cfg
+    params = wide_model.params if dtype == jnp.float32 else decode_layout(wide_model.params, dtype)
+    prompt = np.random.default_rng(0).integers(3, cfg.vocab_size, 300).tolist()
+    prefill = functools.partial(prefill_row, params, key=jax.random.key(0), cfg=cfg, pad_id=0)
+    results = []
+    for capacity in (384, 512, 1024):
+        rows = prefill(empty_rows(cfg, 2, capacity, 8, cache_dtype(params), 0), 0, prompt[:200])
+        held = row_cache(rows, jnp.int32(0))
+        rows = prefill(rows, 1, prompt, prefix=held, reuse=200, chunk=64)
+        cache = row_cache(rows, jnp.int32(1))
+        assert int(rows.length[1]) == 300 and int(cache.valid.sum()) == 300
+        results.append([rows.logits[1]] + [k[..., :300] for k in cache.k] + [v[:, :300] for v in cache.v])
+    for other in results[1:]:
+        for a, b in zip(results[0], other):
+            assert np.array_equal(np.asarray(a, np.float32), np.asarray(b, np.float32))
+    with pytest.raises(ValueError, match="300-token prompt does not fit rows of 256 cache slots"):
+        prefill(empty_rows(cfg, 2, 256, 8, cache_dtype(params), 0), 1, prompt)
 
 
 @pytest.mark.parametrize("attention_kernel", [False, pytest.param(True, marks=pytest.mark.skipif(
@@ -496,10 +512,7 @@ def test_a_bfloat16_cache_is_written_once_per_call_as_one_step_calls_write_it(mo
     prompts = [rng.integers(3, cfg.vocab_size, n).tolist() for n in (10, 17, 24)]
     rows = empty_rows(cfg, 3, 128, 40, cache_dtype(params), 0)
     for row, prompt in enumerate(prompts):
-        padded = np.zeros(64, np.int32)
-        padded[:len(prompt)] = prompt
-        rows = prefill_row(params, rows, jnp.int32(row), jnp.asarray(padded), jnp.int32(len(prompt)), jnp.int32(0),
-                           jax.random.key(row), None, None, jnp.int32(0), cfg=cfg, fresh=True)
+        rows = prefill_row(params, rows, row, prompt, jax.random.key(row), cfg=cfg, pad_id=0)
     decode = functools.partial(decode_chunk, params, adapters=None, offsets=None, sessions=jnp.zeros(3, jnp.int32),
                                cfg=cfg, sampling=SamplingConfig(max_new_tokens=40), stop_ids=(), pad_id=0)
     calls, steps = jax.tree.map(jnp.copy, rows), rows
@@ -530,12 +543,9 @@ def test_a_greedy_row_beside_sampled_rows_decodes_its_argmax_and_stops_at_its_ow
     def decode(greedy_row: int | None):
         rows = empty_rows(cfg, 3, 256, 12, params["embed"].dtype, 0)
         for row, prompt in enumerate(prompts):
-            padded = np.zeros(64, np.int32)
-            padded[: len(prompt)] = prompt
             text = row == greedy_row
-            rows = prefill_row(params, rows, jnp.int32(row), jnp.asarray(padded), jnp.int32(len(prompt)),
-                               jnp.int32(0), jax.random.key(row), None, None, jnp.int32(0),
-                               jnp.int32(5 if text else 12), jnp.bool_(text), cfg=cfg, fresh=True)
+            rows = prefill_row(params, rows, row, prompt, jax.random.key(row), cfg=cfg, pad_id=0,
+                               limit=5 if text else 12, greedy=text)
         while not bool(jnp.all(rows.done)):
             rows, *_ = decode_chunk(params, rows, None, None, jnp.zeros(3, jnp.int32), cfg=cfg, sampling=sampled,
                                     stop_ids=(), pad_id=0, steps=4)
@@ -595,9 +605,7 @@ def test_host_memory_releases_every_compiled_program_past_the_budget_and_trims_t
     monkeypatch.setattr(host_memory, "trim_heap", lambda: trims.append(1))
     cfg, params = model.cfg, model.sampler.decode_params
     rows = empty_rows(cfg, 2, 64, 8, cache_dtype(params), pad_id=0)
-    for n in (8, 16):  # two prompt pieces: two programs
-        rows = prefill_row(params, rows, jnp.int32(0), jnp.ones(n, jnp.int32), jnp.int32(n), jnp.int32(0),
-                           jax.random.key(0), None, None, jnp.int32(0), cfg=cfg, fresh=True)
+    rows = prefill_row(params, rows, 0, [1] * 8, jax.random.key(0), cfg=cfg, pad_id=0)  # two programs: piece, write
     held = programs_held()
     assert held >= 2
     assert not HostMemory(0, trim_every_s=1e9).tend() and not HostMemory(held, trim_every_s=1e9).tend()

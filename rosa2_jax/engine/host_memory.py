@@ -3,9 +3,9 @@
 JAX keeps the executable of every shape a jitted function has been called with until `jax.clear_caches()`: its
 caches count entries (4,096), not bytes. On a CPU a 24-layer model's prefill program holds ~29 MB of host memory
 and a Weights step's ~60 MB (the layers are unrolled, so the code grows with depth), and a sweep meets new shapes
-for hours (prompt pieces x cache capacities, Weights windows x contexts). glibc keeps what was freed (compilation's
-and the steps' temporaries) unless told to hand it back: 4.5 of Study 2's 11.8 GB resident. BUILD_NOTES.md,
-"Host memory", has the measurements.
+for hours (prompt pieces x prompt extents, cache capacities, Weights windows x contexts). glibc keeps what was
+freed (compilation's and the steps' temporaries) unless told to hand it back: 4.5 of Study 2's 11.8 GB resident.
+BUILD_NOTES.md, "The engine" ("Host memory"), has the measurements.
 
 `HostMemory.tend` releases every compiled program when the engine's jitted entry points hold more than the budget
 (the ones still needed are compiled again, or loaded from the persistent compilation cache when one is set, as the
@@ -21,11 +21,11 @@ import time
 import jax
 
 from rosa2_jax.adapt.rosa import hidden_offset_update, rosa_update
-from rosa2_jax.model.decode_rows import decode_chunk, prefill_row, put_row_cache, resize_rows, row_cache
+from rosa2_jax.model.decode_rows import decode_chunk, fit_row_cache, prefill_tokens, resize_rows, row_cache, start_row
 from rosa2_jax.model.generation import generate_padded
 
-ENTRY_POINTS = (prefill_row, decode_chunk, resize_rows, row_cache, put_row_cache, generate_padded, rosa_update,
-                hidden_offset_update)
+ENTRY_POINTS = (prefill_tokens, start_row, decode_chunk, resize_rows, row_cache, fit_row_cache, generate_padded,
+                rosa_update, hidden_offset_update)
 
 
 def programs_held() -> int:

@@ -13,7 +13,7 @@ import numpy as np
 from rosa2_jax.checkpoint import LoadedModel
 from rosa2_jax.engine.config import EngineConfig
 from rosa2_jax.engine.stats import SchedulerStats
-from rosa2_jax.model.decode_rows import decode_chunk, empty_rows, prefill_row, put_row_cache, resize_rows, row_cache
+from rosa2_jax.model.decode_rows import decode_chunk, empty_rows, prefill_row, resize_rows, row_cache
 from rosa2_jax.model.decoder import cache_dtype
 from rosa2_jax.model.generation import bucket_length
 
@@ -43,12 +43,13 @@ class DecodeBatch:
     def occupied(self, row: int) -> bool:
         return self.slot[row] is not None or self.text[row] is not None
 
-    def fit(self, prefill_extent: int = 0) -> None:
-        """Size the cache to what the next decode call can fill: the longest occupied row's tokens + the call's
-        steps + 1, at most its turn's reach (and a prefill's padded extent), bucketed so that a sweep compiles a few
-        programs. Every decode step's attention reads every slot, so the cache grows with the rows rather than
-        holding each turn's token limit from its start, and shrinks when a long row leaves."""
-        needed = max([self._reach(row) for row in range(self.cfg.rows) if self.occupied(row)] + [prefill_extent, 1])
+    def fit(self, filling: int | None = None) -> None:
+        """Size the cache to what the next decode call can fill: the longest occupied row's (and the `filling` row's)
+        tokens + the call's steps + 1, at most its turn's reach, bucketed so that a sweep compiles a few programs.
+        Every decode step's attention reads every slot, so the cache grows with the rows rather than holding each
+        turn's token limit from its start, and shrinks when a long row leaves."""
+        needed = max([self._reach(row) for row in range(self.cfg.rows) if self.occupied(row) or row == filling]
+                     + [1])
         if bucket_length(needed) != self.device.capacity:
             self.device = resize_rows(self.device, capacity=bucket_length(needed))
 
@@ -68,22 +69,13 @@ class DecodeBatch:
         else:
             saved, tokens = (None, []) if text else self.kept.pop(slot, (None, []))
         reuse = min(common_prefix(tokens, prompt), len(prompt) - 1)
-        chunk = self.cfg.prefill_chunk
-        starts = range(reuse, len(prompt), chunk)
         limit = limit or self.cfg.sampling.max_new_tokens
         self.need[row], self.held[row] = len(prompt) + limit + 1, len(prompt)
-        self.fit(max(self._reach(row), *(s + bucket_length(len(prompt[s: s + chunk])) for s in starts)))
-        if reuse:
-            self.device = put_row_cache(self.device, jnp.int32(row), saved)
-        for s in starts:
-            piece = prompt[s: s + chunk]
-            padded = np.full(bucket_length(len(piece)), self.sampler.pad_id, np.int32)
-            padded[: len(piece)] = piece
-            self.device = prefill_row(self.sampler.decode_params, self.device, jnp.int32(row), jnp.asarray(padded),
-                                      jnp.int32(len(piece)), jnp.int32(s), key, inputs.get("adapters"),
-                                      inputs.get("hidden_offset"), jnp.int32(slot), jnp.int32(limit),
-                                      jnp.bool_(greedy), cfg=self.model.cfg, fresh=s == 0,
-                                      lora_kernel=self.lora_kernel)
+        self.fit(filling=row)  # the caller marks the row occupied once it is filled
+        self.device = prefill_row(self.sampler.decode_params, self.device, row, prompt, key, cfg=self.model.cfg,
+                                  pad_id=self.sampler.pad_id, prefix=saved, reuse=reuse, chunk=self.cfg.prefill_chunk,
+                                  adapters=inputs.get("adapters"), offsets=inputs.get("hidden_offset"), session=slot,
+                                  limit=limit, greedy=greedy, lora_kernel=self.lora_kernel)
         if text:
             self.stats.text_reused += reuse
         else:

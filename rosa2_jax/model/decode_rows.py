@@ -4,15 +4,18 @@ Unlike `generation.generate_padded` (one left-padded batch from prefill to the l
 here has its own length: a row's tokens sit in cache slots [0, length) with RoPE positions 0..length-1, so a
 session's cached history can be put back into any row and only its new tokens prefilled (prefix reuse).
 
-- `prefill_row` writes a chunk of a session's prompt into one row (after its cached prefix, if any) and
-  leaves the row ready to decode: the next-token logits, the turn's PRNG key, count 0, its own token limit
-  and whether it decodes greedily (a text model's request, e.g. a Words critique, shares the rows with
-  sampled policy turns).
+- `prefill_row` puts a session's prompt into one row (after its held prefix, if any): `prefill_tokens` computes it
+  on a one-row cache of the prompt's own extent and `start_row` writes that in and leaves the row ready to decode:
+  the next-token logits, the turn's PRNG key, count 0, its own token limit and whether it decodes greedily (a text
+  model's request, e.g. a Words critique, shares the rows with sampled policy turns).
 - `decode_chunk` runs up to `steps` decode steps for every row at once; over a float32 cache it returns after the
   step in which a row stops, so that the host refills it. Row b samples its n-th token of the turn with
   fold_in(key_b, n), as `generate_padded` does, and its sums do not depend on where its batch-mates stop, so a
-  session's tokens do not depend on its row or on the other rows.
-- `row_cache` / `put_row_cache` move one row's cache out and back (a session waiting for its update).
+  session's tokens do not depend on its row or on the other rows, with one exception: over a float32 cache XLA's
+  dots over the slots sum in an order set by the rows' capacity (which the longest row sets), so its logits can
+  move in the last bits (BUILD_NOTES.md, "The decode step against its roofline", its "Prefill on the prompt's own
+  cache").
+- `row_cache` holds one row's cache (a session waiting for its update); `fit_row_cache` resizes a held one.
 - `resize_rows` changes the cache's slots to what the running turns need.
 
 Shapes: B rows, S cache slots (the capacity), T chunk tokens, N max new tokens, P sessions in the pool.
@@ -21,15 +24,17 @@ Shapes: B rows, S cache slots (the capacity), T chunk tokens, N max new tokens, 
 from __future__ import annotations
 
 import functools
+from typing import Sequence
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import struct
 from jaxtyping import Array, Bool, Float, Int
 
 from rosa2_jax.model.config import ModelConfig
-from rosa2_jax.model.decoder import KVCache, Params, cache_is_buffered, decoder_hidden, lm_logits
-from rosa2_jax.model.generation import SamplingConfig, sample_logits
+from rosa2_jax.model.decoder import KVCache, Params, cache_dtype, cache_is_buffered, decoder_hidden, lm_logits
+from rosa2_jax.model.generation import SamplingConfig, bucket_length, sample_logits
 from rosa2_jax.model.lora import LoraAdapters, take_sessions
 
 
@@ -57,6 +62,10 @@ class RowCache:
     k: tuple[Float[Array, "K D S"], ...]  # per layer
     v: tuple[Float[Array, "K S D"], ...]
     valid: Bool[Array, "S"]
+
+    @property
+    def capacity(self) -> int:
+        return self.valid.shape[0]
 
 
 def empty_rows(cfg: ModelConfig, batch: int, capacity: int, max_new_tokens: int, dtype, pad_id: int) -> DecodeRows:
@@ -95,13 +104,11 @@ def row_cache(rows: DecodeRows, row: Int[Array, ""]) -> RowCache:
     return RowCache(tuple(k[row] for k in c.k), tuple(v[row] for v in c.v), c.valid[row])
 
 
-@jax.jit
-def put_row_cache(rows: DecodeRows, row: Int[Array, ""], saved: RowCache) -> DecodeRows:
-    """Write a held cache back into `row` (fitted to the rows' capacity)."""
-    c, S = rows.cache, rows.capacity
-    return rows.replace(cache=KVCache(tuple(k.at[row].set(_fit_slots(h, 2, S)) for k, h in zip(c.k, saved.k)),
-                                      tuple(v.at[row].set(_fit_slots(h, 1, S)) for v, h in zip(c.v, saved.v)),
-                                      c.valid.at[row].set(_fit_slots(saved.valid, 0, S))))
+@functools.partial(jax.jit, static_argnames=("capacity",))
+def fit_row_cache(saved: RowCache, capacity: int) -> RowCache:
+    """A held cache with `capacity` slots (its valid slots must fit)."""
+    return RowCache(tuple(_fit_slots(k, 2, capacity) for k in saved.k),
+                    tuple(_fit_slots(v, 1, capacity) for v in saved.v), _fit_slots(saved.valid, 0, capacity))
 
 
 def _session_adapters(adapters: LoraAdapters | None, index: Int[Array, "..."]) -> LoraAdapters | None:
@@ -112,48 +119,109 @@ def _session_offset(offsets: Float[Array, "P d"] | None, index: Int[Array, "..."
     return 0.0 if offsets is None else offsets[index].astype(dtype)
 
 
-@functools.partial(jax.jit, static_argnames=("cfg", "fresh", "lora_kernel"), donate_argnames=("rows",))
 def prefill_row(
     params: Params,
     rows: DecodeRows,
-    row: Int[Array, ""],
+    row: int,
+    prompt: Sequence[int],
+    key: jax.Array,
+    *,
+    cfg: ModelConfig,
+    pad_id: int,
+    prefix: RowCache | None = None,
+    reuse: int = 0,
+    chunk: int = 512,
+    adapters: LoraAdapters | None = None,
+    offsets: Float[Array, "P d"] | None = None,
+    session: int = 0,
+    limit: int | None = None,
+    greedy: bool = False,
+    lora_kernel: bool = False,
+) -> DecodeRows:
+    """Put `prompt` into `row`, ready to decode its turn with `key`, at most `limit` tokens (default N), greedily if
+    `greedy` (default: the sampling config); `session` indexes the pool's adapters / offsets.
+
+    The first `reuse` tokens' keys/values come from `prefix` (a held cache holding at least them); the rest is
+    prefilled in pieces of at most `chunk` tokens, each padded to a bucket, on a cache of one row sized to the
+    prompt's own padded extent, which `start_row` then writes into the row. So a prefill's programs compile per
+    (piece, extent), not per the rows' capacity, which the batch-mates set, and its sums do not depend on it
+    either (an extending prefill over a 768-slot row and a 1,024-slot one differed by up to 0.03 in a bfloat16
+    logit)."""
+    if not 0 <= reuse < len(prompt) or (reuse and prefix is None):
+        raise ValueError(f"reuse={reuse} of a {len(prompt)}-token prompt: reuse needs a held prefix and must leave at "
+                         "least one token to prefill")
+    if len(prompt) > rows.capacity:
+        raise ValueError(f"a {len(prompt)}-token prompt does not fit rows of {rows.capacity} cache slots: resize them "
+                         "first (resize_rows)")
+    starts = range(reuse, len(prompt), chunk)
+    extent = bucket_length(max(s + bucket_length(len(prompt[s: s + chunk])) for s in starts))
+    cache = prefix if reuse else None
+    logits = None
+    for s in starts:
+        piece = prompt[s: s + chunk]
+        padded = np.full(bucket_length(len(piece)), pad_id, np.int32)
+        padded[: len(piece)] = piece
+        if cache is not None and cache.capacity != extent:
+            cache = fit_row_cache(cache, capacity=extent)
+        cache, logits = prefill_tokens(params, cache, jnp.asarray(padded), jnp.int32(len(piece)), jnp.int32(s),
+                                       adapters, offsets, jnp.int32(session), cfg=cfg, lora_kernel=lora_kernel)
+    return start_row(rows, jnp.int32(row), cache, logits, jnp.int32(len(prompt)), key,
+                     jnp.int32(rows.out.shape[1] if limit is None else limit), jnp.bool_(greedy))
+
+
+@functools.partial(jax.jit, static_argnames=("cfg", "lora_kernel"))
+def prefill_tokens(
+    params: Params,
+    prefix: RowCache | None,
     tokens: Int[Array, "T"],
     num_new: Int[Array, ""],
     start: Int[Array, ""],
-    key: jax.Array,
     adapters: LoraAdapters | None,
     offsets: Float[Array, "P d"] | None,
     session: Int[Array, ""],
-    limit: Int[Array, ""] | None = None,
-    greedy: Bool[Array, ""] | None = None,
     *,
     cfg: ModelConfig,
-    fresh: bool,
     lora_kernel: bool = False,
-) -> DecodeRows:
-    """Prefill tokens[:num_new] into `row` at slots [start, start + num_new), attending to the row's slots
-    below `start` (its cached prefix; `fresh` = none, start 0). Slots from `start` on are dropped first.
-    The row is then ready to decode its turn with `key`, at most `limit` tokens (default N), greedily if
-    `greedy` (default: the sampling config); `session` indexes the pool's adapters / offsets."""
-    c = rows.cache
-    T, S = tokens.shape[0], rows.capacity
-    keep = c.valid[row] & (jnp.arange(S) < start)
-    one_row = KVCache(tuple(k[row][None] for k in c.k), tuple(v[row][None] for v in c.v), keep[None])
-    new_valid = (jnp.arange(T) < num_new)[None]
-    hidden, one_row = decoder_hidden(
-        params, tokens[None], (start + jnp.arange(T, dtype=jnp.int32))[None], new_valid, cfg=cfg, cache=one_row,
-        cache_index=start, adapters=_session_adapters(adapters, session[None]), lora_kernel=lora_kernel,
-        continue_prefix=not fresh)
+) -> tuple[RowCache, Float[Array, "V"]]:
+    """tokens[:num_new] prefilled at slots [start, start + num_new) of a one-row cache, attending to its slots below
+    `start` (`prefix`, of C >= start + T slots; slots from `start` on are dropped first); without a prefix (start 0)
+    to themselves only, into a cache of T slots. Returns the cache and the next-token logits after the last token."""
+    T = tokens.shape[0]
+    if prefix is None:
+        cache = KVCache.empty(cfg, 1, T, cache_dtype(params))
+    else:
+        keep = prefix.valid & (jnp.arange(prefix.capacity) < start)
+        cache = KVCache(tuple(k[None] for k in prefix.k), tuple(v[None] for v in prefix.v), keep[None])
+    hidden, cache = decoder_hidden(
+        params, tokens[None], (start + jnp.arange(T, dtype=jnp.int32))[None], (jnp.arange(T) < num_new)[None],
+        cfg=cfg, cache=cache, cache_index=start, adapters=_session_adapters(adapters, session[None]),
+        lora_kernel=lora_kernel, continue_prefix=prefix is not None)
     last = hidden[0, num_new - 1] + _session_offset(offsets, session, hidden.dtype)
+    return (RowCache(tuple(k[0] for k in cache.k), tuple(v[0] for v in cache.v), cache.valid[0]),
+            lm_logits(params, last, cfg).astype(jnp.float32))
+
+
+@functools.partial(jax.jit, donate_argnames=("rows",))
+def start_row(
+    rows: DecodeRows,
+    row: Int[Array, ""],
+    cache: RowCache,
+    logits: Float[Array, "V"],
+    length: Int[Array, ""],
+    key: jax.Array,
+    limit: Int[Array, ""],
+    greedy: Bool[Array, ""],
+) -> DecodeRows:
+    """`row` holding a prefilled prompt's cache (fitted to the rows' capacity; its `length` tokens must fit), ready
+    to decode a turn from `logits`."""
+    c, S = rows.cache, rows.capacity
     return rows.replace(
-        cache=KVCache(tuple(k.at[row].set(o[0]) for k, o in zip(c.k, one_row.k)),
-                      tuple(v.at[row].set(o[0]) for v, o in zip(c.v, one_row.v)),
-                      c.valid.at[row].set(one_row.valid[0])),
-        length=rows.length.at[row].set(start + num_new),
-        logits=rows.logits.at[row].set(lm_logits(params, last, cfg).astype(jnp.float32)),
-        keys=rows.keys.at[row].set(key), count=rows.count.at[row].set(0),
-        limit=rows.limit.at[row].set(rows.out.shape[1] if limit is None else limit),
-        greedy=rows.greedy.at[row].set(False if greedy is None else greedy), done=rows.done.at[row].set(False))
+        cache=KVCache(tuple(k.at[row].set(_fit_slots(h, 2, S)) for k, h in zip(c.k, cache.k)),
+                      tuple(v.at[row].set(_fit_slots(h, 1, S)) for v, h in zip(c.v, cache.v)),
+                      c.valid.at[row].set(_fit_slots(cache.valid, 0, S))),
+        length=rows.length.at[row].set(length), logits=rows.logits.at[row].set(logits),
+        keys=rows.keys.at[row].set(key), count=rows.count.at[row].set(0), limit=rows.limit.at[row].set(limit),
+        greedy=rows.greedy.at[row].set(greedy), done=rows.done.at[row].set(False))
 
 
 @functools.partial(jax.jit, static_argnames=("cfg", "sampling", "stop_ids", "pad_id", "steps", "lora_kernel",

@@ -81,14 +81,17 @@ def decode_path(decode_dtype, mesh: jax.sharding.Mesh | None = None) -> str:
     float32 weights compute as "flat-matmuls-fitted-cache" did. "-amx": on one device of a CPU with AMX, the
     matmuls on weights packed into tiles (kernels/amx_matmul.py), bit for bit XLA's sums except in a one-row
     matmul. "-attention": on one device of a CPU with AVX-512, the token engine's attention over its bfloat16
-    cache by kernels/decode_attention.py, its float32 sums in another order than XLA's. "-grouped-prefill": a
+    cache by kernels/decode_attention.py, its float32 sums in another order than XLA's. "-grouped-": a
     prefill's attention over the rows of `decoder.group_rows` (its dots sum in another order than before; the
-    paths without it are those of 845bb70 and earlier). "-full-calls": a decode call over a bfloat16 cache runs all
-    its steps while a row runs (decode_rows.decode_chunk), so a row's sums do not depend on its batch-mates' stops
-    (the paths without it are those of 41b8a06 and earlier)."""
+    paths without it are those of 845bb70 and earlier). "-prompt-sized-prefill": the token engine prefills on a
+    one-row cache sized to the prompt (decode_rows.prefill_row), so an extending prefill's sums do not depend on the
+    rows' capacity (the paths ending "-grouped-prefill" are those of 0420417 and earlier). "-full-calls": a decode
+    call over a bfloat16 cache runs all its steps while a row runs (decode_rows.decode_chunk), so a row's sums do
+    not depend on its batch-mates' stops (the paths without it are those of 41b8a06 and earlier)."""
     if not cache_is_buffered(decode_dtype):
-        return "flat-matmuls-fitted-cache-grouped-prefill"
-    return ("bfloat16-cache-full-calls-grouped-prefill" + ("-amx" if on_one_device(mesh) and amx_ready() else "")
+        return "flat-matmuls-fitted-cache-grouped-prompt-sized-prefill"
+    return ("bfloat16-cache-full-calls-grouped-prompt-sized-prefill"
+            + ("-amx" if on_one_device(mesh) and amx_ready() else "")
             + ("-attention" if attention_kernel_supported(mesh) else ""))
 
 
