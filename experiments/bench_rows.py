@@ -116,7 +116,7 @@ def main(_):
 
         def prefill():
             nonlocal rows
-            rows = prefill_row(params, rows, 1, prompt, key, cfg=cfg, pad_id=0, prefix=held, reuse=len(prefix))
+            rows = prefill_row(params, rows, 0, prompt, key, cfg=cfg, pad_id=0, prefix=held, reuse=len(prefix))
             jax.block_until_ready(rows.length)
 
         prefill()
