@@ -214,11 +214,10 @@ def start_row(
 ) -> DecodeRows:
     """`row` holding a prefilled prompt's cache (fitted to the rows' capacity; its `length` tokens must fit), ready
     to decode a turn from `logits`."""
-    c, S = rows.cache, rows.capacity
+    c, fitted = rows.cache, fit_row_cache(cache, capacity=rows.capacity)
     return rows.replace(
-        cache=KVCache(tuple(k.at[row].set(_fit_slots(h, 2, S)) for k, h in zip(c.k, cache.k)),
-                      tuple(v.at[row].set(_fit_slots(h, 1, S)) for v, h in zip(c.v, cache.v)),
-                      c.valid.at[row].set(_fit_slots(cache.valid, 0, S))),
+        cache=KVCache(tuple(k.at[row].set(h) for k, h in zip(c.k, fitted.k)),
+                      tuple(v.at[row].set(h) for v, h in zip(c.v, fitted.v)), c.valid.at[row].set(fitted.valid)),
         length=rows.length.at[row].set(length), logits=rows.logits.at[row].set(logits),
         keys=rows.keys.at[row].set(key), count=rows.count.at[row].set(0), limit=rows.limit.at[row].set(limit),
         greedy=rows.greedy.at[row].set(greedy), done=rows.done.at[row].set(False))
