@@ -16,6 +16,9 @@ or the AMX kernel's where decoding runs on it); `fraction` is roofline time / me
 same at XLA's rate alone (the roofline before the AMX kernel). Decode calls attend as the token engine does: on
 the AVX-512 kernel where it runs (`ROSA2_JAX_ATTENTION=off` for XLA's attention); with `--capacities` larger than
 the rows' prompts, a row's valid slots are a part of the cache, as beside a longer row in the engine.
+
+`--refreshed` times the first prefill of a turn after a Weights step: the session's held cache with its adapted
+layers computed again from the inputs the step computed, against the whole prompt prefilled again.
 """
 
 from __future__ import annotations
@@ -30,7 +33,7 @@ from experiments.common import (best_time, decode_roofline, define_model_flags, 
 from rosa2_jax.kernels.decode_attention import attention_kernel_supported
 from rosa2_jax.kernels.top_k import top_k_kernel_supported
 from rosa2_jax.model.decode_rows import decode_chunk, empty_rows, prefill_row, row_cache
-from rosa2_jax.model.decoder import cache_dtype
+from rosa2_jax.model.decoder import cache_dtype, decoder_hidden
 from rosa2_jax.model.generation import SamplingConfig, bucket_length
 
 FLAGS = flags.FLAGS
@@ -40,6 +43,9 @@ flags.DEFINE_list("pieces", ["16", "64", "192"], "prefill piece lengths (none: -
 flags.DEFINE_list("capacities", [], "cache slots per row for the decode step (default: as the token engine sizes "
                   "the cache for the rows)")
 flags.DEFINE_integer("prefix", 200, "cached tokens before a prefill piece")
+flags.DEFINE_list("refreshed", ["1024"], "held prefixes (tokens) whose top `--adapted_layers` layers a turn after a "
+                  "Weights step computes again, timed against prefilling the turn whole (none: --refreshed=)")
+flags.DEFINE_integer("adapted_layers", 8, "layers a Weights step adapts (the fast preset's last:8)")
 flags.DEFINE_integer("decode_steps", 16, "decode steps per call")
 flags.DEFINE_bool("profile", False, "also trace decode calls and split a step's time by what it computes")
 
@@ -121,6 +127,29 @@ def main(_):
 
         prefill()
         print(f"prefill {n:5d} tokens  {1000 * best_time(prefill):8.1f} ms", flush=True)
+
+    first = cfg.num_layers - FLAGS.adapted_layers
+    for n in map(int, FLAGS.refreshed):
+        held_prompt = [100 + t % 5000 for t in range(n)]
+        prompt = held_prompt + list(range(1000, 1064))  # the next user message
+        rows = empty_rows(cfg, 1, bucket_length(len(prompt)), SAMPLING.max_new_tokens, cache_dtype(params), pad_id=0)
+        rows = prefill_row(params, rows, 0, held_prompt, key, cfg=cfg, pad_id=0)
+        held = row_cache(rows, jnp.int32(0))
+        inputs, _ = decoder_hidden(model.params, jnp.asarray(held_prompt)[None], jnp.arange(n)[None],
+                                   jnp.ones((1, n), bool), cfg=cfg, layers=(0, first), final_norm=False)
+        timed = {}
+        for label, kwargs in (("whole", {}), ("refreshed", dict(prefix=held, reuse=n, refresh=inputs[0],
+                                                                 first_layer=first))):
+            def turn():
+                nonlocal rows
+                rows = prefill_row(params, rows, 0, prompt, key, cfg=cfg, pad_id=0, **kwargs)
+                jax.block_until_ready(rows.length)
+
+            turn()
+            timed[label] = best_time(turn)
+        print(f"turn after a Weights step on the top {FLAGS.adapted_layers} layers, {n} held + 64 new tokens: "
+              f"prefilled whole {1000 * timed['whole']:.0f} ms, held layers kept {1000 * timed['refreshed']:.0f} ms "
+              f"({timed['whole'] / timed['refreshed']:.2f}x)", flush=True)
 
     print("| rows | slots | ms per step | tokens/s | roofline ms | bound | fraction of roofline | at XLA's matmul rate |")
     print("|---|---|---|---|---|---|---|---|")

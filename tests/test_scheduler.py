@@ -24,9 +24,9 @@ from rosa2_jax.engine.rows import TEXT_CACHES, DecodeBatch
 from rosa2_jax.engine.stats import SchedulerStats
 from rosa2_jax.kernels.decode_attention import attention_kernel_supported
 from rosa2_jax.model.decode_rows import decode_chunk, empty_rows, prefill_row, row_cache
-from rosa2_jax.model.decoder import cache_dtype, decode_layout, forward
+from rosa2_jax.model.decoder import cache_dtype, decode_layout, decoder_hidden, forward
 from rosa2_jax.model.generation import SamplingConfig, bucket_length, generate
-from rosa2_jax.model.lora import LoraConfig, parse_layers
+from rosa2_jax.model.lora import LoraConfig, init_adapters, parse_layers
 from rosa2_jax.tasks.problem import Problem
 
 
@@ -39,19 +39,21 @@ PROBLEMS = [Problem(f"p{i}", f"Which is right? (A) {i} (B) {i + 1}", "B", "choic
 
 
 def make_engine(model, scheduler: str, method: str, rows: int = 2, sessions: int = 3, critic=None,
-                sampling=SamplingConfig(max_new_tokens=10), adapter_cache=None, rosa=RosaConfig(), max_programs=0):
+                sampling=SamplingConfig(max_new_tokens=10), adapter_cache=None, rosa=RosaConfig(), max_programs=0,
+                lora=LoraConfig(), adapter="lora"):
     # 2 rows, 3 sessions in the pool, 5 tokens per decode call: rows stop mid-call and sessions change rows.
     # The critic is the policy itself unless another loaded model is given.
     cfg = EngineConfig(method=method, max_turns=3, rows=rows, sampling=sampling, max_context=512, critic_tokens=12,
                        rewrite_tokens=8, sessions=sessions, decode_steps=5, switch_turn=2, rosa=rosa,
-                       max_programs=max_programs)
+                       max_programs=max_programs, lora=lora, adapter=adapter)
     return SCHEDULERS[scheduler](model, cfg, make_text_model("local", model=critic or model), adapter_cache)
 
 
 def run(model, scheduler: str, method: str, rows: int = 2, sessions: int = 3, critic=None, problems=PROBLEMS,
-        sampling=SamplingConfig(max_new_tokens=10), rosa=RosaConfig(), max_programs=0):
+        sampling=SamplingConfig(max_new_tokens=10), rosa=RosaConfig(), max_programs=0, lora=LoraConfig(),
+        adapter="lora"):
     engine = make_engine(model, scheduler, method, rows, sessions, critic, sampling, rosa=rosa,
-                         max_programs=max_programs)
+                         max_programs=max_programs, lora=lora, adapter=adapter)
     finished = []
     try:
         engine.run(problems, finished.append)
@@ -96,6 +98,23 @@ def test_greedy_records_equal_the_turn_engines(model, method):
     # The policy's own critic decodes in the rows, beside the turns (12 critic tokens: longer than a turn); its
     # prompts open with their system messages, which later prompts take from the kept text caches.
     assert (stats.text_generated > 0) == (stats.text_reused > 0) == words
+
+
+@pytest.mark.parametrize("method", ["rosa", pytest.param("rosa2", marks=pytest.mark.slow)])
+@pytest.mark.parametrize("adapter", list(streams.ADAPTERS))
+def test_a_weights_step_keeps_the_cache_of_the_layers_it_leaves(model, method, adapter):
+    """An adapter on the last layer only leaves the layers below as they were: the token engine keeps a failed
+    session's cache and computes the last layer's keys/values again from the inputs the Weights step computed
+    (a hidden-state offset changes no layer: the cache is kept whole). The records are the turn engine's, which
+    prefills every turn from scratch."""
+    lora = LoraConfig(targets=("q", "v"), layers=parse_layers("last:1", model.cfg.num_layers))
+    turn, _ = run(model, "turn", method, lora=lora, adapter=adapter)
+    token, engine = run(model, "token", method, lora=lora, adapter=adapter)
+    assert trajectory(token) == trajectory(turn)
+    np.testing.assert_allclose(step_norms(token), step_norms(turn), rtol=1e-5)
+    stats = engine.stats
+    assert stats.updates > 0 and stats.reused > 0
+    assert (stats.refreshed > 0) == (adapter == "lora") and stats.refreshed <= stats.reused
 
 
 @pytest.mark.parametrize("temperature", [pytest.param(0.0, marks=pytest.mark.slow), 0.7])
@@ -469,6 +488,45 @@ def test_a_prefill_after_a_held_prefix_does_not_depend_on_the_rows_capacity(wide
             assert np.array_equal(np.asarray(a, np.float32), np.asarray(b, np.float32))
     with pytest.raises(ValueError, match="300-token prompt does not fit rows of 256 cache slots"):
         prefill(empty_rows(cfg, 2, 256, 8, cache_dtype(params), 0), 1, prompt)
+
+
+def test_a_held_prefix_refreshed_in_its_adapted_layers_is_a_prefill_with_the_new_adapter(wide_model):
+    """After a Weights step on the last layer, a held 200-token prefix has that layer computed again (in 64-token
+    pieces) from the residual stream entering it: the logits and every layer's keys/values are those of the whole
+    prompt prefilled with the new adapter, and the layers below are the held ones, bit for bit. Reused as held, the
+    stale last layer moves the logits."""
+    cfg, params = wide_model.cfg, wide_model.params
+    first = cfg.num_layers - 1
+    old = init_adapters(cfg, LoraConfig(targets=("q", "v"), layers=(first,)), 1, jax.random.key(0))
+    rng = np.random.default_rng(0)
+    new = old.replace(factors={t: (a, b + 0.3 * rng.normal(size=b.shape).astype(np.float32) * (
+        np.arange(cfg.num_layers) == first)[None, :, None, None]) for t, (a, b) in old.factors.items()})
+    prompt = rng.integers(3, cfg.vocab_size, 300).tolist()
+    prefill = functools.partial(prefill_row, params, key=jax.random.key(0), cfg=cfg, pad_id=0)
+
+    def second_turn(**kwargs):
+        rows = prefill(empty_rows(cfg, 2, 512, 8, cache_dtype(params), 0), 1, prompt, adapters=new, **kwargs)
+        return rows.logits[1], row_cache(rows, jnp.int32(1))
+
+    held = row_cache(prefill(empty_rows(cfg, 2, 512, 8, cache_dtype(params), 0), 0, prompt[:200], adapters=old),
+                     jnp.int32(0))
+    # the residual stream entering the adapted layer, as the Weights step computes it
+    inputs, _ = decoder_hidden(params, jnp.asarray(prompt[:200])[None], jnp.arange(200)[None],
+                               jnp.ones((1, 200), bool), cfg=cfg, layers=(0, first), final_norm=False)
+    whole, whole_cache = second_turn()
+    refreshed, cache = second_turn(prefix=held, reuse=200, chunk=64, refresh=inputs[0], first_layer=first)
+    np.testing.assert_allclose(refreshed, whole, atol=2e-5)
+    assert int(cache.valid.sum()) == int(whole_cache.valid.sum()) == 300
+    for k, v, whole_k, whole_v in zip(cache.k, cache.v, whole_cache.k, whole_cache.v):
+        np.testing.assert_allclose(k[..., :300], whole_k[..., :300], atol=2e-5)
+        np.testing.assert_allclose(v[:, :300], whole_v[:, :300], atol=2e-5)
+    for layer in range(first):
+        np.testing.assert_array_equal(cache.k[layer][..., :200], held.k[layer][..., :200])
+        np.testing.assert_array_equal(cache.v[layer][:, :200], held.v[layer][:, :200])
+    stale, _ = second_turn(prefix=held, reuse=200, chunk=64)
+    assert np.abs(np.asarray(stale) - np.asarray(whole)).max() > 1e-3
+    with pytest.raises(ValueError, match="cannot cover 200 reused tokens"):
+        second_turn(prefix=held, reuse=200, refresh=inputs[0, :100], first_layer=first)
 
 
 @pytest.mark.parametrize("attention_kernel", [False, pytest.param(True, marks=pytest.mark.skipif(

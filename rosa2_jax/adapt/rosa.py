@@ -272,6 +272,7 @@ class ResponseWindow(NamedTuple):
     targets: Int[Array, "W"]  # row i predicts targets[i]
     row_mask: Float[Array, "W"]  # 1 on response tokens
     w_head: Float[Array, "d V"]
+    inputs: Float[Array, "T d"] | None  # the residual stream entering the first adapted layer (None: layer 0)
 
 
 def response_window(params, tokens, valid, response_len, *, cfg: ModelConfig, window: int, remat: bool,
@@ -296,7 +297,7 @@ def response_window(params, tokens, valid, response_len, *, cfg: ModelConfig, wi
         return h[0, T - W - 1: T - 1].astype(acc)  # row i predicts tokens[T - W + i]
 
     return ResponseWindow(hidden, tokens[T - W:], (jnp.arange(W) >= W - response_len).astype(acc),
-                          head_weight(params, cfg).astype(acc))
+                          head_weight(params, cfg).astype(acc), None if inputs is None else inputs[0])
 
 
 class GaussNewtonSystem(NamedTuple):
@@ -423,7 +424,7 @@ def _session_update(params, theta: LoraAdapters, tokens, valid, response_len, re
                                  window=window)
     delta, iters, rel = conjugate_gradient(lambda v: tree_add_scale(system.gram(v), system.damping, v), system.rhs,
                                            rosa.cg_iters, rosa.cg_tol)
-    return _finish(theta, delta, iters, rel, active, system, system.window.hidden, rosa)
+    return (*_finish(theta, delta, iters, rel, active, system, system.window.hidden, rosa), system.window.inputs)
 
 
 def _over_sessions(session_fn, params, theta, batch: UpdateBatch, rosa: RosaConfig):
@@ -439,13 +440,17 @@ def _over_sessions(session_fn, params, theta, batch: UpdateBatch, rosa: RosaConf
     return jax.vmap(one)(*xs)
 
 
-@functools.partial(jax.jit, static_argnames=("cfg", "rosa"))
+@functools.partial(jax.jit, static_argnames=("cfg", "rosa", "layer_inputs"))
 def rosa_update(params: Params, adapters: LoraAdapters, batch: UpdateBatch, *, cfg: ModelConfig,
-                rosa: RosaConfig) -> tuple[LoraAdapters, UpdateStats]:
-    """One ROSA step for every session (vmapped); only active sessions change."""
+                rosa: RosaConfig, layer_inputs: bool = False):
+    """One ROSA step for every session (vmapped); only active sessions change. Returns (adapters, stats), and
+    with `layer_inputs` also the residual stream entering `adapters.first_layer` at every token of the batch
+    [S, T, d] (the frozen layers' output, which the step computes anyway; None when every layer is adapted): the
+    token engine recomputes a session's cached keys/values from it in the adapted layers only."""
     rosa = rosa.for_pass(*batch.tokens.shape)
     fn = functools.partial(_session_update, cfg=cfg, rosa=rosa, window=batch.window)
-    return _over_sessions(fn, params, adapters, batch, rosa)
+    new, stats, inputs = _over_sessions(fn, params, adapters, batch, rosa)
+    return (new, stats, inputs) if layer_inputs else (new, stats)
 
 
 # ---------------------------------------------------------------- hidden-state offset variant ("HS")

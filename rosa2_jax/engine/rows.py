@@ -37,7 +37,10 @@ class DecodeBatch:
         self.text: list[Any] = [None] * cfg.rows  # or (a text request, its prompt's index)
         self.need = [0] * cfg.rows  # cache slots each row's turn can reach: prompt + its token limit + 1
         self.held = [0] * cfg.rows  # at most this many tokens in each row's cache (prompt + tokens decoded so far)
-        self.kept: dict[int, tuple[Any, list[int]]] = {}  # pool slot -> (its row's cache, the tokens it holds)
+        # pool slot -> (its row's cache, the tokens it holds, None or, where a Weights step changed the session's
+        # adapter, (the first layer it changed, the residual stream entering that layer at those tokens or None
+        # until the step has run))
+        self.kept: dict[int, tuple[Any, list[int], tuple[int, Any] | None]] = {}
         self.text_kept: list[tuple[Any, list[int]]] = []  # (a text prompt's cache, the prompt), oldest first
 
     def occupied(self, row: int) -> bool:
@@ -63,23 +66,30 @@ class DecodeBatch:
         its kept cache (for text, the kept text prompt sharing the longest prefix) where the prompt extends it,
         the rest prefilled with the streams' `inputs`. The row then generates at most `limit` tokens (default
         max_new_tokens), greedily if `greedy`."""
+        stale = None
         if text and self.text_kept:
             self.text_kept.append(self.text_kept.pop(self._closest_text(prompt)))  # the most recently used goes last
             saved, tokens = self.text_kept[-1]
         else:
-            saved, tokens = (None, []) if text else self.kept.pop(slot, (None, []))
+            saved, tokens, stale = (None, [], None) if text else self.kept.pop(slot, (None, [], None))
+            if stale is not None and stale[1] is None:  # no inputs to compute the changed layers from
+                saved, tokens, stale = None, [], None
         reuse = min(common_prefix(tokens, prompt), len(prompt) - 1)
+        refresh = None if stale is None or not reuse else stale
         limit = limit or self.cfg.sampling.max_new_tokens
         self.need[row], self.held[row] = len(prompt) + limit + 1, len(prompt)
         self.fit(filling=row)  # the caller marks the row occupied once it is filled
         self.device = prefill_row(self.sampler.decode_params, self.device, row, prompt, key, cfg=self.model.cfg,
                                   pad_id=self.sampler.pad_id, prefix=saved, reuse=reuse, chunk=self.cfg.prefill_chunk,
                                   adapters=inputs.get("adapters"), offsets=inputs.get("hidden_offset"), session=slot,
-                                  limit=limit, greedy=greedy, lora_kernel=self.lora_kernel)
+                                  limit=limit, greedy=greedy, lora_kernel=self.lora_kernel,
+                                  refresh=None if refresh is None else refresh[1],
+                                  first_layer=0 if refresh is None else refresh[0])
         if text:
             self.stats.text_reused += reuse
         else:
             self.stats.reused += reuse
+            self.stats.refreshed += 0 if refresh is None else reuse
         self.stats.prefilled += len(prompt) - reuse
 
     def decode(self, inputs: dict[str, Any], base_slot: int) -> None:
@@ -110,9 +120,20 @@ class DecodeBatch:
             stopped.append((row, tokens, "stop" if tokens and tokens[-1] in self.sampler.stop_ids else "length"))
         return stopped
 
-    def keep(self, slot: int, row: int, tokens: list[int]) -> None:
-        """Keep `row`'s cache (holding `tokens`) for pool slot `slot`'s next turn."""
-        self.kept[slot] = (row_cache(self.device, jnp.int32(row)), tokens)
+    def keep(self, slot: int, row: int, tokens: list[int], changed_from: int | None = None) -> None:
+        """Keep `row`'s cache (holding `tokens`) for pool slot `slot`'s next turn; with `changed_from`, a Weights
+        step is about to change the session's adapter from that layer on (`refresh` then gives the step's
+        inputs to it)."""
+        self.kept[slot] = (row_cache(self.device, jnp.int32(row)), tokens,
+                           None if changed_from is None else (changed_from, None))
+
+    def refresh(self, slot: int, inputs: Any) -> None:
+        """A Weights step has run for `slot`: `inputs` is the residual stream entering the first layer it changed,
+        at the held tokens [R, d], from which the next prefill computes those layers again; None, the step left
+        the adapter as it was and the held cache stays valid."""
+        if slot in self.kept and self.kept[slot][2] is not None:
+            cache, tokens, (first, _) = self.kept[slot]
+            self.kept[slot] = (cache, tokens, None if inputs is None else (first, inputs))
 
     def keep_text(self, row: int, prompt: list[int]) -> None:
         """Keep the cache of a text request's `row` for later prompts that share a prefix with its `prompt` (the

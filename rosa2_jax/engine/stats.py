@@ -14,6 +14,7 @@ class SchedulerStats:
     row_steps: int = 0  # decode steps x rows
     prefilled: int = 0  # prompt tokens computed (token engine)
     reused: int = 0  # prompt tokens taken from a session's kept cache (token engine)
+    refreshed: int = 0  # of which the adapted layers were computed again after a Weights step
     text_reused: int = 0  # text prompts' tokens taken from the cache of an earlier text prompt (token engine)
     decode_s: float = 0.0  # the turn engine: its generate calls, prefill included
     prefill_s: float = 0.0
@@ -28,5 +29,6 @@ class SchedulerStats:
     def __str__(self) -> str:
         return (f"decode {self.decode_s:.0f} s, {self.generated:,} tokens ({self.text_generated:,} for the text "
                 f"model), occupancy {self.occupancy:.2f}; prefill {self.prefill_s:.0f} s, {self.prefilled:,} tokens "
-                f"({self.reused:,} reused by sessions, {self.text_reused:,} by text prompts); {self.updates} Weights "
-                f"steps {self.update_s:.0f} s; compiled programs released {self.programs_released} times")
+                f"({self.reused:,} reused by sessions, {self.refreshed:,} of them in the adapted layers only, "
+                f"{self.text_reused:,} by text prompts); {self.updates} Weights steps {self.update_s:.0f} s; "
+                f"compiled programs released {self.programs_released} times")

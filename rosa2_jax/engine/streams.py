@@ -17,7 +17,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh
-from jaxtyping import Array, Int
+from jaxtyping import Array, Float, Int
 
 from rosa2_jax.adapt.rosa import UpdateBatch, UpdateStats, hidden_offset_update, rosa_update
 from rosa2_jax.adapt.text_models import TextModel
@@ -79,7 +79,7 @@ class Stream:
 
     needs_text_model = False
     on_device = False  # device streams run on the engine's thread, after the host ones are submitted
-    changes_weights = False  # the session's cached keys/values are stale after this stream
+    changes_weights = False  # the policy's weights change: a session's cached keys/values can be stale after it
     timing_key = "words_s"
 
     def __init__(self, ctx: StreamContext):
@@ -174,9 +174,23 @@ class Weights(Stream):
     def create(cls, ctx):
         return ADAPTERS[ctx.cfg.adapter](ctx)
 
-    def step(self, batch: UpdateBatch, slots: Int[Array, "U"]) -> UpdateStats:
+    def __init__(self, ctx):
+        super().__init__(ctx)
+        # Set by the token engine, which keeps a session's cache below `first_changed_layer` across the step:
+        # pool slot -> the residual stream entering that layer at the failed turn's tokens [R >= tokens, d], or
+        # None where the step left the adapter as it was.
+        self.keep_layer_inputs = False
+        self.layer_inputs: dict[int, Array | None] = {}
+
+    @property
+    def first_changed_layer(self) -> int:
+        """The first layer whose keys/values a step can change (num_layers: none)."""
+        raise NotImplementedError
+
+    def step(self, batch: UpdateBatch, slots: Int[Array, "U"]) -> tuple[UpdateStats, Array | None]:
         """Update the adapters of pool slots `slots` (the batch's rows, in order) where the batch is active;
-        return per-row stats."""
+        return per-row stats and, with `keep_layer_inputs`, the residual stream entering `first_changed_layer` at
+        every token of the batch [U, T, d] (None when the step has none to give)."""
         raise NotImplementedError
 
     def state(self, slot: int) -> dict[str, np.ndarray]:
@@ -196,7 +210,7 @@ class Weights(Stream):
         if len(failed) > ctx.cfg.rows:
             raise ValueError(f"{len(failed)} failed sessions exceed the update bucket of {ctx.cfg.rows}")
         alone = ctx.cfg.rosa.session_batch == 1 and ctx.data_shards == 1
-        results = {}
+        results, self.layer_inputs = {}, {}
         for group in ([{i: failed[i]} for i in sorted(failed)] if alone else [failed]):
             results |= self._bucket_step(group)
         return completed((results, time.perf_counter() - start))
@@ -224,7 +238,11 @@ class Weights(Stream):
                                         jnp.full((bucket,), -1.0, jnp.float32),
                                         jnp.asarray([i in failed for i in slots]), window=window),
                             ctx.mesh)
-        stats = jax.device_get(self.step(batch, shard_batch(jnp.asarray(slots, jnp.int32), ctx.mesh)))
+        stats, inputs = self.step(batch, shard_batch(jnp.asarray(slots, jnp.int32), ctx.mesh))
+        stats = jax.device_get(stats)
+        if self.keep_layer_inputs:
+            self.layer_inputs |= {i: _row_inputs(inputs, r, length - len(rows[r])) if stats.updated[r] else None
+                                  for r, i in enumerate(slots) if i in failed}
         return {i: {k: float(np.asarray(getattr(stats, k))[r]) for k in UPDATE_STATS} | {
             "cg_iters": int(stats.cg_iters[r]), "backtracks": int(stats.backtracks[r]),
             "rejected": bool(stats.rejected[r]), "nonfinite": bool(stats.nonfinite[r])}
@@ -244,6 +262,12 @@ def update_bucket(failed: int, rows: int, data_shards: int = 1) -> int:
     while bucket < failed:
         bucket *= 2
     return min(bucket, rows)
+
+
+@jax.jit
+def _row_inputs(inputs: Float[Array, "U T d"], row: Int[Array, ""], pad: Int[Array, ""]) -> Float[Array, "T d"]:
+    """Row `row` of a left-padded batch's inputs with its `pad` padding tokens moved to the end: row t is token t."""
+    return jnp.roll(inputs[row], -pad, axis=0)
 
 
 @jax.jit
@@ -292,11 +316,15 @@ class LoraWeights(Weights):
                    for t, (a, b) in self.adapters.factors.items()}
         self.adapters = shard_batch(self.adapters.replace(factors=factors), self.ctx.mesh)
 
+    @property
+    def first_changed_layer(self):
+        return self.adapters.first_layer
+
     def step(self, batch, slots):
-        bucket, stats = rosa_update(self.ctx.model.params, _take(self.adapters, slots), batch,
-                                    cfg=self.ctx.model.cfg, rosa=self.ctx.cfg.rosa)
-        self.adapters = shard_batch(_put(self.adapters, slots, bucket), self.ctx.mesh)
-        return stats
+        update = rosa_update(self.ctx.model.params, _take(self.adapters, slots), batch, cfg=self.ctx.model.cfg,
+                             rosa=self.ctx.cfg.rosa, layer_inputs=self.keep_layer_inputs)
+        self.adapters = shard_batch(_put(self.adapters, slots, update[0]), self.ctx.mesh)
+        return update[1], update[2] if self.keep_layer_inputs else None
 
 
 class HiddenOffsetWeights(Weights):
@@ -326,7 +354,11 @@ class HiddenOffsetWeights(Weights):
                                              cfg=self.ctx.model.cfg, rosa=rosa,
                                              top_k=rosa.head_top_k or HIDDEN_OFFSET_TOP_K)
         self.offsets = shard_batch(_put(self.offsets, slots, bucket), self.ctx.mesh)
-        return stats
+        return stats, None
+
+    @property
+    def first_changed_layer(self):
+        return self.ctx.model.cfg.num_layers  # the offset is added after the last layer
 
 
 ADAPTERS: dict[str, type[Weights]] = {"lora": LoraWeights, "hidden": HiddenOffsetWeights}

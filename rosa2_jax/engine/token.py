@@ -163,6 +163,8 @@ class TokenEngine(Engine):
     def run(self, problems: Iterable[Work], on_finish: Callable[[Session], None],
             on_ready: Callable[[Session], None] = lambda s: None) -> None:
         queue = self.life.start(problems)
+        if (weights := self.life.weights()) is not None:  # a step's inputs to the layers it changes refresh the cache
+            weights.keep_layer_inputs = 0 < weights.first_changed_layer < self.life.model.cfg.num_layers
         batch = DecodeBatch(self.life.model, self.cfg, max_new=self.max_new, lora_kernel=self.lora_kernel,
                             attention_kernel=self.attention_kernel, top_k_kernel=self.top_k_kernel,
                             stats=self.stats)
@@ -259,6 +261,7 @@ class TokenEngine(Engine):
     def _collect(self, run: _Run) -> None:
         """Judge the rows that stopped; end, or start the streams of, their sessions."""
         life, batch = self.life, run.batch
+        num_layers = life.model.cfg.num_layers
         gens, rows = {}, {}
         for row, tokens, finish in batch.stopped():
             if batch.text[row] is not None:
@@ -287,8 +290,9 @@ class TokenEngine(Engine):
         host: dict[Stream, dict[int, Failure]] = {}
         for i, f in failed.items():
             streams = life.streams_after(f.session)
-            if not any(st.changes_weights for st in streams):  # the cache stays valid for the next turn
-                batch.keep(i, rows[i], run.prompts[i] + f.tokens)
+            changed = min((st.first_changed_layer for st in streams if st.changes_weights), default=num_layers)
+            if changed > 0:  # the cache stays valid for the next turn, below the layers a Weights step changes
+                batch.keep(i, rows[i], run.prompts[i] + f.tokens, changed if changed < num_layers else None)
             run.waiting[i] = _Waiting(f, streams, timing=timing[i])
             for st in streams:
                 if st.on_device:
@@ -335,6 +339,8 @@ class TokenEngine(Engine):
             del run.weights_queue[i]
         stream = next(st for st in self.life.streams.values() if st.on_device)
         results, seconds = stream.start(bucket).result()
+        for i in bucket:
+            run.batch.refresh(i, stream.layer_inputs.pop(i, None))
         self.stats.update_s += seconds
         self.stats.updates += 1
         run.charge(list(bucket), seconds)

@@ -137,6 +137,8 @@ def prefill_row(
     limit: int | None = None,
     greedy: bool = False,
     lora_kernel: bool = False,
+    refresh: Float[Array, "R d"] | None = None,
+    first_layer: int = 0,
 ) -> DecodeRows:
     """Put `prompt` into `row`, ready to decode its turn with `key`, at most `limit` tokens (default N), greedily if
     `greedy` (default: the sampling config); `session` indexes the pool's adapters / offsets.
@@ -146,30 +148,39 @@ def prefill_row(
     prompt's own padded extent, which `start_row` then writes into the row. So a prefill's programs compile per
     (piece, extent), not per the rows' capacity, which the batch-mates set, and its sums do not depend on it
     either (an extending prefill over a 768-slot row and a 1,024-slot one differed by up to 0.03 in a bfloat16
-    logit)."""
+    logit). With `refresh` (R >= reuse: the residual stream entering `first_layer` at the prefix's tokens, which a
+    Weights step computed) the prefix's layers from `first_layer` on are computed again at its first `reuse` slots,
+    in pieces, from those inputs, and its layers below are kept: the prefix of a session whose adapter, in those
+    layers only, has changed."""
     if not 0 <= reuse < len(prompt) or (reuse and prefix is None):
         raise ValueError(f"reuse={reuse} of a {len(prompt)}-token prompt: reuse needs a held prefix and must leave at "
                          "least one token to prefill")
     if len(prompt) > rows.capacity:
         raise ValueError(f"a {len(prompt)}-token prompt does not fit rows of {rows.capacity} cache slots: resize them "
                          "first (resize_rows)")
-    starts = range(reuse, len(prompt), chunk)
-    extent = bucket_length(max(s + bucket_length(len(prompt[s: s + chunk])) for s in starts))
+    if refresh is not None and not (0 < first_layer and reuse <= refresh.shape[0]):
+        raise ValueError(f"a refresh of {refresh.shape[0]} tokens from layer {first_layer} cannot cover {reuse} reused "
+                         "tokens: it needs a first layer above 0 and its inputs at every reused token")
+    # (start, tokens, whether the piece refreshes the prefix's adapted layers from `refresh`)
+    pieces = [(s, min(chunk, reuse - s), True) for s in range(0, reuse if refresh is not None else 0, chunk)]
+    pieces += [(s, min(chunk, len(prompt) - s), False) for s in range(reuse, len(prompt), chunk)]
+    extent = bucket_length(max(s + bucket_length(n) for s, n, _ in pieces))
     cache = prefix if reuse else None
     logits = None
-    for s in starts:
-        piece = prompt[s: s + chunk]
-        padded = np.full(bucket_length(len(piece)), pad_id, np.int32)
-        padded[: len(piece)] = piece
+    for s, n, refreshing in pieces:
+        padded = np.full(bucket_length(n), pad_id, np.int32)
+        if not refreshing:
+            padded[:n] = prompt[s: s + n]
         if cache is not None and cache.capacity != extent:
             cache = fit_row_cache(cache, capacity=extent)
-        cache, logits = prefill_tokens(params, cache, jnp.asarray(padded), jnp.int32(len(piece)), jnp.int32(s),
-                                       adapters, offsets, jnp.int32(session), cfg=cfg, lora_kernel=lora_kernel)
+        cache, logits = prefill_tokens(params, cache, jnp.asarray(padded), jnp.int32(n), jnp.int32(s), adapters,
+                                       offsets, jnp.int32(session), refresh if refreshing else None, cfg=cfg,
+                                       lora_kernel=lora_kernel, first_layer=first_layer if refreshing else 0)
     return start_row(rows, jnp.int32(row), cache, logits, jnp.int32(len(prompt)), key,
                      jnp.int32(rows.out.shape[1] if limit is None else limit), jnp.bool_(greedy))
 
 
-@functools.partial(jax.jit, static_argnames=("cfg", "lora_kernel"))
+@functools.partial(jax.jit, static_argnames=("cfg", "lora_kernel", "first_layer"))
 def prefill_tokens(
     params: Params,
     prefix: RowCache | None,
@@ -179,23 +190,37 @@ def prefill_tokens(
     adapters: LoraAdapters | None,
     offsets: Float[Array, "P d"] | None,
     session: Int[Array, ""],
+    inputs: Float[Array, "T d"] | None = None,
     *,
     cfg: ModelConfig,
     lora_kernel: bool = False,
+    first_layer: int = 0,
 ) -> tuple[RowCache, Float[Array, "V"]]:
     """tokens[:num_new] prefilled at slots [start, start + num_new) of a one-row cache, attending to its slots below
     `start` (`prefix`, of C >= start + T slots; slots from `start` on are dropped first); without a prefix (start 0)
-    to themselves only, into a cache of T slots. Returns the cache and the next-token logits after the last token."""
+    to themselves only, into a cache of T slots. Returns the cache and the next-token logits after the last token.
+
+    With `inputs` (R >= start + num_new rows: row r is the residual stream entering `first_layer` at slot r) only
+    layers [first_layer, L) run, from inputs[start:], and are written; the prefix's layers below keep their
+    keys/values at every slot (a held cache whose adapted layers are refreshed after a Weights step)."""
     T = tokens.shape[0]
     if prefix is None:
         cache = KVCache.empty(cfg, 1, T, cache_dtype(params))
     else:
         keep = prefix.valid & (jnp.arange(prefix.capacity) < start)
         cache = KVCache(tuple(k[None] for k in prefix.k), tuple(v[None] for v in prefix.v), keep[None])
+    row_adapters = _session_adapters(adapters, session[None])
+    if inputs is not None:
+        piece_inputs = jax.lax.dynamic_slice_in_dim(jnp.pad(inputs, ((0, T), (0, 0))), start, T).astype(
+            params["embed"].dtype)
+        if row_adapters is not None:  # the layers run
+            row_adapters = row_adapters.replace(
+                factors=jax.tree.map(lambda a: a[:, first_layer:], row_adapters.factors))
     hidden, cache = decoder_hidden(
         params, tokens[None], (start + jnp.arange(T, dtype=jnp.int32))[None], (jnp.arange(T) < num_new)[None],
-        cfg=cfg, cache=cache, cache_index=start, adapters=_session_adapters(adapters, session[None]),
-        lora_kernel=lora_kernel, continue_prefix=prefix is not None)
+        cfg=cfg, cache=cache, cache_index=start, adapters=row_adapters, lora_kernel=lora_kernel,
+        continue_prefix=prefix is not None, inputs=None if inputs is None else piece_inputs[None],
+        layers=None if inputs is None else (first_layer, cfg.num_layers))
     last = hidden[0, num_new - 1] + _session_offset(offsets, session, hidden.dtype)
     return (RowCache(tuple(k[0] for k in cache.k), tuple(v[0] for v in cache.v), cache.valid[0]),
             lm_logits(params, last, cfg).astype(jnp.float32))

@@ -388,9 +388,9 @@ def decoder_hidden(
     activations when differentiating instead of storing them (used by the ROSA update). `lora_kernel`
     applies adapters with the Pallas kernel (forward only; GPU/TPU) instead of the jnp reference;
     `attention_kernel` attends a buffered decode step with the CPU kernel (`decode_attention`).
-    `layers=(a, b)` runs only layers [a, b) (without a cache; `adapters` then cover those layers only);
-    `inputs` replaces the embedding as the residual stream entering layer a. The ROSA update runs a trunk in
-    two such parts.
+    `layers=(a, b)` runs only layers [a, b) (`adapters` then cover those layers only); `inputs` replaces the
+    embedding as the residual stream entering layer a. The ROSA update runs a trunk in two such parts; a prefill
+    of layers [a, b) from `inputs` writes only their keys/values (the returned cache keeps the others as given).
 
     Stacked weights without a cache run as one `lax.scan` over layers (compile time does not grow with depth;
     the ROSA update's many tokens per weight read hide the per-layer slice). With a cache, or with weights from
@@ -477,6 +477,10 @@ def decoder_hidden(
         x = rms_norm(x, params["final_norm"], cfg.rms_norm_eps)
     if cache is None:
         return x, None
+    if cache is not None and (first, last) != (0, cfg.num_layers):  # the layers not run keep their arrays
+        source = buffer if buffer is not None else cache
+        new_k = [*source.k[:first], *new_k, *source.k[last:]]
+        new_v = [*source.v[:first], *new_v, *source.v[last:]]
     if buffer is not None:
         return x, KVCache(tuple(new_k), tuple(new_v), buffer_valid)
     if jnp.ndim(cache_index) == 0:

@@ -85,12 +85,15 @@ def decode_path(decode_dtype, mesh: jax.sharding.Mesh | None = None) -> str:
     prefill's attention over the rows of `decoder.group_rows` (its dots sum in another order than before; the
     paths without it are those of 845bb70 and earlier). "-prompt-sized-prefill": the token engine prefills on a
     one-row cache sized to the prompt (decode_rows.prefill_row), so an extending prefill's sums do not depend on the
-    rows' capacity (the paths ending "-grouped-prefill" are those of 0420417 and earlier). "-full-calls": a decode
+    rows' capacity (the paths ending "-grouped-prefill" are those of 0420417 and earlier). "-kept-layers": across a
+    Weights step the token engine keeps a session's cache in the layers below the adapted ones and computes the
+    adapted layers again from the step's inputs to them (the paths without it are those of 86d0eb9 and earlier).
+    "-full-calls": a decode
     call over a bfloat16 cache runs all its steps while a row runs (decode_rows.decode_chunk), so a row's sums do
     not depend on its batch-mates' stops (the paths without it are those of 41b8a06 and earlier)."""
     if not cache_is_buffered(decode_dtype):
-        return "flat-matmuls-fitted-cache-grouped-prompt-sized-prefill"
-    return ("bfloat16-cache-full-calls-grouped-prompt-sized-prefill"
+        return "flat-matmuls-fitted-cache-grouped-prompt-sized-prefill-kept-layers"
+    return ("bfloat16-cache-full-calls-grouped-prompt-sized-prefill-kept-layers"
             + ("-amx" if on_one_device(mesh) and amx_ready() else "")
             + ("-attention" if attention_kernel_supported(mesh) else ""))
 
