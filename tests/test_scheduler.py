@@ -490,6 +490,19 @@ def test_a_prefill_after_a_held_prefix_does_not_depend_on_the_rows_capacity(wide
         prefill(empty_rows(cfg, 2, 256, 8, cache_dtype(params), 0), 1, prompt)
 
 
+def test_a_prompt_prefilled_in_pieces_gives_the_forward_passs_logits(wide_model):
+    """Each piece attends over the slots up to its own end (a span that grows with the pieces), within a cache of the
+    prompt's whole extent: 700 tokens in pieces of 64 and 512 give the next-token logits of the forward pass."""
+    cfg, params = wide_model.cfg, wide_model.params
+    prompt = np.random.default_rng(2).integers(3, cfg.vocab_size, 700).tolist()
+    reference = forward(params, jnp.asarray(prompt)[None], jnp.ones((1, 700), bool), cfg=cfg)[0, -1]
+    for chunk in (64, 512):
+        rows = prefill_row(params, empty_rows(cfg, 1, 1024, 8, cache_dtype(params), 0), 0, prompt, jax.random.key(0),
+                           cfg=cfg, pad_id=0, chunk=chunk)
+        np.testing.assert_allclose(rows.logits[0], reference, atol=1e-4)
+        assert int(rows.cache.valid[0].sum()) == 700
+
+
 def test_a_held_prefix_refreshed_in_its_adapted_layers_is_a_prefill_with_the_new_adapter(wide_model):
     """After a Weights step on the last layer, a held 200-token prefix has that layer computed again (in 64-token
     pieces) from the residual stream entering it: the logits and every layer's keys/values are those of the whole

@@ -148,10 +148,11 @@ def prefill_row(
     prompt's own padded extent, which `start_row` then writes into the row. So a prefill's programs compile per
     (piece, extent), not per the rows' capacity, which the batch-mates set, and its sums do not depend on it
     either (an extending prefill over a 768-slot row and a 1,024-slot one differed by up to 0.03 in a bfloat16
-    logit). With `refresh` (R >= reuse: the residual stream entering `first_layer` at the prefix's tokens, which a
-    Weights step computed) the prefix's layers from `first_layer` on are computed again at its first `reuse` slots,
-    in pieces, from those inputs, and its layers below are kept: the prefix of a session whose adapter, in those
-    layers only, has changed."""
+    logit). A piece after a prefix attends over the slots up to its own padded end, bucketed, not over the whole
+    extent (a 2,112-token prompt in 512-token pieces: 1.6x faster on the 0.5B). With `refresh` (R >= reuse: the
+    residual stream entering `first_layer` at the prefix's tokens, which a Weights step computed) the prefix's
+    layers from `first_layer` on are computed again at its first `reuse` slots, in pieces, from those inputs, and
+    its layers below are kept: the prefix of a session whose adapter, in those layers only, has changed."""
     if not 0 <= reuse < len(prompt) or (reuse and prefix is None):
         raise ValueError(f"reuse={reuse} of a {len(prompt)}-token prompt: reuse needs a held prefix and must leave at "
                          "least one token to prefill")
@@ -175,12 +176,13 @@ def prefill_row(
             cache = fit_row_cache(cache, capacity=extent)
         cache, logits = prefill_tokens(params, cache, jnp.asarray(padded), jnp.int32(n), jnp.int32(s), adapters,
                                        offsets, jnp.int32(session), refresh if refreshing else None, cfg=cfg,
-                                       lora_kernel=lora_kernel, first_layer=first_layer if refreshing else 0)
+                                       lora_kernel=lora_kernel, first_layer=first_layer if refreshing else 0,
+                                       span=bucket_length(s + bucket_length(n)))
     return start_row(rows, jnp.int32(row), cache, logits, jnp.int32(len(prompt)), key,
                      jnp.int32(rows.out.shape[1] if limit is None else limit), jnp.bool_(greedy))
 
 
-@functools.partial(jax.jit, static_argnames=("cfg", "lora_kernel", "first_layer"))
+@functools.partial(jax.jit, static_argnames=("cfg", "lora_kernel", "first_layer", "span"))
 def prefill_tokens(
     params: Params,
     prefix: RowCache | None,
@@ -195,6 +197,7 @@ def prefill_tokens(
     cfg: ModelConfig,
     lora_kernel: bool = False,
     first_layer: int = 0,
+    span: int | None = None,
 ) -> tuple[RowCache, Float[Array, "V"]]:
     """tokens[:num_new] prefilled at slots [start, start + num_new) of a one-row cache, attending to its slots below
     `start` (`prefix`, of C >= start + T slots; slots from `start` on are dropped first); without a prefix (start 0)
@@ -202,13 +205,17 @@ def prefill_tokens(
 
     With `inputs` (R >= start + num_new rows: row r is the residual stream entering `first_layer` at slot r) only
     layers [first_layer, L) run, from inputs[start:], and are written; the prefix's layers below keep their
-    keys/values at every slot (a held cache whose adapted layers are refreshed after a Weights step)."""
+    keys/values at every slot (a held cache whose adapted layers are refreshed after a Weights step). With `span`
+    (start + T <= span <= C) the piece attends over the prefix's first `span` slots only, the ones it can see: the
+    prompt's early pieces do not pay for its whole extent."""
     T = tokens.shape[0]
     if prefix is None:
         cache = KVCache.empty(cfg, 1, T, cache_dtype(params))
     else:
+        span = span or prefix.capacity
         keep = prefix.valid & (jnp.arange(prefix.capacity) < start)
-        cache = KVCache(tuple(k[None] for k in prefix.k), tuple(v[None] for v in prefix.v), keep[None])
+        cache = KVCache(tuple(k[None, ..., :span] for k in prefix.k), tuple(v[None, :, :span] for v in prefix.v),
+                        keep[None, :span])
     row_adapters = _session_adapters(adapters, session[None])
     if inputs is not None:
         piece_inputs = jax.lax.dynamic_slice_in_dim(jnp.pad(inputs, ((0, T), (0, 0))), start, T).astype(
@@ -222,8 +229,11 @@ def prefill_tokens(
         continue_prefix=prefix is not None, inputs=None if inputs is None else piece_inputs[None],
         layers=None if inputs is None else (first_layer, cfg.num_layers))
     last = hidden[0, num_new - 1] + _session_offset(offsets, session, hidden.dtype)
-    return (RowCache(tuple(k[0] for k in cache.k), tuple(v[0] for v in cache.v), cache.valid[0]),
-            lm_logits(params, last, cfg).astype(jnp.float32))
+    out = RowCache(tuple(k[0] for k in cache.k), tuple(v[0] for v in cache.v), cache.valid[0])
+    if prefix is not None and span < prefix.capacity:
+        out = RowCache(tuple(p.at[..., :span].set(k) for p, k in zip(prefix.k, out.k)),
+                       tuple(p.at[:, :span].set(v) for p, v in zip(prefix.v, out.v)), keep.at[:span].set(out.valid))
+    return out, lm_logits(params, last, cfg).astype(jnp.float32)
 
 
 @functools.partial(jax.jit, donate_argnames=("rows",))

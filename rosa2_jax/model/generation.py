@@ -87,7 +87,9 @@ def decode_path(decode_dtype, mesh: jax.sharding.Mesh | None = None) -> str:
     one-row cache sized to the prompt (decode_rows.prefill_row), so an extending prefill's sums do not depend on the
     rows' capacity (the paths ending "-grouped-prefill" are those of 0420417 and earlier). "-kept-layers": across a
     Weights step the token engine keeps a session's cache in the layers below the adapted ones and computes the
-    adapted layers again from the step's inputs to them (the paths without it are those of 86d0eb9 and earlier).
+    adapted layers again from the step's inputs to them, and a prefill piece after a prefix attends over the slots
+    up to its own end (bucketed) rather than the prompt's whole extent (the paths without it are those of 86d0eb9
+    and earlier).
     "-full-calls": a decode
     call over a bfloat16 cache runs all its steps while a row runs (decode_rows.decode_chunk), so a row's sums do
     not depend on its batch-mates' stops (the paths without it are those of 41b8a06 and earlier)."""
