@@ -31,11 +31,14 @@ def setup(tmp_path_factory):
 
 def sweep_cmd(model, data, run_dir):
     """float32 decode: these tests compare records token for token across resumes, schedulers and meshes, which
-    bfloat16 decode does not promise (BUILD_NOTES.md, "The decode step against its roofline (issue 36)")."""
+    bfloat16 decode does not promise (BUILD_NOTES.md, "The decode step against its roofline (issue 36)"). The
+    adapter on the tiny model's last layer only, so that the token engine keeps layer 0's cache across Weights
+    steps (BUILD_NOTES.md, "The decode step against its roofline (issue 36)" ("The cache across a Weights
+    step"))."""
     return [sys.executable, "-m", "experiments.math_sweep", f"--model={model}", f"--dataset={data}",
             f"--run_dir={run_dir}", "--num_problems=0", "--max_turns=3", "--slots=4", "--max_new_tokens=12",
             "--text_model=rule", "--critic_tokens=16", "--rewrite_tokens=16", "--switch_turn=2", "--cg_iters=3",
-            "--lora_rank=2", "--max_context=512", "--decode_dtype=float32",
+            "--lora_rank=2", "--lora_layers=last:1", "--max_context=512", "--decode_dtype=float32",
             f"--methods={','.join(METHODS)}"]
 
 
