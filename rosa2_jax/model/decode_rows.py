@@ -192,7 +192,7 @@ def prefill_tokens(
     adapters: LoraAdapters | None,
     offsets: Float[Array, "P d"] | None,
     session: Int[Array, ""],
-    inputs: Float[Array, "T d"] | None = None,
+    inputs: Float[Array, "R d"] | None = None,
     *,
     cfg: ModelConfig,
     lora_kernel: bool = False,
