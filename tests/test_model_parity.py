@@ -6,7 +6,7 @@ import numpy as np
 from conftest import hf_logits
 
 from rosa2_jax.checkpoint.hf_folder import load_hf_folder
-from rosa2_jax.model.decoder import QUERY_BLOCK, attention, causal_attention, forward, prefix_attention
+from rosa2_jax.model.decoder import QUERY_BLOCK, causal_attention, forward, prefix_attention
 from rosa2_jax.model.generation import left_pad
 
 LENGTHS = (7, 19, 1, 12)
@@ -45,6 +45,15 @@ def test_logits_match_hf_past_a_query_block(tiny_hf, rng):
                                    err_msg=f"{kind} row {i}")
 
 
+def _masked_attention(q, k, v, mask):
+    """Plain grouped-query attention: every kv head repeated for its H/K query heads, one masked softmax."""
+    G = q.shape[2] // k.shape[2]
+    k, v = jnp.repeat(k, G, axis=2), jnp.repeat(v, G, axis=2)
+    scores = jnp.einsum("bthd,bshd->bhts", q, k) / np.sqrt(q.shape[-1])
+    probs = jax.nn.softmax(jnp.where(mask[:, None], scores, -1e30), axis=-1)
+    return jnp.einsum("bhts,bshd->bthd", probs, v).reshape(*q.shape[:2], -1)
+
+
 def test_blocked_causal_attention_equals_masked_attention_and_its_gradient(rng):
     """causal_attention (query blocks over the keys up to each block's end, mask as a bias) against the plain
     masked softmax, values and VJP, with left padding and a length that is not a multiple of the block."""
@@ -53,7 +62,7 @@ def test_blocked_causal_attention_equals_masked_attention_and_its_gradient(rng):
     valid = jnp.arange(T)[None] >= jnp.asarray([[0], [9]])  # row 1 left-padded by 9
     mask = jnp.tril(jnp.ones((T, T), bool))[None] & valid[:, None, :]
     cotangent = jnp.asarray(rng.standard_normal((B, T, H * D)), jnp.float32) * valid[..., None]
-    ref, ref_vjp = jax.vjp(lambda *a: attention(*a, mask), q, k, v)
+    ref, ref_vjp = jax.vjp(lambda *a: _masked_attention(*a, mask), q, k, v)
     for block in (0, 5, 8, T):
         out, out_vjp = jax.vjp(lambda *a: causal_attention(*a, mask, block), q, k, v)
         np.testing.assert_allclose(out * valid[..., None], ref * valid[..., None], atol=1e-6, err_msg=f"block {block}")
@@ -79,23 +88,25 @@ def _softmax_attention_f64(q, k, v, mask):
 
 
 def test_prefill_attention_equals_a_float64_softmax(rng):
-    """A prefill's attention, fresh (`attention`) and after a cached prefix (`prefix_attention`, the cache in the token
-    engine's [K, D, S] / [K, S, D] layouts with a hole), against a float64 softmax per query head: the query heads
-    sharing a kv head are computed as the rows of one matrix (decoder.group_rows)."""
-    B, T, S, H, K, D = 2, 5, 7, 6, 2, 8
+    """A prefill's attention, fresh (`causal_attention`) and after a cached prefix (`prefix_attention`, the cache in
+    the token engine's [K, D, S] / [K, S, D] layouts with a hole), against a float64 softmax per query head, whole and
+    in query blocks (the last one short): the query heads sharing a kv head are computed as the rows of one matrix
+    (decoder.group_rows)."""
+    B, T, S, H, K, D = 2, 13, 7, 6, 2, 8
     q, k, v = (rng.standard_normal((B, T, n, D)).astype(np.float32) for n in (H, K, K))
     ck, cv = (rng.standard_normal((B, S, K, D)).astype(np.float32) for _ in range(2))
     self_mask = np.tril(np.ones((T, T), bool))[None].repeat(B, 0)
     self_mask[1, :, 0] = False  # row 1's first new token is padding
     cache_mask = np.arange(S)[None] < np.array([[S], [4]])
     cache_mask[0, 2] = False  # a hole in row 0's cache
-    fresh = attention(*(jnp.asarray(x) for x in (q, k, v, self_mask)))
-    np.testing.assert_allclose(fresh[0], _softmax_attention_f64(q, k, v, self_mask)[0], atol=2e-6)
-    extended = prefix_attention(*(jnp.asarray(x) for x in (q, k, v, ck.transpose(0, 2, 3, 1), cv.transpose(0, 2, 1, 3),
-                                                           cache_mask, self_mask)))
     both = np.concatenate([cache_mask[:, None].repeat(T, 1), self_mask], -1)
     want = _softmax_attention_f64(q, np.concatenate([ck, k], 1), np.concatenate([cv, v], 1), both)
-    np.testing.assert_allclose(extended, want, atol=2e-6)
+    for block in (0, 5, T):
+        fresh = causal_attention(*(jnp.asarray(x) for x in (q, k, v, self_mask)), block)
+        np.testing.assert_allclose(fresh[0], _softmax_attention_f64(q, k, v, self_mask)[0], atol=2e-6)
+        extended = prefix_attention(*(jnp.asarray(x) for x in (q, k, v, ck.transpose(0, 2, 3, 1),
+                                                               cv.transpose(0, 2, 1, 3), cache_mask, self_mask)), block)
+        np.testing.assert_allclose(extended, want, atol=2e-6, err_msg=f"block {block}")
 
 
 def test_bfloat16_forward_tracks_float32(tiny_hf, rng):

@@ -54,7 +54,8 @@ def test_kernels_run_only_where_the_rows_are_on_one_device():
     recorded decode path says so; a one-device mesh computes (and records) as no mesh does."""
     sharded = make_mesh(4, 2)
     assert not (attention_kernel_supported(sharded) or top_k_kernel_supported(sharded) or kernel_supported(sharded))
-    assert decode_path("bfloat16", sharded) == "bfloat16-cache-full-calls-grouped-prompt-sized-prefill-kept-layers"
+    assert decode_path("bfloat16", sharded) == ("bfloat16-cache-full-calls-grouped-prompt-sized-prefill-kept-layers"
+                                                "-query-blocks")
     assert decode_path("bfloat16", make_mesh(1, 1)) == decode_path("bfloat16", None)
     assert attention_kernel_supported(make_mesh(1, 1)) == attention_kernel_supported(None)
 

@@ -29,8 +29,9 @@ from rosa2_jax.model.narrow_matmul import weight_matmul
 from rosa2_jax.model.params import Params
 
 _MASKED = -1e30  # large finite negative: a fully masked (padding) query row stays finite.
-# Query rows per block of teacher-forced attention (`causal_attention`); on the 0.5B's fast Weights step at T = 1,024:
-# one block 40 s, 128 rows 27-29 s, 64 rows 26 s with 1.5x the compile time (BUILD_NOTES.md, "The Weights step").
+# Query rows per block of attention over a chunk's own tokens (teacher forcing and prefill); on the 0.5B's fast
+# Weights step at T = 1,024: one block 40 s, 128 rows 27-29 s, 64 rows 26 s with 1.5x the compile time
+# (BUILD_NOTES.md, "The Weights step").
 QUERY_BLOCK = 128
 
 
@@ -216,35 +217,21 @@ def ungroup_rows(out: Float[Array, "B K G*T D"], length: int) -> Float[Array, "B
     return jnp.transpose(out.reshape(B, K, G, length, D), (0, 3, 1, 2, 4)).reshape(B, length, K * G * D)
 
 
-def attention(
-    q: Float[Array, "B T H D"], k: Float[Array, "B S K D"], v: Float[Array, "B S K D"], mask: Bool[Array, "B T S"]
-) -> Float[Array, "B T H*D"]:
-    """Grouped-query attention; each group of H/K query heads shares one kv head (a prefill's self-attention)."""
-    B, T, H, D = q.shape
-    K = k.shape[2]
-    acc = accumulation_dtype(q.dtype)
-    scores = jnp.einsum("bkmd,bskd->bkms", group_rows(q, K), k, preferred_element_type=acc) / math.sqrt(D)
-    scores = jnp.where(group_mask(mask, H // K), scores, _MASKED)
-    probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
-    return ungroup_rows(jnp.einsum("bkms,bskd->bkmd", probs, v), T)
-
-
 def causal_attention(
     q: Float[Array, "B T H D"], k: Float[Array, "B T K D"], v: Float[Array, "B T K D"], mask: Bool[Array, "B T T"],
     query_block: int = QUERY_BLOCK,
 ) -> Float[Array, "B T H*D"]:
-    """`attention` with a causal `mask` (a token sees none after it), shaped for the ROSA update, which linearizes
-    and transposes the [T, T] scores of every adapted layer in every CG iteration
-    (BUILD_NOTES.md, "The Weights step"):
+    """Grouped-query self-attention under a causal `mask` (a token sees none after it; padding masked too), each
+    group of H/K query heads sharing one kv head: teacher forcing, whose scores the ROSA update linearizes and
+    transposes in every adapted layer in every CG iteration (BUILD_NOTES.md, "The Weights step"), and a prefill
+    into an empty cache (BUILD_NOTES.md, "The decode step against its roofline (issue 36)", "Prefill attention in
+    query blocks"):
 
     - the queries run in blocks of `query_block` rows, each over the keys up to its last row only, so most of the
-      masked upper triangle is never computed;
+      masked upper triangle is never computed and a block's scores stay in the CPU's caches;
     - the queries sharing a kv head are the rows of one score matrix (`group_rows`), so that no [T, T] transpose
       follows the dot and no key is broadcast over the G query heads;
-    - the mask is added as a bias, whose tangent is the identity, instead of a select that the JVP and VJP repeat.
-
-    The same values as `attention` up to float rounding (a softmax over fewer zero-weight slots sums in another
-    order). A prefill keeps `attention`: runs record their decode path, and generation must round as it did."""
+    - the mask is added as a bias, whose tangent is the identity, instead of a select that the JVP and VJP repeat."""
     B, T, H, D = q.shape
     if 0 < query_block < T:
         return jnp.concatenate([
@@ -332,11 +319,17 @@ def decode_attention(
 def prefix_attention(
     q: Float[Array, "B T H D"], k: Float[Array, "B T K D"], v: Float[Array, "B T K D"],
     cache_k: Float[Array, "B K D S"], cache_v: Float[Array, "B K S D"], cache_mask: Bool[Array, "B S"],
-    self_mask: Bool[Array, "B T T"],
+    self_mask: Bool[Array, "B T T"], query_block: int = QUERY_BLOCK,
 ) -> Float[Array, "B T H*D"]:
     """A chunk of new tokens attending to a cached prefix (the valid slots in `cache_mask`) and, causally, to
-    itself: the prefill of a turn whose history is already in the cache."""
+    itself: the prefill of a turn whose history is already in the cache. The queries run in blocks of `query_block`
+    rows, each over the cache and the chunk's keys up to its last row, as `causal_attention`'s do."""
     B, T, H, D = q.shape
+    if 0 < query_block < T:
+        return jnp.concatenate([
+            prefix_attention(q[:, a:a + query_block], k[:, :a + query_block], v[:, :a + query_block], cache_k,
+                             cache_v, cache_mask, self_mask[:, a:a + query_block, :a + query_block], 0)
+            for a in range(0, T, query_block)], axis=1)
     K = k.shape[2]
     S = cache_k.shape[-1]
     rows = group_rows(q, K)
@@ -442,7 +435,7 @@ def decoder_hidden(
             elif extending:
                 o = prefix_attention(q, k, v, *layer_cache, old_mask, self_mask)
             else:
-                o = attention(q, k, v, self_mask) if cache is not None else causal_attention(q, k, v, self_mask)
+                o = causal_attention(q, k, v, self_mask)
         with jax.named_scope("out_proj"):
             x = x + _linear(o, lp, la, "o", scale, lora_kernel)
         with jax.named_scope("mlp"):

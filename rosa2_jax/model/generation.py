@@ -89,13 +89,14 @@ def decode_path(decode_dtype, mesh: jax.sharding.Mesh | None = None) -> str:
     Weights step the token engine keeps a session's cache in the layers below the adapted ones and computes the
     adapted layers again from the step's inputs to them, and a prefill piece after a prefix attends over the slots
     up to its own end (bucketed) rather than the prompt's whole extent (the paths without it are those of 86d0eb9
-    and earlier).
+    and earlier). "-query-blocks": a prefill's attention runs its queries in blocks, each over the keys up to its
+    last row (decoder.causal_attention, prefix_attention; the paths without it are those of a063350 and earlier).
     "-full-calls": a decode
     call over a bfloat16 cache runs all its steps while a row runs (decode_rows.decode_chunk), so a row's sums do
     not depend on its batch-mates' stops (the paths without it are those of 41b8a06 and earlier)."""
     if not cache_is_buffered(decode_dtype):
-        return "flat-matmuls-fitted-cache-grouped-prompt-sized-prefill-kept-layers"
-    return ("bfloat16-cache-full-calls-grouped-prompt-sized-prefill-kept-layers"
+        return "flat-matmuls-fitted-cache-grouped-prompt-sized-prefill-kept-layers-query-blocks"
+    return ("bfloat16-cache-full-calls-grouped-prompt-sized-prefill-kept-layers-query-blocks"
             + ("-amx" if on_one_device(mesh) and amx_ready() else "")
             + ("-attention" if attention_kernel_supported(mesh) else ""))
 
