@@ -290,8 +290,8 @@ def response_window(params, tokens, valid, response_len, *, cfg: ModelConfig, wi
         upper = (first_layer, cfg.num_layers)
 
     def hidden(th):
-        adapters = None if th is None else LoraAdapters(jax.tree.map(lambda x: x[None, first_layer:], th.factors),
-                                                        th.scale)
+        adapters = None if th is None else LoraAdapters(jax.tree.map(lambda x: x[None], th.factors),
+                                                        th.scale).from_layer(first_layer)
         h, _ = decoder_hidden(params, tokens[None], positions, valid[None], cfg=cfg, adapters=adapters, remat=remat,
                               layers=upper, inputs=inputs)
         return h[0, T - W - 1: T - 1].astype(acc)  # row i predicts tokens[T - W + i]

@@ -221,8 +221,7 @@ def prefill_tokens(
         piece_inputs = jax.lax.dynamic_slice_in_dim(jnp.pad(inputs, ((0, T), (0, 0))), start, T).astype(
             params["embed"].dtype)
         if row_adapters is not None:  # the layers run
-            row_adapters = row_adapters.replace(
-                factors=jax.tree.map(lambda a: a[:, first_layer:], row_adapters.factors))
+            row_adapters = row_adapters.from_layer(first_layer)
     hidden, cache = decoder_hidden(
         params, tokens[None], (start + jnp.arange(T, dtype=jnp.int32))[None], (jnp.arange(T) < num_new)[None],
         cfg=cfg, cache=cache, cache_index=start, adapters=row_adapters, lora_kernel=lora_kernel,

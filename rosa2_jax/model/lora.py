@@ -78,6 +78,10 @@ class LoraAdapters:
         """Layer-major view [L, S, ...] for scanning over layers."""
         return {t: (jnp.swapaxes(a, 0, 1), jnp.swapaxes(b, 0, 1)) for t, (a, b) in self.factors.items()}
 
+    def from_layer(self, first: int) -> "LoraAdapters":
+        """The factors of layers [first, L) only, for `decoder_hidden(layers=(first, L))`."""
+        return self.replace(factors=jax.tree.map(lambda a: a[:, first:], self.factors), first_layer=0)
+
     @property
     def num_sessions(self) -> int:
         return next(iter(self.factors.values()))[0].shape[0]
