@@ -33,6 +33,9 @@ _MASKED = -1e30  # large finite negative: a fully masked (padding) query row sta
 # Weights step at T = 1,024: one block 40 s, 128 rows 27-29 s, 64 rows 26 s with 1.5x the compile time
 # (BUILD_NOTES.md, "The Weights step").
 QUERY_BLOCK = 128
+# Query rows per block of a prefill piece's attention over a cached prefix (`prefix_attention`); 512 queries over
+# 2,048 slots on the 0.5B's shapes: blocks of 32 / 64 / 128 rows 50 / 47 / 61 ms a layer.
+PREFIX_QUERY_BLOCK = 64
 
 
 @struct.dataclass
@@ -243,7 +246,8 @@ def causal_attention(
     bias = jnp.where(group_mask(mask, H // K), 0.0, _MASKED).astype(acc)
     scores = jnp.einsum("bkmd,bskd->bkms", group_rows(q, K), k, preferred_element_type=acc) / math.sqrt(D) + bias
     probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
-    return ungroup_rows(jnp.einsum("bkms,bskd->bkmd", probs, v), T)
+    out = jnp.einsum("bkms,bskd->bkmd", probs, v, preferred_element_type=acc)
+    return ungroup_rows(out.astype(v.dtype), T)
 
 
 def _transposed_matmul(x: Float[Array, "... in"], lp: Params, name: str) -> Float[Array, "... out"]:
@@ -319,29 +323,39 @@ def decode_attention(
 def prefix_attention(
     q: Float[Array, "B T H D"], k: Float[Array, "B T K D"], v: Float[Array, "B T K D"],
     cache_k: Float[Array, "B K D S"], cache_v: Float[Array, "B K S D"], cache_mask: Bool[Array, "B S"],
-    self_mask: Bool[Array, "B T T"], query_block: int = QUERY_BLOCK,
+    self_mask: Bool[Array, "B T T"], query_block: int = PREFIX_QUERY_BLOCK,
 ) -> Float[Array, "B T H*D"]:
     """A chunk of new tokens attending to a cached prefix (the valid slots in `cache_mask`) and, causally, to
-    itself: the prefill of a turn whose history is already in the cache. The queries run in blocks of `query_block`
-    rows, each over the cache and the chunk's keys up to its last row, as `causal_attention`'s do."""
+    itself: the prefill of a turn whose history is already in the cache. One softmax over both parts, without
+    concatenating them, the masks added as biases.
+
+    The queries run in blocks of `query_block` rows one after another (`lax.map`), each over the whole cache and
+    chunk: a block's [G * rows, S] scores stay in the CPU's caches while its softmax and value product run. Blocks
+    unrolled side by side ran every block's score product first and their softmaxes after, over scores the size of
+    all of them (BUILD_NOTES.md, "The decode step against its roofline (issue 36)", "Prefill attention in query
+    blocks")."""
     B, T, H, D = q.shape
     if 0 < query_block < T:
-        return jnp.concatenate([
-            prefix_attention(q[:, a:a + query_block], k[:, :a + query_block], v[:, :a + query_block], cache_k,
-                             cache_v, cache_mask, self_mask[:, a:a + query_block, :a + query_block], 0)
-            for a in range(0, T, query_block)], axis=1)
+        pad = -T % query_block
+        blocks = (T + pad) // query_block
+        q_blocks = jnp.pad(q, ((0, 0), (0, pad), (0, 0), (0, 0))).reshape(B, blocks, query_block, H, D)
+        mask_blocks = jnp.pad(self_mask, ((0, 0), (0, pad), (0, 0))).reshape(B, blocks, query_block, T)
+        out = jax.lax.map(lambda x: prefix_attention(x[0], k, v, cache_k, cache_v, cache_mask, x[1], 0),
+                          (q_blocks.swapaxes(0, 1), mask_blocks.swapaxes(0, 1)))
+        return out.swapaxes(0, 1).reshape(B, T + pad, H * D)[:, :T]
     K = k.shape[2]
-    S = cache_k.shape[-1]
     rows = group_rows(q, K)
     acc = accumulation_dtype(q.dtype)
-    s_cache = jnp.einsum("bkmd,bkds->bkms", rows, cache_k, preferred_element_type=acc) / math.sqrt(D)
-    s_cache = jnp.where(cache_mask[:, None, None, :], s_cache, _MASKED)
-    s_self = jnp.einsum("bkmd,btkd->bkmt", rows, k, preferred_element_type=acc) / math.sqrt(D)
-    s_self = jnp.where(group_mask(self_mask, H // K), s_self, _MASKED)
-    probs = jax.nn.softmax(jnp.concatenate([s_cache, s_self], -1), axis=-1).astype(v.dtype)
-    out = (jnp.einsum("bkms,bksd->bkmd", probs[..., :S], cache_v)
-           + jnp.einsum("bkmt,btkd->bkmd", probs[..., S:], v))
-    return ungroup_rows(out, T)
+    s_cache = (jnp.einsum("bkmd,bkds->bkms", rows, cache_k, preferred_element_type=acc) / math.sqrt(D)
+               + jnp.where(cache_mask, 0.0, _MASKED).astype(acc)[:, None, None, :])
+    s_self = (jnp.einsum("bkmd,btkd->bkmt", rows, k, preferred_element_type=acc) / math.sqrt(D)
+              + jnp.where(group_mask(self_mask, H // K), 0.0, _MASKED).astype(acc))
+    top = jnp.maximum(s_cache.max(-1, keepdims=True), s_self.max(-1, keepdims=True))
+    e_cache, e_self = jnp.exp(s_cache - top), jnp.exp(s_self - top)
+    total = e_cache.sum(-1, keepdims=True) + e_self.sum(-1, keepdims=True)
+    out = (jnp.einsum("bkms,bksd->bkmd", (e_cache / total).astype(v.dtype), cache_v, preferred_element_type=acc)
+           + jnp.einsum("bkmt,btkd->bkmd", (e_self / total).astype(v.dtype), v, preferred_element_type=acc))
+    return ungroup_rows(out.astype(v.dtype), T)
 
 
 def decoder_hidden(

@@ -89,8 +89,10 @@ def decode_path(decode_dtype, mesh: jax.sharding.Mesh | None = None) -> str:
     Weights step the token engine keeps a session's cache in the layers below the adapted ones and computes the
     adapted layers again from the step's inputs to them, and a prefill piece after a prefix attends over the slots
     up to its own end (bucketed) rather than the prompt's whole extent (the paths without it are those of 86d0eb9
-    and earlier). "-query-blocks": a prefill's attention runs its queries in blocks, each over the keys up to its
-    last row (decoder.causal_attention, prefix_attention; the paths without it are those of a063350 and earlier).
+    and earlier). "-query-blocks": a prefill's attention runs its queries in blocks (decoder.causal_attention,
+    prefix_attention), sums its values in float32 and takes one softmax over a prefix and a piece without
+    concatenating them (the paths without it are those of a063350 and earlier; 93a0b42, whose blocks summed the
+    values in bfloat16, recorded no run).
     "-full-calls": a decode
     call over a bfloat16 cache runs all its steps while a row runs (decode_rows.decode_chunk), so a row's sums do
     not depend on its batch-mates' stops (the paths without it are those of 41b8a06 and earlier)."""
