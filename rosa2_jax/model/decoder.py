@@ -231,7 +231,7 @@ def causal_attention(
     query blocks"):
 
     - the queries run in blocks of `query_block` rows, each over the keys up to its last row only, so most of the
-      masked upper triangle is never computed and a block's scores stay in the CPU's caches;
+      masked upper triangle is never computed;
     - the queries sharing a kv head are the rows of one score matrix (`group_rows`), so that no [T, T] transpose
       follows the dot and no key is broadcast over the G query heads;
     - the mask is added as a bias, whose tangent is the identity, instead of a select that the JVP and VJP repeat."""
