@@ -278,6 +278,15 @@ def _linear(x, lp, la, name, scale, lora_kernel):
     return y
 
 
+def _softmax_of_two(a: Float[Array, "... S"], b: Float[Array, "... T"]) -> tuple[Array, Array]:
+    """softmax over the concatenation of a and b along the last axis, returned as its two parts, without the
+    concatenation (a cache's scores and a piece's or a decode buffer's)."""
+    top = jnp.maximum(jnp.max(a, -1, keepdims=True), jnp.max(b, -1, keepdims=True))
+    a, b = jnp.exp(a - top), jnp.exp(b - top)
+    total = jnp.sum(a, -1, keepdims=True) + jnp.sum(b, -1, keepdims=True)
+    return a / total, b / total
+
+
 def decode_attention(
     q: Float[Array, "B 1 H D"], cache_k: Float[Array, "B K D S"], cache_v: Float[Array, "B K S D"],
     mask: Bool[Array, "B S"], buffer: tuple[Array, Array, Array] | None = None, *, kernel: bool = False,
@@ -311,12 +320,8 @@ def decode_attention(
         out = weighted(jax.nn.softmax(cached, axis=-1), cache_v, "bkgs,bksd->bkgd")
     else:  # one softmax over both, without concatenating them
         buffer_k, buffer_v, buffer_mask = buffer
-        new = scores(buffer_k, buffer_mask, "bkgd,bkdt->bkgt")
-        top = jnp.maximum(jnp.max(cached, -1, keepdims=True), jnp.max(new, -1, keepdims=True))
-        cached, new = jnp.exp(cached - top), jnp.exp(new - top)
-        total = jnp.sum(cached, -1, keepdims=True) + jnp.sum(new, -1, keepdims=True)
-        out = (weighted(cached / total, cache_v, "bkgs,bksd->bkgd")
-               + weighted(new / total, buffer_v, "bkgt,bktd->bkgd"))
+        cached, new = _softmax_of_two(cached, scores(buffer_k, buffer_mask, "bkgd,bkdt->bkgt"))
+        out = weighted(cached, cache_v, "bkgs,bksd->bkgd") + weighted(new, buffer_v, "bkgt,bktd->bkgd")
     return out.astype(q.dtype).reshape(B, 1, H * D)
 
 
@@ -326,8 +331,8 @@ def prefix_attention(
     self_mask: Bool[Array, "B T T"], query_block: int = PREFIX_QUERY_BLOCK,
 ) -> Float[Array, "B T H*D"]:
     """A chunk of new tokens attending to a cached prefix (the valid slots in `cache_mask`) and, causally, to
-    itself: the prefill of a turn whose history is already in the cache. One softmax over both parts, without
-    concatenating them, the masks added as biases.
+    itself: the prefill of a turn whose history is already in the cache. One softmax over both parts
+    (`_softmax_of_two`), the masks added as biases.
 
     The queries run in blocks of `query_block` rows one after another (`lax.map`), each over the whole cache and
     chunk: a block's [G * rows, S] scores stay in the CPU's caches while its softmax and value product run. Blocks
@@ -350,11 +355,9 @@ def prefix_attention(
                + jnp.where(cache_mask, 0.0, _MASKED).astype(acc)[:, None, None, :])
     s_self = (jnp.einsum("bkmd,btkd->bkmt", rows, k, preferred_element_type=acc) / math.sqrt(D)
               + jnp.where(group_mask(self_mask, H // K), 0.0, _MASKED).astype(acc))
-    top = jnp.maximum(s_cache.max(-1, keepdims=True), s_self.max(-1, keepdims=True))
-    e_cache, e_self = jnp.exp(s_cache - top), jnp.exp(s_self - top)
-    total = e_cache.sum(-1, keepdims=True) + e_self.sum(-1, keepdims=True)
-    out = (jnp.einsum("bkms,bksd->bkmd", (e_cache / total).astype(v.dtype), cache_v, preferred_element_type=acc)
-           + jnp.einsum("bkmt,btkd->bkmd", (e_self / total).astype(v.dtype), v, preferred_element_type=acc))
+    p_cache, p_self = _softmax_of_two(s_cache, s_self)
+    out = (jnp.einsum("bkms,bksd->bkmd", p_cache.astype(v.dtype), cache_v, preferred_element_type=acc)
+           + jnp.einsum("bkmt,btkd->bkmd", p_self.astype(v.dtype), v, preferred_element_type=acc))
     return ungroup_rows(out.astype(v.dtype), T)
 
 
