@@ -14,7 +14,7 @@ roofline (experiments.common.decode_roofline) reads every weight and the rows' k
 the calls) once and does every multiply-add once, at the fastest matmul rate measured (XLA's float32 or bfloat16,
 or the AMX kernel's where decoding runs on it); `fraction` is roofline time / measured time, and the last column the
 same at XLA's rate alone (the roofline before the AMX kernel). Decode calls attend as the token engine does: on
-the AVX-512 kernel where it runs (`ROSA2_JAX_ATTENTION=off` for XLA's attention); with `--capacities` larger than
+the attention kernel where it runs (`ROSA2_JAX_ATTENTION=off` for XLA's attention); with `--capacities` larger than
 the rows' prompts, a row's valid slots are a part of the cache, as beside a longer row in the engine.
 
 `--refreshed` times the first prefill of a turn after a Weights step: the session's held cache with its adapted

@@ -9,7 +9,7 @@ forced on the float32 answers, the share of positions whose argmax agrees, the l
 difference, and the mean absolute difference of the log-probabilities of the float32 argmax tokens. Then the token
 engine's rows (model/decode_rows.py), whose cache follows the decode weights' dtype: the bfloat16 weights' greedy
 answers with a bfloat16 cache against the same weights with a float32 cache, counted the same way (a bfloat16
-cache attended as the engine attends it: on the AVX-512 kernel where it runs, `ROSA2_JAX_ATTENTION=off` for XLA's).
+cache attended as the engine attends it: on the attention kernel where it runs, `ROSA2_JAX_ATTENTION=off` for XLA's).
 """
 
 from __future__ import annotations

@@ -63,6 +63,6 @@ def amx_matmul_reference(x: Float[Array, "M K"], tiles: BFloat16[Array, "N/16 K/
 def amx_ready() -> bool:
     """Whether decode matmuls run on the AMX kernel here: an x86-64 Linux CPU with AMX-BF16, a C++ compiler to
     build it, and no `ROSA2_JAX_AMX=off`. Says why once when a CPU that has AMX cannot use it."""
-    return load_kernel(SOURCE, {TARGET: "Rosa2AmxMatmul"}, switch="ROSA2_JAX_AMX", cpu={"amx_bf16"},
-                       check="rosa2_amx_ready",
-                       fallback="bfloat16 decoding keeps XLA's matmul, which repacks every weight at every call")
+    return bool(load_kernel(SOURCE, {TARGET: "Rosa2AmxMatmul"}, switch="ROSA2_JAX_AMX", cpu={"amx_bf16"},
+                            check="rosa2_amx_ready",
+                            fallback="bfloat16 decoding keeps XLA's matmul, which repacks every weight at every call"))

@@ -78,16 +78,37 @@ def load_library(source: Path, fallback: str) -> ctypes.CDLL | None:
         return None
 
 
+SIMD_LEVELS = (None, "avx2", "avx512")  # by what simd_targets.h's SimdLevel() returns
+SIMD_CPU_FLAGS = {"avx2", "fma"}  # the least a kernel written on simd16.h runs on
+
+
+def simd_level(source: Path, handlers: dict[str, str], *, switch: str, check: str, fallback: str) -> str | None:
+    """The lane code a kernel written on simd16.h runs here, "avx512" or "avx2", or None (`load_kernel`)."""
+    return SIMD_LEVELS[load_kernel(source, handlers, switch=switch, cpu=SIMD_CPU_FLAGS, check=check,
+                                   fallback=fallback)]
+
+
+def use_avx512(simd: str | None, available: str, kernel: str) -> bool:
+    """The `avx512` attribute of a call of `kernel` on lane code `simd` (None: `available`, the best here)."""
+    simd = simd or available
+    if simd not in SIMD_LEVELS[1:]:
+        raise ValueError(f"{kernel}: simd={simd!r} is not one of {SIMD_LEVELS[1:]}")
+    if SIMD_LEVELS.index(simd) > SIMD_LEVELS.index(available):
+        raise ValueError(f"{kernel}: simd={simd!r}, but this CPU runs it on {available} at most")
+    return simd == "avx512"
+
+
 def load_kernel(source: Path, handlers: dict[str, str], *, switch: str, cpu: set[str], check: str,
-                fallback: str) -> bool:
-    """Whether `source`'s handlers (XLA target name -> exported symbol) are registered and run here: an x86-64
-    Linux CPU with the `cpu` feature flags, no `<switch>=off`, the library built (else a warning that `fallback`
-    happens instead) and its `check` symbol returning 1 (the CPU and the OS grant what it needs)."""
+                fallback: str) -> int:
+    """What `source`'s `check` symbol returns (nonzero: the CPU and the OS grant what it needs, e.g. an instruction
+    set's level) once its handlers (XLA target name -> exported symbol) are registered here; 0 where they are not:
+    not an x86-64 Linux CPU with the `cpu` feature flags, `<switch>=off`, or the library not built (a warning says
+    that `fallback` happens instead)."""
     if switched_off(switch) or not x86_linux_cpu() or not cpu <= cpu_flags():
-        return False
+        return 0
     lib = load_library(source, fallback)
-    if lib is None or not getattr(lib, check)():
-        return False
-    for target, symbol in handlers.items():
-        jax.ffi.register_ffi_target(target, jax.ffi.pycapsule(getattr(lib, symbol)), platform="cpu")
-    return True
+    level = 0 if lib is None else int(getattr(lib, check)())
+    if level:
+        for target, symbol in handlers.items():
+            jax.ffi.register_ffi_target(target, jax.ffi.pycapsule(getattr(lib, symbol)), platform="cpu")
+    return level

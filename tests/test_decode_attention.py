@@ -10,12 +10,12 @@ import pytest
 from conftest import tiny_chat_model
 from experiments.common import prefilled_rows
 from rosa2_jax.checkpoint import load_model
-from rosa2_jax.kernels.decode_attention import attention_ready, buffered_decode_attention
+from rosa2_jax.kernels.decode_attention import attention_ready, attention_simd, buffered_decode_attention
 from rosa2_jax.model.decode_rows import decode_chunk
 from rosa2_jax.model.decoder import cache_dtype, decode_attention, decode_layout
 from rosa2_jax.model.generation import SamplingConfig
 
-needs_avx512 = pytest.mark.skipif(not attention_ready(), reason="this CPU has no AVX-512 (or no C++ compiler)")
+needs_kernel = pytest.mark.skipif(not attention_ready(), reason="this CPU has no AVX2 (or no C++ compiler)")
 
 
 def attention_inputs(seed, B, K, G, D, S, T, cache_lengths, buffer_lengths):
@@ -47,7 +47,7 @@ def float64_attention(q, cache_k, cache_v, cache_mask, buffer_k, buffer_v, buffe
     return np.einsum("bkgs,bksd->bkgd", probs, values)
 
 
-@needs_avx512
+@needs_kernel
 @pytest.mark.parametrize("G,D", [(7, 64), (1, 16), (9, 32), (3, 128)])
 @pytest.mark.parametrize("S,T", [(37, 5), (384, 16)])
 @pytest.mark.parametrize("peak", [1.0, 16.0])
@@ -66,7 +66,21 @@ def test_kernel_equals_a_float64_softmax_and_xlas_attention(G, D, S, T, peak):
     np.testing.assert_allclose(out.reshape(B, 1, K * G * D), np.asarray(xla), rtol=0, atol=2e-5)
 
 
-@needs_avx512
+@pytest.mark.skipif(attention_simd() != "avx512", reason="only a CPU with AVX-512 runs both lane codes")
+@pytest.mark.parametrize("G,D", [(7, 64), (9, 32)])
+@pytest.mark.parametrize("peak", [1.0, 16.0])
+def test_the_avx2_lane_code_gives_the_avx512_bits(G, D, peak):
+    """The same operations lane by lane and the same reductions (kernels/simd16.h): bit for bit, underflowing
+    probabilities included."""
+    B, K, S, T = 5, 2, 384, 16
+    q, *rest = attention_inputs(G + D, B, K, G, D, S, T, [0, S // 2, S, 7, S - 1], [1, T, 2, T - 1, 1])
+    args = ((q.astype(jnp.float32) * peak).astype(jnp.bfloat16), *rest)
+    run = jax.jit(buffered_decode_attention, static_argnames="simd")
+    avx512, avx2 = np.asarray(run(*args, simd="avx512")), np.asarray(run(*args, simd="avx2"))
+    np.testing.assert_array_equal(avx2.view(np.uint32), avx512.view(np.uint32))
+
+
+@needs_kernel
 def test_decode_calls_on_the_kernel_generate_what_xlas_attention_generates(tmp_path):
     """bfloat16 decode weights (a buffered bfloat16 cache), rows of three lengths, greedy, three calls of 8 steps:
     the same tokens with and without the kernel, logits within float32 rounding."""

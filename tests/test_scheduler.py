@@ -543,7 +543,7 @@ def test_a_held_prefix_refreshed_in_its_adapted_layers_is_a_prefill_with_the_new
 
 
 @pytest.mark.parametrize("attention_kernel", [False, pytest.param(True, marks=pytest.mark.skipif(
-    not attention_kernel_supported(), reason="this CPU has no AVX-512 (or no C++ compiler)"))])
+    not attention_kernel_supported(), reason="this CPU has no AVX2 (or no C++ compiler)"))])
 def test_a_rows_bfloat16_decoding_does_not_depend_on_when_its_batch_mates_stop(wide_model, attention_kernel):
     """Over a bfloat16 cache a row attends to the cache and the call's buffer as two sums, so a call runs all its
     steps while a row runs: a row's 40 tokens beside one that stops every 3 (refilled at once) have, bit for bit,

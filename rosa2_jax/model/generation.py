@@ -80,8 +80,9 @@ def decode_path(decode_dtype, mesh: jax.sharding.Mesh | None = None) -> str:
     weights keep the token engine's cache in bfloat16, written once per decode call (decode_rows.decode_chunk);
     float32 weights compute as "flat-matmuls-fitted-cache" did. "-amx": on one device of a CPU with AMX, the
     matmuls on weights packed into tiles (kernels/amx_matmul.py), bit for bit XLA's sums except in a one-row
-    matmul. "-attention": on one device of a CPU with AVX-512, the token engine's attention over its bfloat16
-    cache by kernels/decode_attention.py, its float32 sums in another order than XLA's. "-grouped-": a
+    matmul. "-attention": on one device of a CPU with AVX-512 or AVX2, the token engine's attention over its
+    bfloat16 cache by kernels/decode_attention.py, its float32 sums in another order than XLA's, the same on
+    either instruction set (before kernels/simd16.h, an AVX2 CPU decoded without it). "-grouped-": a
     prefill's attention over the rows of `decoder.group_rows` (its dots sum in another order than before; the
     paths without it are those of 845bb70 and earlier). "-prompt-sized-prefill": the token engine prefills on a
     one-row cache sized to the prompt (decode_rows.prefill_row), so an extending prefill's sums do not depend on the
