@@ -30,8 +30,8 @@ from absl import app, flags
 
 from experiments.common import (best_time, decode_roofline, define_model_flags, gsm8k_prompts, matmul_peak_flops,
                                 model_from_flags, prefilled_rows, read_bandwidth, traced_op_seconds)
-from rosa2_jax.kernels.decode_attention import attention_kernel_supported
-from rosa2_jax.kernels.top_k import top_k_kernel_supported
+from rosa2_jax.kernels.decode_attention import attention_kernel_supported, attention_simd
+from rosa2_jax.kernels.top_k import top_k_kernel_supported, top_k_simd
 from rosa2_jax.model.decode_rows import decode_chunk, empty_rows, prefill_row, row_cache
 from rosa2_jax.model.decoder import cache_dtype, decoder_hidden
 from rosa2_jax.model.generation import SamplingConfig, bucket_length
@@ -108,7 +108,9 @@ def main(_):
     peak, bandwidth = max(rates.values()), read_bandwidth()
     xla_peak = max(r for name, r in rates.items() if "AMX" not in name)
     print("machine: matmul (2048^2, jitted) " + ", ".join(f"{d} {r / 1e9:.0f}" for d, r in rates.items())
-          + f" GFLOP/s, read bandwidth {bandwidth / 1e9:.1f} GB/s")
+          + f" GFLOP/s, read bandwidth {bandwidth / 1e9:.1f} GB/s; kernels: attention "
+          + f"{attention_simd() if attention_kernel_supported(model.mesh) else 'off'}, top-k "
+          + f"{top_k_simd() if top_k_kernel_supported(model.mesh) else 'off'}")
     key = jax.random.key(0)
     pieces = list(map(int, FLAGS.pieces))
     rows = empty_rows(cfg, int(FLAGS.rows[0]), bucket_length(FLAGS.prefix + max(pieces, default=0)),
