@@ -11,22 +11,39 @@ inline int SimdLevel() {
   return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") ? 1 : 0;
 }
 
+// GCC takes the instruction set of a region from `#pragma GCC target`, clang from `#pragma clang attribute`.
 #define ROSA2_SIMD_AVX512 1
+#ifdef __clang__
+#pragma clang attribute push(__attribute__((target("avx512f,avx512bw,avx512vl,fma"))), apply_to = function)
+#else
 #pragma GCC push_options
 #pragma GCC target("avx512f,avx512bw,avx512vl,fma")
+#endif
 namespace avx512 {
 #include "simd16.h"
 #include ROSA2_LANES
 }  // namespace avx512
+#ifdef __clang__
+#pragma clang attribute pop
+#else
 #pragma GCC pop_options
+#endif
 #undef ROSA2_SIMD_AVX512
 
 #define ROSA2_SIMD_AVX512 0
+#ifdef __clang__
+#pragma clang attribute push(__attribute__((target("avx2,fma"))), apply_to = function)
+#else
 #pragma GCC push_options
 #pragma GCC target("avx2,fma")
+#endif
 namespace avx2 {
 #include "simd16.h"
 #include ROSA2_LANES
 }  // namespace avx2
+#ifdef __clang__
+#pragma clang attribute pop
+#else
 #pragma GCC pop_options
+#endif
 #undef ROSA2_SIMD_AVX512
