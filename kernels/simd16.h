@@ -1,8 +1,8 @@
 // Sixteen float32 or int32 lanes for the CPU kernels, written once for two instruction sets: one AVX-512 register,
 // or two AVX2 registers (lanes 0-7 and 8-15). Every operation is lane by lane with the same instructions' rounding
 // (fma, div, round-to-nearest), and the reductions add in one fixed order, so a kernel written on these gives the
-// same bits on either. No include guard: a kernel includes this file once per instruction set, each time inside
-// `#pragma GCC target` and its own namespace, after defining ROSA2_SIMD_AVX512 as 1 or 0 (kernels/simd_targets.h).
+// same bits on either. No include guard: kernels/simd_targets.h includes this file once per instruction set, each
+// time in that instruction set's region and namespace, with ROSA2_SIMD_AVX512 defined as 1 or 0.
 //
 // Lanes are selected by a 16-bit mask (bit i: lane i); a load reads only its selected lanes (the others are 0), so
 // the tail of an array can be loaded without reading past its end.

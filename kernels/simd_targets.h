@@ -11,39 +11,32 @@ inline int SimdLevel() {
   return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") ? 1 : 0;
 }
 
-// GCC takes the instruction set of a region from `#pragma GCC target`, clang from `#pragma clang attribute`.
-#define ROSA2_SIMD_AVX512 1
+// Each region opens its namespace under its instruction set: GCC takes it from `#pragma GCC target`, clang (which
+// ignores that) from `#pragma clang attribute`.
 #ifdef __clang__
-#pragma clang attribute push(__attribute__((target("avx512f,avx512bw,avx512vl,fma"))), apply_to = function)
+#define ROSA2_BEGIN_AVX512 \
+  _Pragma("clang attribute push(__attribute__((target(\"avx512f,avx512bw,avx512vl,fma\"))), apply_to = function)") \
+  namespace avx512 {
+#define ROSA2_BEGIN_AVX2 \
+  _Pragma("clang attribute push(__attribute__((target(\"avx2,fma\"))), apply_to = function)") namespace avx2 {
+#define ROSA2_END } _Pragma("clang attribute pop")
 #else
-#pragma GCC push_options
-#pragma GCC target("avx512f,avx512bw,avx512vl,fma")
+#define ROSA2_BEGIN_AVX512 \
+  _Pragma("GCC push_options") _Pragma("GCC target(\"avx512f,avx512bw,avx512vl,fma\")") namespace avx512 {
+#define ROSA2_BEGIN_AVX2 _Pragma("GCC push_options") _Pragma("GCC target(\"avx2,fma\")") namespace avx2 {
+#define ROSA2_END } _Pragma("GCC pop_options")
 #endif
-namespace avx512 {
-#include "simd16.h"
-#include ROSA2_LANES
-}  // namespace avx512
-#ifdef __clang__
-#pragma clang attribute pop
-#else
-#pragma GCC pop_options
-#endif
-#undef ROSA2_SIMD_AVX512
 
-#define ROSA2_SIMD_AVX512 0
-#ifdef __clang__
-#pragma clang attribute push(__attribute__((target("avx2,fma"))), apply_to = function)
-#else
-#pragma GCC push_options
-#pragma GCC target("avx2,fma")
-#endif
-namespace avx2 {
+#define ROSA2_SIMD_AVX512 1
+ROSA2_BEGIN_AVX512
 #include "simd16.h"
 #include ROSA2_LANES
-}  // namespace avx2
-#ifdef __clang__
-#pragma clang attribute pop
-#else
-#pragma GCC pop_options
-#endif
+ROSA2_END
+
+#undef ROSA2_SIMD_AVX512
+#define ROSA2_SIMD_AVX512 0
+ROSA2_BEGIN_AVX2
+#include "simd16.h"
+#include ROSA2_LANES
+ROSA2_END
 #undef ROSA2_SIMD_AVX512
