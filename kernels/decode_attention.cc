@@ -90,7 +90,7 @@ ffi::Error DecodeAttention(ffi::ThreadPool pool, ffi::AnyBuffer q, ffi::AnyBuffe
   const int64_t B = qd[0], K = qd[1], G = qd[2], D = qd[3];
   const int64_t S = cache_mask.dimensions()[1], T = buffer_mask.dimensions()[1];
   const auto bf16 = DataType::BF16, pred = DataType::PRED;
-  if (D % 16 || !Is(q, bf16, {B, K, G, D}) || !Is(cache_k, bf16, {B, K, D, S}) ||
+  if (D % avx2::kLanes || !Is(q, bf16, {B, K, G, D}) || !Is(cache_k, bf16, {B, K, D, S}) ||
       !Is(cache_v, bf16, {B, K, S, D}) || !Is(cache_mask, pred, {B, S}) || !Is(buffer_k, bf16, {B, K, D, T}) ||
       !Is(buffer_v, bf16, {B, K, T, D}) || !Is(buffer_mask, pred, {B, T}) || !Is(*out, DataType::F32, {B, K, G, D}))
     return ffi::Error::InvalidArgument(

@@ -50,7 +50,7 @@ void Row(const Job& job, int64_t b, std::vector<int32_t>& maxima, std::vector<st
   // or above the k-th largest maximum, so every one of the k largest entries is at or above it.
   const int64_t block = std::max<int64_t>(1, std::min<int64_t>(kBlock, V / k));
   maxima.resize((V + block - 1) / block);
-  if (block < 16) {
+  if (block < avx2::kLanes) {  // too short for a vector pass
     for (size_t i = 0; i < maxima.size(); ++i) {
       const int64_t end = std::min<int64_t>(V, (i + 1) * block);
       maxima[i] = INT32_MIN;
