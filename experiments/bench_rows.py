@@ -12,10 +12,11 @@ The decode figures are per step of a `--decode_steps` call, sampled as the sweep
 every row answering its own GSM8K question (prefilled in the chat template, then decoding from call to call). The
 roofline (experiments.common.decode_roofline) reads every weight and the rows' keys/values (their mean length over
 the calls) once and does every multiply-add once, at the fastest matmul rate measured (XLA's float32 or bfloat16,
-or the AMX kernel's where decoding runs on it); `fraction` is roofline time / measured time, and the last column the
-same at XLA's rate alone (the roofline before the AMX kernel). Decode calls attend as the token engine does: on
-the attention kernel where it runs (`ROSA2_JAX_ATTENTION=off` for XLA's attention); with `--capacities` larger than
-the rows' prompts, a row's valid slots are a part of the cache, as beside a longer row in the engine.
+or the matmul kernel's, AMX or FMA, where decoding runs on one); `fraction` is roofline time / measured time, and
+the last column the same at XLA's rate alone (the roofline before the matmul kernels). Decode calls attend as the
+token engine does: on the attention kernel where it runs (`ROSA2_JAX_ATTENTION=off` for XLA's attention); with
+`--capacities` larger than the rows' prompts, a row's valid slots are a part of the cache, as beside a longer row
+in the engine.
 
 `--refreshed` times the first prefill of a turn after a Weights step: the session's held cache with its adapted
 layers computed again from the inputs the step computed, against the whole prompt prefilled again.
@@ -33,7 +34,7 @@ from experiments.common import (best_time, decode_roofline, define_model_flags, 
 from rosa2_jax.kernels.decode_attention import attention_kernel_supported, attention_simd
 from rosa2_jax.kernels.top_k import top_k_kernel_supported, top_k_simd
 from rosa2_jax.model.decode_rows import decode_chunk, empty_rows, prefill_row, row_cache
-from rosa2_jax.model.decoder import cache_dtype, decoder_hidden
+from rosa2_jax.model.decoder import PACKINGS, cache_dtype, decoder_hidden
 from rosa2_jax.model.generation import SamplingConfig, bucket_length
 
 FLAGS = flags.FLAGS
@@ -100,15 +101,16 @@ def main(_):
     cfg, params = model.cfg, model.sampler.decode_params
     matmul_dtype = next(w.dtype for w in jax.tree.leaves(params["layers"]) if w.ndim >= 2)
     # The largest rate is what the machine allows: XLA CPU's large bfloat16 matmul can run below float32's, and
-    # where decoding runs on the AMX kernel, its rate counts too.
+    # where decoding runs on a matmul kernel (AMX or FMA), its rate counts too.
     rates = {dtype.name: matmul_peak_flops(dtype=dtype)
              for dtype in dict.fromkeys((jnp.dtype(jnp.float32), matmul_dtype))}
-    if any(name.endswith("_tiles") for name in params["layers"][0]):
-        rates["bfloat16 AMX kernel"] = matmul_peak_flops(amx=True)
+    packing = next((p for p in PACKINGS if any(name.endswith(f"_{p}") for name in params["layers"][0])), None)
+    if packing:
+        rates[f"bfloat16 {packing} kernel"] = matmul_peak_flops(packing=packing)
     peak, bandwidth = max(rates.values()), read_bandwidth()
-    xla_peak = max(r for name, r in rates.items() if "AMX" not in name)
+    xla_peak = max(r for name, r in rates.items() if "kernel" not in name)
     print("machine: matmul (2048^2, jitted) " + ", ".join(f"{d} {r / 1e9:.0f}" for d, r in rates.items())
-          + f" GFLOP/s, read bandwidth {bandwidth / 1e9:.1f} GB/s; kernels: attention "
+          + f" GFLOP/s, read bandwidth {bandwidth / 1e9:.1f} GB/s; kernels: matmul {packing or 'off'}, attention "
           + f"{attention_simd() if attention_kernel_supported(model.mesh) else 'off'}, top-k "
           + f"{top_k_simd() if top_k_kernel_supported(model.mesh) else 'off'}")
     key = jax.random.key(0)

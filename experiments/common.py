@@ -25,10 +25,9 @@ from rosa2_jax.adapt.words import REFERENCES, RETRIES
 from rosa2_jax.checkpoint import LoadedModel, load_model
 from rosa2_jax.engine import ADAPTERS, MATH_SYSTEM_PROMPT, PRESETS, REWARDS, EngineConfig, WeightsPreset
 from rosa2_jax.fetch import cache_root
-from rosa2_jax.kernels.amx_matmul import amx_matmul, pack_tiles
 from rosa2_jax.model.config import ModelConfig
 from rosa2_jax.model.decode_rows import DecodeRows, empty_rows, prefill_row
-from rosa2_jax.model.decoder import decode_layout
+from rosa2_jax.model.decoder import PACKINGS, decode_layout
 from rosa2_jax.model.generation import SamplingConfig
 from rosa2_jax.study.runs import NotARunError, read_run
 from rosa2_jax.tasks.data import load_problems
@@ -257,11 +256,15 @@ def traced_op_seconds(run: Callable[[], object], hlo: str, part: Callable[[str],
     return spent.most_common(), wall
 
 
-def matmul_peak_flops(n: int = 2048, dtype=jnp.float32, *, amx: bool = False) -> float:
-    """Measured FLOP/s of one large square matmul on the default device: XLA's, or with `amx` the AMX kernel's on
-    bfloat16 weights packed into tiles (kernels/amx_matmul.py), as decoding runs it on a CPU that has one."""
-    a = jax.random.normal(jax.random.key(0), (n, n), jnp.bfloat16 if amx else dtype)
-    f, args = (jax.jit(amx_matmul), (a, pack_tiles(a))) if amx else (jax.jit(lambda x: x @ x), (a,))
+def matmul_peak_flops(n: int = 2048, dtype=jnp.float32, *, packing: str | None = None) -> float:
+    """Measured FLOP/s of one large square matmul on the default device: XLA's, or with `packing` ("tiles",
+    "panels") a CPU matmul kernel's on bfloat16 weights packed as decoding packs them (decoder.PACKINGS)."""
+    a = jax.random.normal(jax.random.key(0), (n, n), jnp.bfloat16 if packing else dtype)
+    if packing:
+        kernel = PACKINGS[packing]
+        f, args = jax.jit(kernel.matmul), (a, kernel.pack(a))
+    else:
+        f, args = jax.jit(lambda x: x @ x), (a,)
     f(*args).block_until_ready()
     return 2 * n**3 / best_time(lambda: f(*args).block_until_ready(), repeats=5)
 
@@ -302,8 +305,8 @@ def decode_roofline(cfg: ModelConfig, params, rows: int, context: int, peak_flop
     """The matmuls of every layer and the LM head for each row, plus attention over `context` slots, with the
     weights as generation holds them (decoder.decode_layout: their dtype sets the bytes read)."""
     decoded = decode_layout(params)
-    matrices = [w for w in jax.tree.leaves(decoded["layers"]) if w.ndim >= 2]  # [out, in] or packed into tiles
-    head = next(decoded[k] for k in ("head_tiles", "head_t", "lm_head", "embed") if k in decoded)
+    matrices = [w for w in jax.tree.leaves(decoded["layers"]) if w.ndim >= 2]  # [out, in] or packed
+    head = next(decoded[k] for k in (*(f"head_{p}" for p in PACKINGS), "head_t", "lm_head", "embed") if k in decoded)
     weights = sum(w.size for w in matrices) + head.size
     attention_flops = 4 * cfg.num_layers * cfg.num_heads * cfg.head_dim * context
     kv_bytes = 2 * cfg.num_layers * cfg.num_kv_heads * cfg.head_dim * context * kv_itemsize

@@ -90,13 +90,13 @@ def main(_):
                 study.check_config({f.name: f.value for f in key_flags} | code,
                                    {f.name: f.default for f in key_flags} | before)
             except StudyConfigError as e:
-                hint = (" decode_path names this machine's decode kernels (ROSA2_JAX_ATTENTION=off and "
-                        "ROSA2_JAX_AMX=off turn them off) and the code's decode calls and prefill: a folder recorded "
-                        "with another sampler or path resumes with the code it was recorded with (a path with "
-                        "-kept-layers but not -query-blocks: a063350 or earlier; a path with "
-                        "-prompt-sized-prefill but not -kept-layers: 86d0eb9 or earlier; a path with "
-                        "-grouped-prefill: 0420417 or earlier; a bfloat16 path without -full-calls: 41b8a06 or "
-                        "earlier; a path without -grouped-: 845bb70 or earlier)."
+                hint = (" decode_path names this machine's decode kernels (ROSA2_JAX_ATTENTION=off, "
+                        "ROSA2_JAX_AMX=off and ROSA2_JAX_FMA_MATMUL=off turn them off) and the code's decode "
+                        "calls and prefill: a folder recorded with another sampler or path resumes with the code "
+                        "it was recorded with (a path with -kept-layers but not -query-blocks: a063350 or "
+                        "earlier; a path with -prompt-sized-prefill but not -kept-layers: 86d0eb9 or earlier; a "
+                        "path with -grouped-prefill: 0420417 or earlier; a bfloat16 path without -full-calls: "
+                        "41b8a06 or earlier; a path without -grouped-: 845bb70 or earlier)."
                         if "--decode_path" in str(e) or "--sampler" in str(e) else "")
                 raise app.UsageError(str(e) + hint) from None
         work = study.prepare()

@@ -41,8 +41,8 @@ def test_kernel_equals_float64_products_and_xlas_matmul(m, n, k):
 def test_decoding_on_tiles_gives_the_logits_and_tokens_of_xlas_matmul(tiny_hf):
     kind, _, folder = tiny_hf
     cfg, params = load_hf_folder(folder)
-    tiled = decode_layout(params, jnp.bfloat16, tiles=True)
-    plain = decode_layout(params, jnp.bfloat16, tiles=False)
+    tiled = decode_layout(params, jnp.bfloat16, pack="tiles")
+    plain = decode_layout(params, jnp.bfloat16, pack=None)
     assert any(name.endswith("_tiles") for name in tiled["layers"][0]) and not any(
         name.endswith("_tiles") for name in plain["layers"][0])
     ids = jnp.asarray(np.random.RandomState(1).randint(0, cfg.vocab_size, (2, 24)))
@@ -61,5 +61,5 @@ def test_a_sharded_weight_keeps_xlas_matmul():
     w = jax.device_put(jnp.ones((2, 64, 32), jnp.bfloat16),
                        jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(None, None, "model")))
     params = {"embed": jnp.ones((16, 64), jnp.bfloat16), "layers": {"up": w}}
-    decoded = decode_layout(params, jnp.bfloat16, out_in=True, tiles=True)
+    decoded = decode_layout(params, jnp.bfloat16, out_in=True, pack="tiles")
     assert set(decoded["layers"][0]) == {"up_t"} and "head_tiles" in decoded  # the head is on one device

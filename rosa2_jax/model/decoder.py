@@ -12,6 +12,7 @@ with depth.
 from __future__ import annotations
 
 import math
+from typing import Callable, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -20,7 +21,7 @@ from flax import struct
 from jax.sharding import NamedSharding, PartitionSpec
 from jaxtyping import Array, Bool, Float, Int
 
-from rosa2_jax.kernels.amx_matmul import amx_matmul, amx_ready, pack_tiles, packable
+from rosa2_jax.kernels import amx_matmul, fma_matmul
 from rosa2_jax.kernels.decode_attention import KERNEL_HEAD_DIM, buffered_decode_attention
 from rosa2_jax.kernels.lora_matmul import lora_delta, lora_matmul, lora_matmul_reference
 from rosa2_jax.model.config import ModelConfig
@@ -62,7 +63,38 @@ class KVCache:
 LINEARS = ("q", "k", "v", "o", "gate", "up", "down")
 
 
-def decode_layout(params: Params, dtype=None, *, out_in: bool | None = None, tiles: bool | None = None) -> Params:
+class Packing(NamedTuple):
+    """A CPU matmul kernel's packing of a bfloat16 [out, in] weight: which weights it takes, how they are packed,
+    and x times the packed weight's transpose (float32)."""
+    packable: Callable[[Array], bool]
+    pack: Callable[[Array], Array]
+    matmul: Callable[[Array, Array], Array]
+
+
+# decode_layout's packings, by the suffix a packed weight is kept under.
+PACKINGS = {"tiles": Packing(amx_matmul.packable, amx_matmul.pack_tiles, amx_matmul.amx_matmul),
+            "panels": Packing(fma_matmul.packable, fma_matmul.pack_panels, fma_matmul.fma_matmul)}
+LAYOUT_SUFFIXES = ("_t", *(f"_{packing}" for packing in PACKINGS))
+
+
+def matmul_packing() -> str | None:
+    """How `decode_layout` packs bfloat16 matmul weights on this CPU: "tiles" for the AMX kernel where it runs
+    (`amx_matmul.amx_ready`), else "panels" for the FMA kernel (`fma_matmul.fma_matmul_simd`: AVX-512 or AVX2),
+    else None (XLA's matmul)."""
+    if amx_matmul.amx_ready():
+        return "tiles"
+    return "panels" if fma_matmul.fma_matmul_simd() else None
+
+
+def linear_name(name: str) -> str:
+    """A decode_layout weight's linear ("up" for "up_t", "up_tiles" or "up_panels")."""
+    for suffix in LAYOUT_SUFFIXES:
+        if name.endswith(suffix) and name.removesuffix(suffix) in LINEARS:
+            return name.removesuffix(suffix)
+    return name
+
+
+def decode_layout(params: Params, dtype=None, *, out_in: bool | None = None, pack: str | None = "auto") -> Params:
     """The weights as generation runs fastest on them, measured on XLA CPU (BUILD_NOTES.md, "The decode step against its roofline"):
 
     - `layers` a tuple of per-layer dicts: slicing the stacked [L, ...] weights inside a decode step copies every
@@ -72,9 +104,10 @@ def decode_layout(params: Params, dtype=None, *, out_in: bool | None = None, til
       weight 1.2x (float32) to 2x (bfloat16) faster in that layout;
     - matmul weights in `dtype` (default: as stored), multiplied with float32 accumulation while the residual
       stream, norms and embedding lookup keep the params' own dtype;
-    - with `tiles` (default: where `kernels.amx_matmul.amx_ready()`) each bfloat16 [out, in] weight on one device
-      packed once into AMX tiles, `<name>_tiles` and `head_tiles`, for the AMX kernel: XLA's matmul repacks the
-      weight at every call.
+    - with `pack` ("auto": `matmul_packing()`) each bfloat16 [out, in] weight on one device packed once for a CPU
+      matmul kernel, under `<name>_<pack>` and `head_<pack>`: "tiles", AMX tiles for `amx_matmul` (XLA's matmul
+      repacks the weight at every call), or "panels" of 16 columns for `fma_matmul` (XLA runs small-row matmuls at
+      a fraction of its rate where there is no AMX); None keeps XLA's matmul.
 
     On an accelerator the weights keep their [in, out] layout (the Pallas LoRA kernel takes it). The stacked
     layout stays the canonical one: checkpoints, sharding rules, LoRA factors and the ROSA update's scan.
@@ -82,16 +115,18 @@ def decode_layout(params: Params, dtype=None, *, out_in: bool | None = None, til
     if isinstance(params["layers"], tuple):
         return params
     out_in = jax.default_backend() == "cpu" if out_in is None else out_in
-    if tiles is None:
-        tiles = out_in and amx_ready()
+    if pack == "auto":
+        pack = matmul_packing() if out_in else None
+    if pack is not None and pack not in PACKINGS:
+        raise ValueError(f"decode_layout: pack={pack!r} is not one of {(*PACKINGS, None)} or 'auto'")
 
     def one_device(w):
         sharding = getattr(w, "sharding", None)
         return sharding is None or len(sharding.device_set) == 1
 
-    def transposed(name, w, like):  # [out, in] under `<name>_t`, or packed into tiles under `<name>_tiles`
-        if tiles and w.dtype == jnp.bfloat16 and packable(w) and one_device(like):
-            return {f"{name}_tiles": pack_tiles(w)}
+    def transposed(name, w, like):  # [out, in] under `<name>_t`, or packed under `<name>_<pack>`
+        if pack and w.dtype == jnp.bfloat16 and PACKINGS[pack].packable(w) and one_device(like):
+            return {f"{name}_{pack}": PACKINGS[pack].pack(w)}
         return {f"{name}_t": w}
 
     def place(w, like, spec):  # keeps a sharded weight's layout under its new axes
@@ -144,7 +179,7 @@ def cache_dtype(params: Params) -> jnp.dtype:
     layers = params["layers"]
     if isinstance(layers, tuple):
         return next(w.dtype for name, w in layers[0].items()
-                    if name.removesuffix("_tiles").removesuffix("_t") in LINEARS)
+                    if linear_name(name) in LINEARS)
     return params["embed"].dtype
 
 
@@ -251,12 +286,13 @@ def causal_attention(
 
 
 def _transposed_matmul(x: Float[Array, "... in"], lp: Params, name: str) -> Float[Array, "... out"]:
-    """x times decode_layout's `<name>_tiles` (the AMX kernel) or `<name>_t` ([out, in], possibly in a narrower
-    dtype), over x flattened to [rows, in]: with the decode step's [B, 1, in] XLA CPU turned every weight back to
-    [in, out] (a copy of all of them per call) and ran the slower kernel for that layout."""
+    """x times decode_layout's `<name>_<packing>` (a CPU matmul kernel) or `<name>_t` ([out, in], possibly in a
+    narrower dtype), over x flattened to [rows, in]: with the decode step's [B, 1, in] XLA CPU turned every weight
+    back to [in, out] (a copy of all of them per call) and ran the slower kernel for that layout."""
     x2 = x.reshape(-1, x.shape[-1])
-    if f"{name}_tiles" in lp:
-        y = amx_matmul(x2, lp[f"{name}_tiles"])
+    packing = next((p for p in PACKINGS if f"{name}_{p}" in lp), None)
+    if packing is not None:
+        y = PACKINGS[packing].matmul(x2, lp[f"{name}_{packing}"])
     else:
         w = lp[f"{name}_t"]
         y = jnp.einsum("ni,oi->no", x2.astype(w.dtype), w, preferred_element_type=accumulation_dtype(x.dtype))
@@ -264,7 +300,7 @@ def _transposed_matmul(x: Float[Array, "... in"], lp: Params, name: str) -> Floa
 
 
 def _linear(x, lp, la, name, scale, lora_kernel):
-    if f"{name}_t" in lp or f"{name}_tiles" in lp:
+    if any(f"{name}{suffix}" in lp for suffix in LAYOUT_SUFFIXES):
         y = _transposed_matmul(x, lp, name).astype(x.dtype)
         if la is not None and name in la:
             y = y + lora_delta(x, *la[name], scale)
@@ -526,7 +562,7 @@ def head_weight(params: Params, cfg: ModelConfig) -> Float[Array, "d V"]:
 
 def lm_logits(params: Params, hidden: Float[Array, "... d"], cfg: ModelConfig) -> Float[Array, "... V"]:
     """LM head, accumulated in (at least) float32."""
-    if "head_tiles" in params:  # decode_layout's [V, d] head, packed for the AMX kernel
+    if any(f"head_{packing}" in params for packing in PACKINGS):  # decode_layout's [V, d] head, packed
         return _transposed_matmul(hidden, params, "head")
     if "head_t" in params:  # decode_layout's [V, d] head
         w = params["head_t"]

@@ -19,12 +19,11 @@ from jaxtyping import Array, Bool, Float, Int
 
 from rosa2_jax.errors import ContextOverflowError
 from rosa2_jax.kernels import on_one_device
-from rosa2_jax.kernels.amx_matmul import amx_ready
 from rosa2_jax.kernels.decode_attention import attention_kernel_supported
 from rosa2_jax.kernels.top_k import top_k
 from rosa2_jax.kernels.lora_matmul import kernel_supported
 from rosa2_jax.model.config import ModelConfig
-from rosa2_jax.model.decoder import (KVCache, Params, cache_is_buffered, decoder_hidden, lm_logits,
+from rosa2_jax.model.decoder import (KVCache, Params, cache_is_buffered, decoder_hidden, lm_logits, matmul_packing,
                                      positions_from_valid)
 from rosa2_jax.model.lora import LoraAdapters, take_sessions
 from rosa2_jax.model.sharding import shard_batch
@@ -78,29 +77,30 @@ def decode_path(decode_dtype, mesh: jax.sharding.Mesh | None = None) -> str:
     "flat-matmuls-fitted-cache": every matmul over [rows, in] (decoder._linear) and the token engine's cache sized
     to its rows' tokens (engine/rows.py); the runs before it: "turn-sized-cache". "bfloat16-cache": bfloat16 decode
     weights keep the token engine's cache in bfloat16, written once per decode call (decode_rows.decode_chunk);
-    float32 weights compute as "flat-matmuls-fitted-cache" did. "-amx": on one device of a CPU with AMX, the
-    matmuls on weights packed into tiles (kernels/amx_matmul.py), bit for bit XLA's sums except in a one-row
-    matmul. "-attention": on one device of a CPU with AVX-512 or AVX2, the token engine's attention over its
-    bfloat16 cache by kernels/decode_attention.py, its float32 sums in another order than XLA's, the same on
-    either instruction set (before kernels/simd16.h, an AVX2 CPU decoded without it). "-grouped-": a
-    prefill's attention over the rows of `decoder.group_rows` (its dots sum in another order than before; the
-    paths without it are those of 845bb70 and earlier). "-prompt-sized-prefill": the token engine prefills on a
-    one-row cache sized to the prompt (decode_rows.prefill_row), so an extending prefill's sums do not depend on the
-    rows' capacity (the paths ending "-grouped-prefill" are those of 0420417 and earlier). "-kept-layers": across a
+    float32 weights compute as "flat-matmuls-fitted-cache" did. "-amx": on one device of a CPU with AMX, the matmuls
+    on weights packed into tiles (kernels/amx_matmul.py), bit for bit XLA's sums except in a one-row matmul.
+    "-fma-matmul": on one device of a CPU with AVX-512 or AVX2 but no AMX, the matmuls on weights packed into panels
+    (kernels/fma_matmul.py), each output's float32 sum in depth order, another order than XLA's (before it, such a
+    CPU decoded with XLA's matmul). "-attention": on one device of a CPU with AVX-512 or AVX2, the token engine's
+    attention over its bfloat16 cache by kernels/decode_attention.py, its float32 sums in another order than XLA's,
+    the same on either instruction set (before kernels/simd16.h, an AVX2 CPU decoded without it). "-grouped-": a
+    prefill's attention over the rows of `decoder.group_rows` (its dots sum in another order than before; the paths
+    without it are those of 845bb70 and earlier). "-prompt-sized-prefill": the token engine prefills on a one-row
+    cache sized to the prompt (decode_rows.prefill_row), so an extending prefill's sums do not depend on the rows'
+    capacity (the paths ending "-grouped-prefill" are those of 0420417 and earlier). "-kept-layers": across a
     Weights step the token engine keeps a session's cache in the layers below the adapted ones and computes the
     adapted layers again from the step's inputs to them, and a prefill piece after a prefix attends over the slots
     up to its own end (bucketed) rather than the prompt's whole extent (the paths without it are those of 86d0eb9
     and earlier). "-query-blocks": a prefill's attention runs its queries in blocks (decoder.causal_attention,
     prefix_attention), sums its values in float32 and takes one softmax over a prefix and a piece without
     concatenating them (the paths without it are those of a063350 and earlier; 93a0b42, whose blocks summed the
-    values in bfloat16, recorded no run).
-    "-full-calls": a decode
-    call over a bfloat16 cache runs all its steps while a row runs (decode_rows.decode_chunk), so a row's sums do
-    not depend on its batch-mates' stops (the paths without it are those of 41b8a06 and earlier)."""
+    values in bfloat16, recorded no run). "-full-calls": a decode call over a bfloat16 cache runs all its steps
+    while a row runs (decode_rows.decode_chunk), so a row's sums do not depend on its batch-mates' stops (the paths
+    without it are those of 41b8a06 and earlier)."""
     if not cache_is_buffered(decode_dtype):
         return "flat-matmuls-fitted-cache-grouped-prompt-sized-prefill-kept-layers-query-blocks"
     return ("bfloat16-cache-full-calls-grouped-prompt-sized-prefill-kept-layers-query-blocks"
-            + ("-amx" if on_one_device(mesh) and amx_ready() else "")
+            + ({"tiles": "-amx", "panels": "-fma-matmul"}.get(matmul_packing(), "") if on_one_device(mesh) else "")
             + ("-attention" if attention_kernel_supported(mesh) else ""))
 
 
