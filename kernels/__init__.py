@@ -1,6 +1,7 @@
 """Kernels, each beside a reference it is tested against: the Pallas per-row LoRA matmul (accelerators), and on
-CPUs, as XLA FFI custom calls built on first use (`native.py`), the AMX matmul on packed bfloat16 weights, a decode
-call's attention over its bfloat16 cache and the sampler's top-k (AVX-512 or AVX2, `simd16.h`)."""
+CPUs, as XLA FFI custom calls built on first use (`native.py`), the AMX matmul on packed bfloat16 weights, and
+(AVX-512 or AVX2, `simd16.h`) the FMA matmul on packed bfloat16 weights, a decode call's attention over its bfloat16
+cache and the sampler's top-k."""
 
 from __future__ import annotations
 
