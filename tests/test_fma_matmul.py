@@ -1,15 +1,13 @@
 """The FMA matmul (kernels/fma_matmul.py) against its sums written out in numpy, one float32 rounding per depth step,
-bit for bit, and against XLA's bfloat16 matmul; the decode layout that uses it against the one that does not."""
+bit for bit, and against XLA's bfloat16 matmul (decoding on it: tests/test_generate.py)."""
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from rosa2_jax.checkpoint.hf_folder import load_hf_folder
 from rosa2_jax.kernels.fma_matmul import (fma_matmul, fma_matmul_reference, fma_matmul_simd, pack_panels,
                                           unpack_panels)
-from rosa2_jax.model.decoder import decode_layout, decoder_hidden, lm_logits, matmul_packing, positions_from_valid
-from rosa2_jax.model.generation import SamplingConfig, generate
+from rosa2_jax.model.decoder import decode_layout, matmul_packing
 
 needs_kernel = pytest.mark.skipif(fma_matmul_simd() is None, reason="this CPU has no AVX2 (or no C++ compiler)")
 
@@ -55,25 +53,6 @@ def test_the_avx2_lane_code_gives_the_avx512_bits():
     run = jax.jit(fma_matmul, static_argnames="simd")
     np.testing.assert_array_equal(np.asarray(run(x, panels, simd="avx2")).view(np.uint32),
                                   np.asarray(run(x, panels, simd="avx512")).view(np.uint32))
-
-
-@needs_kernel
-def test_decoding_on_panels_gives_the_logits_and_tokens_of_xlas_matmul(tiny_hf):
-    kind, _, folder = tiny_hf
-    cfg, params = load_hf_folder(folder)
-    packed = decode_layout(params, jnp.bfloat16, pack="panels")
-    plain = decode_layout(params, jnp.bfloat16, pack=None)
-    assert any(name.endswith("_panels") for name in packed["layers"][0])  # the head too, where V % 16 == 0
-    assert not any(name.endswith("_panels") for name in plain["layers"][0])
-    ids = jnp.asarray(np.random.RandomState(1).randint(0, cfg.vocab_size, (2, 24)))
-    valid = jnp.ones(ids.shape, bool)
-    logits = [lm_logits(p, decoder_hidden(p, ids, positions_from_valid(valid), valid, cfg=cfg)[0], cfg)
-              for p in (packed, plain)]
-    np.testing.assert_allclose(logits[0], logits[1], rtol=0, atol=1e-4 * float(jnp.abs(logits[1]).max()))
-    prompts = [list(map(int, row)) for row in ids[:, :12]]
-    greedy = SamplingConfig(max_new_tokens=16, temperature=0.0)
-    runs = [generate(p, cfg, prompts, greedy, stop_token_ids=[], pad_id=0) for p in (packed, plain)]
-    assert [g.tokens for g in runs[0]] == [g.tokens for g in runs[1]]
 
 
 def test_the_default_packing_follows_the_cpu():

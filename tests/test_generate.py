@@ -8,6 +8,8 @@ import torch
 
 from rosa2_jax.checkpoint.hf_folder import load_hf_folder
 from rosa2_jax.errors import ContextOverflowError
+from rosa2_jax.kernels.amx_matmul import amx_ready
+from rosa2_jax.kernels.fma_matmul import fma_matmul_simd
 from rosa2_jax.model.decoder import KVCache, decode_layout, decoder_hidden, forward, lm_logits, positions_from_valid
 from rosa2_jax.model.generation import (TOP_P_CANDIDATES, SamplingConfig, _sample_whole_vocabulary, first_max,
                                         generate, left_pad, sample_logits, top_p_cutoff)
@@ -173,6 +175,29 @@ def test_bfloat16_decode_weights_stay_close_to_float32(tiny):
     error = np.abs(np.asarray(logits["bf16"] - logits["f32"])).max()
     assert 0 < error < 0.02 * np.abs(np.asarray(logits["f32"])).max()
     assert sum(a.tokens == b.tokens for a, b in zip(f32, bf16)) >= len(prompts) - 1
+
+
+@pytest.mark.parametrize("pack", [
+    pytest.param("tiles", marks=pytest.mark.skipif(not amx_ready(), reason="no AMX-BF16 here (or no g++)")),
+    pytest.param("panels", marks=pytest.mark.skipif(fma_matmul_simd() is None, reason="no AVX2 here (or no g++)")),
+])
+def test_decoding_on_packed_weights_gives_the_logits_and_tokens_of_xlas_matmul(tiny, pack):
+    """decode_layout's weights packed for a CPU matmul kernel (AMX tiles, FMA panels) against the same bfloat16
+    weights on XLA's matmul."""
+    _, _, cfg, params = tiny
+    packed = decode_layout(params, jnp.bfloat16, pack=pack)
+    plain = decode_layout(params, jnp.bfloat16, pack=None)
+    assert any(name.endswith(f"_{pack}") for name in packed["layers"][0])  # the head too, where V % 16 == 0
+    assert not any(name.endswith(f"_{pack}") for name in plain["layers"][0])
+    ids = jnp.asarray(np.random.RandomState(1).randint(0, cfg.vocab_size, (2, 24)))
+    valid = jnp.ones(ids.shape, bool)
+    logits = [lm_logits(p, decoder_hidden(p, ids, positions_from_valid(valid), valid, cfg=cfg)[0], cfg)
+              for p in (packed, plain)]
+    np.testing.assert_allclose(logits[0], logits[1], rtol=0, atol=1e-4 * float(jnp.abs(logits[1]).max()))
+    prompts = [list(map(int, row)) for row in ids[:, :12]]
+    greedy = SamplingConfig(max_new_tokens=16, temperature=0.0)
+    runs = [generate(p, cfg, prompts, greedy, stop_token_ids=[], pad_id=0) for p in (packed, plain)]
+    assert [g.tokens for g in runs[0]] == [g.tokens for g in runs[1]]
 
 
 def _chi_square_critical(df: int, z: float = 3.09) -> float:
