@@ -22,7 +22,9 @@ namespace ffi = xla::ffi;
 
 namespace {
 
-constexpr int64_t kTaskPanels = 24;  // about as many panels a task: fewer tasks cost more in balance, more in calls
+// Panels a task, about: with fewer a one-row pass fills its accumulators less often, with more the tasks spread
+// worse over the threads (timed in BUILD_NOTES.md, "The FMA matmul").
+constexpr int64_t kTaskPanels = 24;
 
 struct Job {
   const float* x;     // [M, K]
@@ -38,7 +40,7 @@ struct Job {
 
 void Work(Job& job) {
   for (int64_t t; (t = job.next.fetch_add(1)) < job.tasks;) {
-    const int64_t first = t * job.panels_per_task, end = std::min(job.N / 16, first + job.panels_per_task);
+    const int64_t first = t * job.panels_per_task, end = std::min(job.N / avx2::kLanes, first + job.panels_per_task);
     if (job.avx512)
       avx512::Panels(job.x, job.w, job.y, job.M, job.K, job.N, first, end);
     else

@@ -21,22 +21,23 @@ inline Floats LoadPanelDepth(const uint16_t* p) {
 #endif
 }
 
-// y[m0 .. m0+R, 16 p0 .. 16 (p0+P)] for R rows of x [M, K] and P panels of w [N/16, K, 16].
+// y[m0 .. m0+R, 16 p0 .. 16 (p0+P)] for R rows of x [M, K] and P panels of w [N/16, K, 16] (a panel's 16
+// columns are a vector's lanes).
 template <int R, int P>
 void Block(const float* x, const uint16_t* w, float* y, int64_t K, int64_t N, int64_t m0, int64_t p0) {
   Floats acc[R][P];
   for (int r = 0; r < R; ++r)
     for (int p = 0; p < P; ++p) acc[r][p] = Zero();
   const float* xr = x + m0 * K;
-  const uint16_t* wp = w + p0 * K * 16;
+  const uint16_t* wp = w + p0 * K * kLanes;
   for (int64_t k = 0; k < K; ++k) {
     for (int p = 0; p < P; ++p) {
-      const Floats wk = LoadPanelDepth(wp + (p * K + k) * 16);
+      const Floats wk = LoadPanelDepth(wp + (p * K + k) * kLanes);
       for (int r = 0; r < R; ++r) acc[r][p] = Fma(Set(xr[r * K + k]), wk, acc[r][p]);
     }
   }
   for (int r = 0; r < R; ++r)
-    for (int p = 0; p < P; ++p) Store(y + (m0 + r) * N + (p0 + p) * 16, 0xFFFFu, acc[r][p]);
+    for (int p = 0; p < P; ++p) Store(y + (m0 + r) * N + (p0 + p) * kLanes, 0xFFFFu, acc[r][p]);
 }
 
 // Rows m0 .. m0+R of panels [first, end): as many panels a pass as the accumulators allow, then halves as many.
