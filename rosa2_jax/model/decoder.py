@@ -65,15 +65,16 @@ LINEARS = ("q", "k", "v", "o", "gate", "up", "down")
 
 class Packing(NamedTuple):
     """A CPU matmul kernel's packing of a bfloat16 [out, in] weight: which weights it takes, how they are packed,
-    and x times the packed weight's transpose (float32)."""
+    x times the packed weight's transpose (float32), and what `generation.decode_path` records of it."""
     packable: Callable[[Array], bool]
     pack: Callable[[Array], Array]
     matmul: Callable[[Array, Array], Array]
+    path: str
 
 
 # decode_layout's packings, by the suffix a packed weight is kept under.
-PACKINGS = {"tiles": Packing(amx_matmul.packable, amx_matmul.pack_tiles, amx_matmul.amx_matmul),
-            "panels": Packing(fma_matmul.packable, fma_matmul.pack_panels, fma_matmul.fma_matmul)}
+PACKINGS = {"tiles": Packing(amx_matmul.packable, amx_matmul.pack_tiles, amx_matmul.amx_matmul, "-amx"),
+            "panels": Packing(fma_matmul.packable, fma_matmul.pack_panels, fma_matmul.fma_matmul, "-fma-matmul")}
 LAYOUT_SUFFIXES = ("_t", *(f"_{packing}" for packing in PACKINGS))
 
 

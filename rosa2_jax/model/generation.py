@@ -23,8 +23,8 @@ from rosa2_jax.kernels.decode_attention import attention_kernel_supported
 from rosa2_jax.kernels.top_k import top_k
 from rosa2_jax.kernels.lora_matmul import kernel_supported
 from rosa2_jax.model.config import ModelConfig
-from rosa2_jax.model.decoder import (KVCache, Params, cache_is_buffered, decoder_hidden, lm_logits, matmul_packing,
-                                     positions_from_valid)
+from rosa2_jax.model.decoder import (PACKINGS, KVCache, Params, cache_is_buffered, decoder_hidden, lm_logits,
+                                     matmul_packing, positions_from_valid)
 from rosa2_jax.model.lora import LoraAdapters, take_sessions
 from rosa2_jax.model.sharding import shard_batch
 
@@ -99,8 +99,9 @@ def decode_path(decode_dtype, mesh: jax.sharding.Mesh | None = None) -> str:
     without it are those of 41b8a06 and earlier)."""
     if not cache_is_buffered(decode_dtype):
         return "flat-matmuls-fitted-cache-grouped-prompt-sized-prefill-kept-layers-query-blocks"
+    packing = matmul_packing() if on_one_device(mesh) else None
     return ("bfloat16-cache-full-calls-grouped-prompt-sized-prefill-kept-layers-query-blocks"
-            + ({"tiles": "-amx", "panels": "-fma-matmul"}.get(matmul_packing(), "") if on_one_device(mesh) else "")
+            + (PACKINGS[packing].path if packing else "")
             + ("-attention" if attention_kernel_supported(mesh) else ""))
 
 
