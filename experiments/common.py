@@ -102,7 +102,8 @@ def define_engine_flags(*, max_turns: int, slots: int, max_context: int) -> None
     flags.DEFINE_integer("max_programs", 64, "compiled programs (one per shape) held before all are released, "
                          "bounding host memory over a long run; 0 = never (rosa2_jax/engine/host_memory.py)")
     flags.DEFINE_integer("seed", 0, "problem subsample, adapter init and sampling seed")
-    flags.DEFINE_integer("max_context", max_context, "token budget per prompt + response; older turns are trimmed")
+    flags.DEFINE_integer("max_context", max_context, "token budget per prompt + response; over it the oldest "
+                         "answers are trimmed first, never the first user message or the message a turn answers")
     flags.DEFINE_enum("equivalence", "math-verify", list(EQUIVALENCES), "math answer equivalence")
     flags.DEFINE_bool("boxed_only", True, "count only an answer in \\boxed{} (the paper's rule-based reward); "
                       "--noboxed_only also reads GSM8K's last number and a choice letter outside a box")

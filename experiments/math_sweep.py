@@ -51,7 +51,7 @@ flags.DEFINE_string("coordinator_address", None, "HOST:PORT of process 0 (implie
 flags.DEFINE_integer("num_processes", None, "number of processes (implies --distributed)")
 flags.DEFINE_integer("process_id", None, "this process's index (implies --distributed)")
 common.define_sampling_flags(max_new_tokens=256, temperature=0.7, top_p=0.8)
-common.define_engine_flags(max_turns=2, slots=8, max_context=512)
+common.define_engine_flags(max_turns=2, slots=8, max_context=1024)
 flags.adopt_module_key_flags(common)  # config.json records the shared flags with this module's own
 
 

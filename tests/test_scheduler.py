@@ -666,6 +666,31 @@ def test_a_stop_before_the_run_starts_admits_nothing(model, scheduler):
     assert finished == [] and [p.id for _, p in engine.queue] == [p.id for p in PROBLEMS]
 
 
+def test_a_history_over_the_budget_loses_its_oldest_answers_first_and_keeps_the_message_it_answers(model):
+    """The spec's rule (the oldest assistant turns go first) on x_1, y_1, x*_2, y_2, x*_3 at every budget: the
+    turn keeps x*_3, the Words stream's instruction, while x_1 and it fit."""
+    x1 = {"role": "user", "content": PROBLEMS[0].question}
+    long_answer = [{"role": "assistant", "content": f"answer {k}: " + "so the total is 7, " * 12} for k in (1, 2)]
+    messages = [x1, long_answer[0], {"role": "user", "content": "Check step 2."}, long_answer[1],
+                {"role": "user", "content": "Add the two numbers."}]
+    system = "Think step by step."
+    kept = [messages, [x1] + messages[3:], [x1, messages[4]], [x1]]
+    sizes = [len(model.sampler.render([{"role": "system", "content": system}] + m)) for m in kept]
+    assert sizes == sorted(sizes, reverse=True) and len(set(sizes)) == 4
+    engine = make_engine(model, "turn", "baseline")
+    try:
+        for want, size in zip(kept, sizes):
+            for budget in (size, size + 1) if want is not messages else (size,):
+                engine.life.max_prompt = budget
+                ids = engine.life.prompt_ids(Session(PROBLEMS[0], "baseline", system, messages))
+                assert ids == model.sampler.render([{"role": "system", "content": system}] + want)
+        engine.life.max_prompt = sizes[-1] - 1  # x_1 alone over the budget: admission refuses such a problem
+        assert engine.life.prompt_ids(Session(PROBLEMS[0], "baseline", system, messages)) == \
+            model.sampler.render([{"role": "system", "content": system}, x1])
+    finally:
+        engine.close()
+
+
 def test_pool_smaller_than_the_decode_batch_is_refused(model):
     with pytest.raises(ValueError, match=r"sessions=2 must be at least the decode rows \(4"):
         TokenEngine(model, EngineConfig(method="baseline", rows=4, sessions=2))

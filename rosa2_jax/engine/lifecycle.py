@@ -40,6 +40,16 @@ def words_model(text_model: TextModel | None, cfg: EngineConfig) -> TextModel | 
     return text_model.replace(sampling=cfg.sampling) if isinstance(text_model, LocalTextModel) else text_model
 
 
+def trim_oldest(messages: list[dict[str, str]]) -> list[dict[str, str]]:
+    """One step of trimming a turn's history x_1, y_1, x*_2, ..., y_{t-1}, x*_t that is over the budget (spec:
+    the oldest assistant turns go first): the oldest failed answer with the message after it; once only
+    x_1, y_{t-1}, x*_t are left, the answer y_{t-1}, so that the turn still sees the message it answers (the Words
+    stream's instruction); last x*_t, leaving x_1, which admission checked fits."""
+    if len(messages) > 3:
+        return messages[:1] + messages[3:]
+    return [messages[0], messages[2]] if len(messages) == 3 else messages[:1]
+
+
 class Lifecycle:
     """The sessions' state machine over a pool of `pool_size` slots, whatever schedules their turns. On a mesh
     the pool slots are split over its `data` axis: `cfg.rows` must be a multiple of it."""
@@ -131,13 +141,13 @@ class Lifecycle:
 
     # ------------------------------------------------------------------ a turn
     def prompt_ids(self, s: Session) -> list[int]:
-        """Chat-template ids; over the budget, drop the oldest (assistant, user) exchanges, never x_1."""
+        """Chat-template ids; over the budget, the history trimmed oldest first (`trim_oldest`)."""
         messages = list(s.messages)
         while True:
             ids = self.sampler.render([{"role": "system", "content": s.system_prompt}] + messages)
-            if len(ids) <= self.max_prompt or len(messages) < 3:
+            if len(ids) <= self.max_prompt or len(messages) == 1:
                 return ids
-            messages = messages[:1] + messages[3:]
+            messages = trim_oldest(messages)
 
     def judge(self, slots: dict[int, Session], prompts: dict[int, list[int]],
               gens: dict[int, Generation]) -> tuple[list[int], dict[int, Failure]]:
