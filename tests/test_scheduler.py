@@ -673,20 +673,19 @@ def test_a_history_over_the_budget_loses_its_oldest_answers_first_and_keeps_the_
     long_answer = [{"role": "assistant", "content": f"answer {k}: " + "so the total is 7, " * 12} for k in (1, 2)]
     messages = [x1, long_answer[0], {"role": "user", "content": "Check step 2."}, long_answer[1],
                 {"role": "user", "content": "Add the two numbers."}]
-    system = "Think step by step."
+    system = {"role": "system", "content": "Think step by step."}
     kept = [messages, [x1] + messages[3:], [x1, messages[4]], [x1]]
-    sizes = [len(model.sampler.render([{"role": "system", "content": system}] + m)) for m in kept]
+    sizes = [len(model.sampler.render([system] + m)) for m in kept]
     assert sizes == sorted(sizes, reverse=True) and len(set(sizes)) == 4
     engine = make_engine(model, "turn", "baseline")
+    session = Session(PROBLEMS[0], "baseline", system["content"], messages)
     try:
         for want, size in zip(kept, sizes):
-            for budget in (size, size + 1) if want is not messages else (size,):
+            for budget in (size, size + 1):
                 engine.life.max_prompt = budget
-                ids = engine.life.prompt_ids(Session(PROBLEMS[0], "baseline", system, messages))
-                assert ids == model.sampler.render([{"role": "system", "content": system}] + want)
+                assert engine.life.prompt_ids(session) == model.sampler.render([system] + want)
         engine.life.max_prompt = sizes[-1] - 1  # x_1 alone over the budget: admission refuses such a problem
-        assert engine.life.prompt_ids(Session(PROBLEMS[0], "baseline", system, messages)) == \
-            model.sampler.render([{"role": "system", "content": system}, x1])
+        assert engine.life.prompt_ids(session) == model.sampler.render([system, x1])
     finally:
         engine.close()
 
