@@ -27,6 +27,7 @@ from rosa2_jax.model.decode_rows import decode_chunk, empty_rows, prefill_row, r
 from rosa2_jax.model.decoder import cache_dtype, decode_layout, decoder_hidden, forward
 from rosa2_jax.model.generation import SamplingConfig, bucket_length, generate
 from rosa2_jax.model.lora import LoraConfig, init_adapters, parse_layers
+from rosa2_jax.study.prompts import trimmed_turns
 from rosa2_jax.tasks.problem import Problem
 
 
@@ -40,20 +41,20 @@ PROBLEMS = [Problem(f"p{i}", f"Which is right? (A) {i} (B) {i + 1}", "B", "choic
 
 def make_engine(model, scheduler: str, method: str, rows: int = 2, sessions: int = 3, critic=None,
                 sampling=SamplingConfig(max_new_tokens=10), adapter_cache=None, rosa=RosaConfig(), max_programs=0,
-                lora=LoraConfig(), adapter="lora"):
+                lora=LoraConfig(), adapter="lora", max_context=512):
     # 2 rows, 3 sessions in the pool, 5 tokens per decode call: rows stop mid-call and sessions change rows.
     # The critic is the policy itself unless another loaded model is given.
-    cfg = EngineConfig(method=method, max_turns=3, rows=rows, sampling=sampling, max_context=512, critic_tokens=12,
-                       rewrite_tokens=8, sessions=sessions, decode_steps=5, switch_turn=2, rosa=rosa,
+    cfg = EngineConfig(method=method, max_turns=3, rows=rows, sampling=sampling, max_context=max_context,
+                       critic_tokens=12, rewrite_tokens=8, sessions=sessions, decode_steps=5, switch_turn=2, rosa=rosa,
                        max_programs=max_programs, lora=lora, adapter=adapter)
     return SCHEDULERS[scheduler](model, cfg, make_text_model("local", model=critic or model), adapter_cache)
 
 
 def run(model, scheduler: str, method: str, rows: int = 2, sessions: int = 3, critic=None, problems=PROBLEMS,
         sampling=SamplingConfig(max_new_tokens=10), rosa=RosaConfig(), max_programs=0, lora=LoraConfig(),
-        adapter="lora"):
+        adapter="lora", max_context=512):
     engine = make_engine(model, scheduler, method, rows, sessions, critic, sampling, rosa=rosa,
-                         max_programs=max_programs, lora=lora, adapter=adapter)
+                         max_programs=max_programs, lora=lora, adapter=adapter, max_context=max_context)
     finished = []
     try:
         engine.run(problems, finished.append)
@@ -688,6 +689,36 @@ def test_a_history_over_the_budget_loses_its_oldest_answers_first_and_keeps_the_
         assert engine.life.prompt_ids(session) == model.sampler.render([system, x1])
     finally:
         engine.close()
+
+
+def test_the_trimmed_turns_are_read_back_from_the_records_and_every_recorded_prompt_is_the_rules(model):
+    """`study.prompts.trimmed_turns` rebuilds each turn's history from the engine's records: at a budget that holds
+    every history nothing is trimmed, at one that holds only the first turns the later ones are, and either way each
+    recorded prompt length is the one the rule cuts from the rebuilt history (a record altered by one id is not)."""
+    sampling = SamplingConfig(max_new_tokens=10, temperature=0.7, top_p=0.8)
+    whole, engine = run(model, "token", "baseline", sampling=sampling, max_context=1024)
+    fresh, _ = run(model, "token", "resample", sampling=sampling, max_context=1024)
+    budget = engine.life.max_prompt
+    third = [r.turns[2].prompt_tokens for r in whole if len(r.turns) == 3]
+    assert third and max(t.prompt_tokens for r in whole for t in r.turns) == max(third)
+    counts = trimmed_turns(whole + fresh, model.sampler.render, budget)
+    assert counts["baseline"] == {"turns": sum(len(r.turns) for r in whole), "trimmed": 0, "trimmed_by_turn": {},
+                                  "longest_history": max(third), "mismatched": []}
+    assert counts["resample"]["trimmed"] == 0 and counts["resample"]["mismatched"] == []
+
+    tight = min(third) - 1  # every third turn over it, the second turns under it
+    trimmed, engine = run(model, "token", "baseline", sampling=sampling,
+                          max_context=tight + sampling.max_new_tokens)
+    assert engine.life.max_prompt == tight
+    later = [t.prompt_tokens for r in trimmed for t in r.turns[1:2]]
+    assert later and max(later) <= tight
+    counts = trimmed_turns(trimmed, model.sampler.render, tight)["baseline"]
+    assert counts["mismatched"] == [] and counts["trimmed_by_turn"] == {3: len(third)}
+
+    altered = trimmed[0].to_json()
+    altered["turns"][0]["prompt_tokens"] += 1
+    assert trimmed_turns([altered], model.sampler.render, tight)["baseline"]["mismatched"] == [
+        [trimmed[0].problem_id, 1, altered["turns"][0]["prompt_tokens"], altered["turns"][0]["prompt_tokens"] - 1]]
 
 
 def test_pool_smaller_than_the_decode_batch_is_refused(model):

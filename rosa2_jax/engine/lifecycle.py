@@ -18,6 +18,7 @@ from rosa2_jax.adapt.judge import judge_rewards
 from rosa2_jax.adapt.text_models import LocalTextModel, TextModel
 from rosa2_jax.checkpoint import LoadedModel
 from rosa2_jax.engine.config import EngineConfig
+from rosa2_jax.engine.history import fit_prompt
 from rosa2_jax.engine.methods import METHODS
 from rosa2_jax.engine.restore import Restore
 from rosa2_jax.engine.session import Failure, Session, Work, method_of
@@ -38,16 +39,6 @@ def data_shards(model: LoadedModel) -> int:
 def words_model(text_model: TextModel | None, cfg: EngineConfig) -> TextModel | None:
     """What the Words streams call: a local text model samples its retries as the policy does."""
     return text_model.replace(sampling=cfg.sampling) if isinstance(text_model, LocalTextModel) else text_model
-
-
-def trim_oldest(messages: list[dict[str, str]]) -> list[dict[str, str]]:
-    """One step of trimming a turn's history x_1, y_1, x*_2, ..., y_{t-1}, x*_t that is over the budget (spec:
-    the oldest assistant turns go first): the oldest failed answer with the message after it; once only
-    x_1, y_{t-1}, x*_t are left, the answer y_{t-1}, so that the turn still sees the message it answers (the Words
-    stream's instruction); last x*_t, leaving x_1, which admission checked fits."""
-    if len(messages) > 3:
-        return messages[:1] + messages[3:]
-    return [messages[0], messages[2]] if len(messages) == 3 else messages[:1]
 
 
 class Lifecycle:
@@ -141,13 +132,8 @@ class Lifecycle:
 
     # ------------------------------------------------------------------ a turn
     def prompt_ids(self, s: Session) -> list[int]:
-        """Chat-template ids; over the budget, the history trimmed oldest first (`trim_oldest`)."""
-        messages = list(s.messages)
-        while True:
-            ids = self.sampler.render([{"role": "system", "content": s.system_prompt}] + messages)
-            if len(ids) <= self.max_prompt or len(messages) == 1:
-                return ids
-            messages = trim_oldest(messages)
+        """Chat-template ids; over the budget, the history trimmed oldest first (`history.fit_prompt`)."""
+        return fit_prompt(self.sampler.render, s.system_prompt, s.messages, self.max_prompt)
 
     def judge(self, slots: dict[int, Session], prompts: dict[int, list[int]],
               gens: dict[int, Generation]) -> tuple[list[int], dict[int, Failure]]:

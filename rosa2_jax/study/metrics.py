@@ -22,13 +22,13 @@ Record = ProblemRecord | dict
 ANSWER_LENGTHS = ((0, 32), (32, 100), (100, None))
 
 
-def _read(records: Iterable[Record]) -> list[ProblemRecord]:
+def as_records(records: Iterable[Record]) -> list[ProblemRecord]:
     return [r if isinstance(r, ProblemRecord) else ProblemRecord.from_json(r) for r in records]
 
 
 def summarize_method(records: Iterable[Record], max_turns: int, questions: dict[str, str] | None = None) -> dict:
     """`questions` (problem id -> problem text), where given, lets the Words quality count new numbers."""
-    records = _read(records)
+    records = as_records(records)
     n = len(records)
     solved_at = [r.solved_at for r in records]
     solved = [t for t in solved_at if t is not None]
@@ -156,7 +156,7 @@ def _mean_by_turn(records: list[ProblemRecord], max_turns: int, key: str, counts
 
 def summarize(records: Iterable[Record], max_turns: int, questions: dict[str, str] | None = None) -> dict[str, dict]:
     by_method: dict[str, list[ProblemRecord]] = defaultdict(list)
-    for r in _read(records):
+    for r in as_records(records):
         by_method[r.method].append(r)
     return {m: summarize_method(rs, max_turns, questions) for m, rs in sorted(by_method.items())}
 
@@ -183,7 +183,7 @@ def compare_methods(records: Iterable[Record]) -> list[dict]:
     row's batch-mates: BUILD_NOTES, "Batch-mates")."""
     solved: dict[str, dict[str, bool]] = defaultdict(dict)
     first: dict[str, dict[str, str | None]] = defaultdict(dict)
-    for r in _read(records):
+    for r in as_records(records):
         solved[r.method][r.problem_id] = r.solved_at is not None
         first[r.method][r.problem_id] = r.turns[0].response if r.turns else None
     return [{"a": a, "b": b, **paired_comparison(solved[a], solved[b]),
