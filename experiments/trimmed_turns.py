@@ -13,6 +13,7 @@ from absl import app, flags
 
 from experiments.common import run_from_flags
 from rosa2_jax.checkpoint import load_model
+from rosa2_jax.engine.history import prompt_budget
 from rosa2_jax.study.prompts import trimmed_turns
 
 FLAGS = flags.FLAGS
@@ -22,7 +23,7 @@ flags.DEFINE_string("run_dir", None, "a sweep's folder (config.json + records*.j
 def main(_):
     _, config, records = run_from_flags()
     model = load_model(config["model"], cache_dir=config.get("cache_dir"))
-    max_prompt = (config["max_context"] or model.cfg.max_position_embeddings) - config["max_new_tokens"]
+    max_prompt = prompt_budget(config["max_context"], model.cfg.max_position_embeddings, config["max_new_tokens"])
     counts = trimmed_turns(records, model.sampler.render, max_prompt)
     print(f"prompt budget {max_prompt} ids\n")
     print("| method | turns | trimmed | trimmed by turn | longest whole history | prompts not from the rule |")

@@ -9,6 +9,11 @@ Message = dict[str, str]
 Render = Callable[[list[Message]], list[int]]
 
 
+def prompt_budget(max_context: int | None, max_position_embeddings: int, max_new_tokens: int) -> int:
+    """Prompt ids a turn may have: the context (the model's whole window if None) less the answer's room."""
+    return (max_context or max_position_embeddings) - max_new_tokens
+
+
 def trim_oldest(messages: list[Message]) -> list[Message]:
     """One step of trimming a turn's history x_1, y_1, x*_2, ..., y_{t-1}, x*_t that is over the budget (spec:
     the oldest assistant turns go first): the oldest failed answer with the message after it; once only

@@ -18,7 +18,7 @@ from rosa2_jax.adapt.judge import judge_rewards
 from rosa2_jax.adapt.text_models import LocalTextModel, TextModel
 from rosa2_jax.checkpoint import LoadedModel
 from rosa2_jax.engine.config import EngineConfig
-from rosa2_jax.engine.history import fit_prompt
+from rosa2_jax.engine.history import fit_prompt, prompt_budget
 from rosa2_jax.engine.methods import METHODS
 from rosa2_jax.engine.restore import Restore
 from rosa2_jax.engine.session import Failure, Session, Work, method_of
@@ -55,7 +55,8 @@ class Lifecycle:
                              f"({self.data_shards})")
         if cfg.reward == "model" and text_model is None:
             raise ValueError("the model-based reward needs a text model to judge the answers")
-        self.max_prompt = (cfg.max_context or model.cfg.max_position_embeddings) - cfg.sampling.max_new_tokens
+        self.max_prompt = prompt_budget(cfg.max_context, model.cfg.max_position_embeddings,
+                                        cfg.sampling.max_new_tokens)
         self.executor = ThreadPoolExecutor(max_workers=host_workers, thread_name_prefix="words")
         chunk = cfg.rosa.position_chunk
         self.ctx = StreamContext(cfg, model, pool_size, self.data_shards, -(-cfg.sampling.max_new_tokens // chunk) * chunk,

@@ -29,7 +29,7 @@ def trimmed_turns(records: Iterable[Record], render: Render, max_prompt: int) ->
         for turn in r.turns:
             history = recorded_history(r.turns, turn.turn, fresh)
             whole = len(render([{"role": "system", "content": turn.system_prompt}] + history))
-            fitted = len(fit_prompt(render, turn.system_prompt, history, max_prompt))
+            fitted = whole if whole <= max_prompt else len(fit_prompt(render, turn.system_prompt, history, max_prompt))
             m["turns"] += 1
             m["longest_history"] = max(m["longest_history"], whole)
             if fitted != turn.prompt_tokens:
