@@ -8,10 +8,17 @@ import os
 # `kernels` that transformers imports; importing `experiments` drops the root (see experiments/__init__.py).
 import experiments  # noqa: F401, E402
 
-# Eight virtual CPU devices, so that the mesh tests place arrays on real (4, 2) and (8, 1) meshes; set
-# before jax starts its backend. Everything else runs on device 0 as before.
-if "xla_force_host_platform_device_count" not in os.environ.get("XLA_FLAGS", ""):
-    os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8").strip()
+# Set before jax starts its backend, and inherited by the sweeps that tests start as subprocesses (a value already in
+# XLA_FLAGS is kept):
+# - eight virtual CPU devices, so that the mesh tests place arrays on real (4, 2) and (8, 1) meshes; everything else
+#   runs on device 0 as before;
+# - no LLVM optimisation of the compiled programs: the suite compiles ~7,000 of them for tiny models and runs each a
+#   few times; compiling was most of its time and the optimiser half of a compile (BUILD_NOTES.md, "Install").
+#   XLA's own passes (fusion, layout) still run.
+TEST_XLA_FLAGS = {"xla_force_host_platform_device_count": "8", "xla_backend_optimization_level": "0"}
+for _name, _value in TEST_XLA_FLAGS.items():
+    if _name not in os.environ.get("XLA_FLAGS", ""):
+        os.environ["XLA_FLAGS"] = f"{os.environ.get('XLA_FLAGS', '')} --{_name}={_value}".strip()
 
 import jax  # noqa: E402
 import numpy as np  # noqa: E402
