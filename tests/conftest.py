@@ -12,8 +12,8 @@ import experiments  # noqa: F401, E402
 # XLA_FLAGS is kept):
 # - eight virtual CPU devices, so that the mesh tests place arrays on real (4, 2) and (8, 1) meshes; everything else
 #   runs on device 0 as before;
-# - no LLVM optimisation of the compiled programs: the suite compiles ~7,000 of them for tiny models and runs each a
-#   few times; compiling was most of its time and the optimiser half of a compile (BUILD_NOTES.md, "Install").
+# - no LLVM optimisation of the compiled programs: the suite compiles ~7,200 of them for tiny models and runs each a
+#   few times; compiling was most of its time and the optimiser nearly half of a compile (BUILD_NOTES.md, "Install").
 #   XLA's own passes (fusion, layout) still run.
 TEST_XLA_FLAGS = {"xla_force_host_platform_device_count": "8", "xla_backend_optimization_level": "0"}
 for _name, _value in TEST_XLA_FLAGS.items():
