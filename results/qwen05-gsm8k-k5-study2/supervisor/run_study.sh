@@ -3,8 +3,8 @@
 exec 9>/work/probe/supervisor.lock
 flock -n 9 || exit 0
 cd /work/study2d-wt
-# Each compiled program holds memory mappings; at the kernel default (65,530) a long run's compile aborts (LLVM
-# "Cannot allocate memory") with most of the memory free. Raise it where we may (root).
+# Each compiled program holds memory mappings; the kernel default (65,530) is the likely cause of a compile that
+# aborted (LLVM "Cannot allocate memory") with most of the memory free. Raise it where we may (root).
 [ "$(cat /proc/sys/vm/max_map_count)" -lt 262144 ] && { echo 262144 > /proc/sys/vm/max_map_count; } 2>/dev/null
 echo "$(date +%F' '%T) session 14 start" >> /work/probe/supervisor.log
 while [ ! -e /work/probe/stop ]; do
